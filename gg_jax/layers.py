@@ -1,0 +1,367 @@
+"""Flax linen pooling heads: the 3G layer and the global pooling baselines of the paper.
+
+All heads take NHWC feature maps `[B, H, W, C]` and are called as
+`head(x, train=...)`. `train=True` uses batch statistics in BatchNorm and updates the
+running averages (pass `mutable=['batch_stats']` to `apply`). Convolutions and
+BatchNorm run in `dtype` (e.g. bf16, parameters stay float32); the covariance,
+square root and vectorisation always run in float32 at HIGHEST precision
+(`gg_jax.linalg`), and every head returns float32.
+
+BatchNorm follows the reference (PyTorch defaults): epsilon 1e-5, running averages
+`0.9 * running + 0.1 * batch` (Flax `momentum=0.9`). Flax updates the running
+variance with the *biased* batch variance, PyTorch with the unbiased one; eval-mode
+outputs are unaffected (see the README).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gg_jax import linalg
+
+Dtype = Any
+
+#: Kernel init of the reference: He-normal with fan-out (PyTorch kaiming_normal_ mode='fan_out').
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def batch_norm(train: bool, dtype: Dtype, name: Optional[str] = None, scale_init=nn.initializers.ones):
+    """BatchNorm with the reference's (PyTorch's) epsilon and momentum."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=scale_init,
+        name=name,
+    )
+
+
+def conv1x1(features: int, dtype: Dtype, name: Optional[str] = None):
+    """Bias-free 1x1 convolution with the reference's He-normal fan-out init."""
+    return nn.Conv(
+        features,
+        (1, 1),
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=conv_kernel_init,
+        name=name,
+    )
+
+
+def check_feature_map(x, layer: str, in_features: Optional[int] = None):
+    """Raise a ValueError unless `x` is an NHWC map `[B, H, W, C]` (with C == in_features)."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"{layer} expects an NHWC feature map of shape [batch, height, width, channels], "
+            f"got an array of rank {x.ndim} with shape {x.shape}. Transpose NCHW inputs "
+            "with x.transpose(0, 2, 3, 1)."
+        )
+    if in_features is not None and x.shape[-1] != in_features:
+        raise ValueError(
+            f"{layer} was configured for {in_features} input channels but got {x.shape[-1]} "
+            f"(input shape {x.shape}); set in_features={x.shape[-1]} or add a channel reduction "
+            "(reduction_dim=...)."
+        )
+
+
+def flatten_positions(x):
+    """`[B, H, W, C] -> [B, H*W, C]`."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h * w, c)
+
+
+class ChannelReduction(nn.Module):
+    """1x1 conv -> BN -> ReLU to `features` channels (reference head step 1)."""
+
+    features: int = 256
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = conv1x1(self.features, self.dtype, name="layer_reduce")(x)
+        x = batch_norm(train, self.dtype, name="layer_reduce_bn")(x)
+        return nn.relu(x)
+
+
+ReweightingVariant = Literal["3g", "urm_v1", "urm_v2"]
+
+
+class ReweightingBlock(nn.Module):
+    """One re-weighted block of the unrolling re-weighting module (paper Fig. 3, Eqns. 12-13).
+
+    Approximates the generalized-Gaussian weights of Eqn. (9) with 1x1 convolutions,
+    exactly as the reference block (`AtMp{t}`; submodule names are the checkpoint's):
+
+        a = BN(map1(Xh)) * BN(map2(Xh))
+        z = ReLU(a + BN(map21(X)))                 # map21 reads X, not Xh
+        b = ReLU(BN(map3(z))) * ReLU(BN(map4(z)))
+        s = atmap2(ReLU(BN(atmap1(b))))            # C -> hidden (BN) -> 1, no BN
+        w = sigmoid(s + atmap3(s))                 # atmap3: 1 -> 1, the c * L^(1-beta) term
+        return Xh * w                              # one weight per position
+
+    `variant` selects the ablations of Sec. 4.2 / Fig. 5: "urm_v1" computes
+    `w = sigmoid(atmap2(ReLU(BN(atmap1(Xh)))))` (a plain spatial-attention map),
+    "urm_v2" first forms `a = BN(map1(Xh)) * BN(map2(Xh))` and then `w` from `a` the same
+    way. Both ignore X.
+
+    Call: `block(x_hat, x, train=...)` with NHWC `x_hat` (running features) and `x`
+    (the block input X of the module; defaults to `x_hat`). Returns `x_hat * w` in `dtype`.
+    """
+
+    hidden: int = 64
+    variant: ReweightingVariant = "3g"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_hat, x=None, *, train: bool):
+        check_feature_map(x_hat, "ReweightingBlock")
+        x = x_hat if x is None else x
+        c = x_hat.shape[-1]
+        conv = functools.partial(conv1x1, dtype=self.dtype)
+        bn = functools.partial(batch_norm, train, self.dtype)
+        if self.variant == "3g":
+            a = bn(name="bn1")(conv(c, name="map1")(x_hat)) * bn(name="bn2")(conv(c, name="map2")(x_hat))
+            z = nn.relu(a + bn(name="bn21")(conv(c, name="map21")(x)))
+            feat = nn.relu(bn(name="bn3")(conv(c, name="map3")(z))) * nn.relu(bn(name="bn4")(conv(c, name="map4")(z)))
+        elif self.variant == "urm_v2":
+            feat = bn(name="bn1")(conv(c, name="map1")(x_hat)) * bn(name="bn2")(conv(c, name="map2")(x_hat))
+        elif self.variant == "urm_v1":
+            feat = x_hat
+        else:
+            raise ValueError(f"Unknown re-weighting variant {self.variant!r}; choose '3g', 'urm_v1' or 'urm_v2'.")
+        s = conv(1, name="atmap2")(nn.relu(bn(name="bnat1")(conv(self.hidden, name="atmap1")(feat))))
+        if self.variant == "3g":
+            s = s + conv(1, name="atmap3")(s)
+        w = nn.sigmoid(s)
+        return x_hat * w.astype(x_hat.dtype)
+
+
+class _ScannedReweightingBlock(nn.Module):
+    """`ReweightingBlock` as a scan body: carry `Xh`, broadcast `X`, emit each output."""
+
+    hidden: int
+    variant: ReweightingVariant
+    train: bool
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x_hat, x):
+        out = ReweightingBlock(self.hidden, self.variant, self.dtype, name="block")(x_hat, x, train=self.train)
+        return out, out
+
+
+class UnrolledReweighting(nn.Module):
+    """Unrolling re-weighting module: `num_blocks` re-weighted blocks with separate weights.
+
+    Block t maps `Xh_{t-1} -> Xh_t` (with `Xh_0 = X`) and always also reads `X`
+    (paper Sec. 3.2.2, Fig. 2). Built with `nn.scan`: the blocks' parameters and batch
+    statistics are stacked on a leading axis of length `num_blocks`
+    (e.g. `blocks/block/map1/kernel` has shape `[T, 1, 1, C, C]`). The per-block outputs
+    `[T, B, H, W, C]` are sown as `intermediates/reweighted`.
+
+    Call: `module(x, train=...)` -> `[B, H, W, C]` in `dtype`. `num_blocks=0` is the identity.
+    """
+
+    num_blocks: int = 3
+    hidden: int = 64
+    variant: ReweightingVariant = "3g"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        check_feature_map(x, "UnrolledReweighting")
+        if self.num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks}.")
+        if self.num_blocks == 0:
+            return x
+        x = x.astype(self.dtype)
+        blocks = nn.scan(
+            _ScannedReweightingBlock,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True},
+            in_axes=nn.broadcast,
+            length=self.num_blocks,
+        )(self.hidden, self.variant, train, self.dtype, name="blocks")
+        out, per_block = blocks(x, x)
+        self.sow("intermediates", "reweighted", per_block)
+        return out
+
+
+SqrtMethod = Literal["newton_schulz", "eigh"]
+
+
+def _matrix_root(s, method: SqrtMethod, num_iters: int, lam: float = 1.0):
+    if lam != 1.0:
+        return linalg.regularized_sqrtm(s, lam, method=method, num_iters=num_iters)
+    if method == "newton_schulz":
+        return linalg.sqrtm_newton_schulz(s, num_iters)
+    if method == "eigh":
+        return linalg.sqrtm_eigh(s, 0.5)
+    raise ValueError(f"Unknown square-root method {method!r}; choose 'newton_schulz' or 'eigh'.")
+
+
+class _HeadBase(nn.Module):
+    """Shared options: optional channel reduction and an input check."""
+
+    def _prepare(self, x, train: bool, layer: str):
+        check_feature_map(x, layer, getattr(self, "in_features", None))
+        if getattr(self, "reduction_dim", None):
+            x = ChannelReduction(self.reduction_dim, self.dtype, name="reduce")(x.astype(self.dtype), train=train)
+        return x
+
+
+class GeneralizedGaussianCovariance(_HeadBase):
+    """Global covariance of generalized Gaussian layer (the 3G head, paper Sec. 3).
+
+    Re-weighting (`UnrolledReweighting`, T = `num_blocks`), covariance of the weighted
+    features (reference step 3), robust estimator of Theorem 1 by Newton-Schulz
+    (`lam = 1`: plain iSQRT square root, reference step 4) and vectorisation of the
+    `i >= j` triangle (step 5).
+
+    Options covering the paper's ablations:
+      num_blocks: T = 0..N re-weighted blocks (T = 0 is iSQRT-COV).
+      reweighting: "3g" (the paper's block), "urm_v1", "urm_v2" (Fig. 5).
+      estimator: False drops the square root ("3G-Net w/o Estimator (5)").
+      lam: regularisation of Theorem 1, in (0, 1].
+      sqrt_method: "newton_schulz" (iSQRT, `num_iters` iterations) or "eigh".
+      reduction_dim: if set, a 1x1 conv -> BN -> ReLU to this many channels first
+        (reference step 1; the 3G-Net models put it in the model, as the reference does).
+      in_features: if set, the expected number of input channels (checked).
+      lower_triangle: vector order, True for the reference's `i >= j`.
+
+    Call: `head(x, train=...)` with NHWC `x` `[B, H, W, C]` -> `[B, C(C+1)/2]` float32.
+    Intermediates (`apply(..., mutable=['intermediates'])`): `reweighted`, `covariance`, `sqrt`.
+    """
+
+    num_blocks: int = 3
+    num_iters: int = 5
+    lam: float = 1.0
+    reweighting: ReweightingVariant = "3g"
+    hidden: int = 64
+    estimator: bool = True
+    sqrt_method: SqrtMethod = "newton_schulz"
+    cov_eps: float = 1e-7
+    reduction_dim: Optional[int] = None
+    in_features: Optional[int] = None
+    lower_triangle: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = self._prepare(x, train, "GeneralizedGaussianCovariance")
+        x = UnrolledReweighting(self.num_blocks, self.hidden, self.reweighting, self.dtype, name="reweighting")(
+            x, train=train
+        )
+        s = linalg.covariance(flatten_positions(x), self.cov_eps)
+        self.sow("intermediates", "covariance", s)
+        if self.estimator:
+            s = _matrix_root(s, self.sqrt_method, self.num_iters, self.lam)
+            self.sow("intermediates", "sqrt", s)
+        return linalg.triu_vector(s, lower=self.lower_triangle)
+
+
+class CovariancePooling(_HeadBase):
+    """Global covariance pooling baselines (paper Table 2).
+
+    method:
+      "isqrt": iSQRT-COV, square root by `num_iters` Newton-Schulz iterations;
+      "mpncov": MPN-COV, matrix power `power` (0.5) by eigendecomposition;
+      "plain": the covariance itself ("Plain COV").
+
+    Call: `head(x, train=...)` with `[B, H, W, C]` -> `[B, C(C+1)/2]` float32.
+    """
+
+    method: Literal["isqrt", "mpncov", "plain"] = "isqrt"
+    num_iters: int = 5
+    power: float = 0.5
+    cov_eps: float = 1e-7
+    reduction_dim: Optional[int] = None
+    in_features: Optional[int] = None
+    lower_triangle: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = self._prepare(x, train, "CovariancePooling")
+        s = linalg.covariance(flatten_positions(x), self.cov_eps)
+        self.sow("intermediates", "covariance", s)
+        if self.method == "isqrt":
+            s = linalg.sqrtm_newton_schulz(s, self.num_iters)
+        elif self.method == "mpncov":
+            s = linalg.sqrtm_eigh(s, self.power)
+        elif self.method != "plain":
+            raise ValueError(f"Unknown covariance pooling method {self.method!r}; choose 'isqrt', 'mpncov' or 'plain'.")
+        return linalg.triu_vector(s, lower=self.lower_triangle)
+
+
+class BilinearPooling(_HeadBase):
+    """B-CNN pooling (Lin et al.): `X^T X / N`, signed square root, l2 normalisation.
+
+    The full `C x C` matrix is flattened, as in B-CNN. The paper's B-CNN baseline adds a
+    BatchNorm after the normalisation (`batch_norm=True`; its scale starts at 1).
+
+    Call: `head(x, train=...)` with `[B, H, W, C]` -> `[B, C*C]` float32.
+    """
+
+    batch_norm: bool = True
+    reduction_dim: Optional[int] = None
+    in_features: Optional[int] = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = self._prepare(x, train, "BilinearPooling")
+        f = linalg._as_f32(flatten_positions(x))
+        n = f.shape[1]
+        gram = jnp.einsum("bnc,bnd->bcd", f, f, precision=linalg.HIGHEST) / n
+        v = linalg.l2_normalize(linalg.signed_sqrt(gram.reshape(gram.shape[0], -1)))
+        if self.batch_norm:
+            # Normalising a float32 vector: keep this BatchNorm in float32.
+            v = batch_norm(train, jnp.float32, name="bn")(v)
+        return v
+
+
+class GaussianEmbedding(_HeadBase):
+    """G2DeNet global Gaussian embedding: square root of `[[S + mu mu^T, mu], [mu^T, 1]]`.
+
+    `sqrt_method` "eigh" (as G2DeNet, by eigendecomposition) or "newton_schulz".
+
+    Call: `head(x, train=...)` with `[B, H, W, C]` -> `[B, (C+1)(C+2)/2]` float32.
+    """
+
+    sqrt_method: SqrtMethod = "eigh"
+    num_iters: int = 5
+    cov_eps: float = 1e-7
+    reduction_dim: Optional[int] = None
+    in_features: Optional[int] = None
+    lower_triangle: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = self._prepare(x, train, "GaussianEmbedding")
+        m = linalg.gaussian_embedding_matrix(flatten_positions(x), self.cov_eps)
+        return linalg.triu_vector(_matrix_root(m, self.sqrt_method, self.num_iters), lower=self.lower_triangle)
+
+
+class GlobalAveragePooling(_HeadBase):
+    """Global average pooling (the original ResNet head).
+
+    Call: `head(x, train=...)` with `[B, H, W, C]` -> `[B, C]` float32.
+    """
+
+    reduction_dim: Optional[int] = None
+    in_features: Optional[int] = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = self._prepare(x, train, "GlobalAveragePooling")
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
