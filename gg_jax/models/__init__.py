@@ -48,7 +48,7 @@ HEADS: Dict[str, Tuple[Any, Dict[str, Any], int]] = {
     "gap": (layers.GlobalAveragePooling, dict(), 2),
 }
 
-_MODEL_OPTIONS = ("last_stride",)
+_MODEL_OPTIONS = ("last_stride", "dropout_rate")
 
 
 def names():
@@ -82,7 +82,8 @@ def create(name: str, *, num_classes: int, dtype=jnp.float32, **options):
         training). Parameters stay float32; covariance math and the classifier run in float32.
       **options: passed to the head (e.g. `num_blocks`, `num_iters`, `lam`, `reweighting`,
         `estimator`, `reduction_dim` for 3g; see `head_options(name)`) or the model
-        (`last_stride`).
+        (`last_stride`, `dropout_rate` before the classifier: the released 3G-Net
+        training code uses 0.2, which needs a 'dropout' rng in training).
 
     Returns:
       A Flax linen module: `model.apply(variables, images_nhwc, train=False) -> logits`.
@@ -97,6 +98,7 @@ def create(name: str, *, num_classes: int, dtype=jnp.float32, **options):
     stage_sizes, block_cls = BACKBONES[backbone]
     head_cls, head_defaults, last_stride = HEADS[head]
     last_stride = options.pop("last_stride", last_stride)
+    dropout_rate = options.pop("dropout_rate", 0.0)
     head_kwargs = {**head_defaults, **options}
     return ResNet(
         stage_sizes=stage_sizes,
@@ -104,5 +106,6 @@ def create(name: str, *, num_classes: int, dtype=jnp.float32, **options):
         num_classes=num_classes,
         head=functools.partial(head_cls, **head_kwargs),
         last_stride=last_stride,
+        dropout_rate=dropout_rate,
         dtype=dtype,
     )

@@ -81,6 +81,8 @@ class ResNet(nn.Module):
         last feature map, returning `[B, D]` float32 (see `gg_jax.layers`).
       last_stride: stride of `layer4`; 1 for the covariance heads (a 224 image gives a
         14x14 map), 2 for the original ResNet.
+      dropout_rate: dropout before the classifier in training mode (the released 3G-Net
+        training code uses 0.2; needs a 'dropout' rng when > 0 and train=True).
       dtype: compute dtype of the backbone (e.g. bfloat16); parameters are float32 and
         the classifier runs in float32 on the head's float32 output.
 
@@ -94,6 +96,7 @@ class ResNet(nn.Module):
     num_classes: int
     head: Callable[..., nn.Module]
     last_stride: int = 1
+    dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -113,6 +116,8 @@ class ResNet(nn.Module):
                 )
         self.sow("intermediates", "layer4", x)
         features = self.head(dtype=self.dtype, name="head")(x, train=train)
+        if self.dropout_rate > 0:
+            features = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
         fan_in = features.shape[-1]
         # PyTorch's default nn.Linear init: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
         bound = 1.0 / fan_in**0.5

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import numpy as np
 
