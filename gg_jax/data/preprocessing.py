@@ -59,8 +59,6 @@ MAX_ATTEMPTS = 10
 DEFAULT_RESIZE_SIZE = 256
 DEFAULT_IMAGE_SIZE = 224
 
-Window = "tf.Tensor"  # int32 [4]: (offset_y, offset_x, height, width)
-
 
 def split_key(key, num: int):
   """Splits an int64 [2] key into `num` independent int64 [2] keys."""
@@ -91,20 +89,11 @@ def decode_full(image):
   return _as_rgb(image)
 
 
-def image_shape(image):
-  """(height, width) as int32 [2], reading only the header of a JPEG."""
-  tf = _tf()
-  if image.dtype != tf.string:
-    return tf.shape(image)[:2]
-  return tf.cond(
-      tf.io.is_jpeg(image),
-      lambda: tf.image.extract_jpeg_shape(image)[:2],
-      lambda: tf.shape(decode_full(image))[:2],
-  )
-
-
 def decode_window(image, window_fn: Callable[["tf.Tensor"], "tf.Tensor"]):
   """Decodes the window `window_fn((h, w))` of the image, uint8 [h', w', 3].
+
+  `window_fn` maps the image's (height, width) to an int32 window
+  (offset_y, offset_x, height, width).
 
   For JPEGs only the header and the window are decoded
   (`tf.image.decode_and_crop_jpeg`); other formats are decoded whole and sliced.
