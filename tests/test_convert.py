@@ -1,0 +1,397 @@
+"""gg_jax.convert: PyTorch checkpoints (3G-Net, fast-MPN-COV, torchvision) -> gg_jax.
+
+The PyTorch side is the project's reference implementation (`gg_jax.torch_reference`),
+whose state_dict keys are those of the real checkpoints (test_torch_reference.py checks
+it against the golden files and layout.json).
+"""
+import functools
+import json
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gg_jax import convert, models, variables_io
+from gg_jax.testing.reference_weights import make_state_dict
+
+torch = pytest.importorskip("torch")
+from gg_jax.torch_reference import ReferenceResNet3G, layout_of, random_state_dict  # noqa: E402
+
+torch.set_num_threads(2)
+
+DATA = pathlib.Path(__file__).parent / "data"
+LAYOUT = DATA / "layout.json"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RTOL = 1e-4
+
+
+def assert_close(actual, expected, rtol=RTOL, name=""):
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    scale = max(np.abs(expected).max(), 1e-30)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+def assert_trees_equal(a, b):
+    fa = jax.tree_util.tree_flatten_with_path(a)[0]
+    fb = jax.tree_util.tree_flatten_with_path(b)[0]
+    assert [p for p, _ in fa] == [p for p, _ in fb]
+    for (path, x), (_, y) in zip(fa, fb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def torch_logits(model, x_nchw):
+    model.eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(x_nchw)).numpy()
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_fn(name, num_classes, options):
+    model = models.create(name, num_classes=num_classes, **dict(options))
+    return jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))
+
+
+def jax_apply(name, variables, x_nchw, **options):
+    """(logits, intermediates) in eval mode; one compile per model configuration."""
+    fn = _eval_fn(name, variables["params"]["fc"]["kernel"].shape[1], tuple(sorted(options.items())))
+    logits, state = fn(variables, x_nchw.transpose(0, 2, 3, 1))
+    return np.asarray(logits), state["intermediates"]
+
+
+def jax_logits(name, variables, x_nchw, **options):
+    return jax_apply(name, variables, x_nchw, **options)[0]
+
+
+def to_tensors(state_dict, prefix=""):
+    return {prefix + k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}
+
+
+@pytest.fixture(scope="module")
+def x64():
+    return np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ layout
+@pytest.mark.parametrize("arch", json.loads(LAYOUT.read_text()))
+def test_torch_layout_is_the_released_layout(arch):
+    expected = [(k, tuple(s)) for k, s in json.loads(LAYOUT.read_text())[arch]]
+    assert convert.torch_layout(arch, 1000) == expected
+
+
+@pytest.mark.parametrize("head", sorted(models.HEADS))
+def test_to_torch_from_torch_round_trip_every_head(head):
+    name = f"resnet18_{head}"
+    variables = _numpy_init(name, 7, seed=0)
+    exported = convert.to_torch(variables, name)
+    assert all(isinstance(v, np.ndarray) for v in exported.values())
+    assert [(k, tuple(v.shape)) for k, v in exported.items()] == convert.torch_layout(name, 7)
+    result = convert.convert_state_dict(exported, name)
+    assert result.convention == convert.default_convention(name) and result.num_classes == 7
+    assert_trees_equal(result.variables, variables)
+
+
+# ------------------------------------------------------------------------ fast-MPN-COV
+def test_fast_mpn_cov_isqrt_resnet50_matches_torch_reference(x64):
+    ref = ReferenceResNet3G("resnet50", num_classes=100, head="isqrt")  # fast-MPN-COV main.py keys
+    state = random_state_dict(ref, seed=2)
+    ref.load_state_dict(state, strict=True)
+    expected = torch_logits(ref, x64)
+    # main.py wraps `features` in DataParallel ("features.module.0.weight"); DDP adds "module.".
+    saved = {("module." + k.replace("features.", "features.module.", 1)): v for k, v in state.items()}
+    result = convert.convert_state_dict(saved, "resnet50_isqrt")
+    assert (result.convention, result.vector_order, result.num_classes) == ("fast_mpn_cov_newmodel", "upper", 100)
+    variables = result.variables
+    # fast-MPN-COV's covariance adds no ridge: cov_eps=0 reproduces it exactly.
+    assert_close(jax_logits("resnet50_isqrt", variables, x64, cov_eps=0.0), expected, name="isqrt logits")
+
+    # Without permuting the classifier's columns (i <= j read as i >= j) the logits differ.
+    unpermuted = convert.from_torch(saved, "resnet50_isqrt", vector_order="lower")
+    with pytest.raises(AssertionError):
+        assert_close(jax_logits("resnet50_isqrt", unpermuted, x64, cov_eps=0.0), expected)
+
+    # The other fast-MPN-COV layouts: the key names of the PyTorch reference, and the same
+    # variables back.
+    for keys, convention in (("mpncovresnet", "fast_mpn_cov"), ("newmodel", "fast_mpn_cov_newmodel"),
+                             ("newmodel_pretrained", "fast_mpn_cov_newmodel_pretrained")):
+        with torch.device("meta"):
+            oracle = layout_of(ReferenceResNet3G("resnet50", 100, head="isqrt", isqrt_keys=keys))
+        exported = convert.to_torch(variables, "resnet50_isqrt", convention=convention)
+        assert [(k, tuple(v.shape)) for k, v in exported.items()] == oracle
+        again = convert.convert_state_dict(exported, "resnet50_isqrt")
+        assert again.convention == convention
+        assert_trees_equal(again.variables, variables)
+    # to_torch's default for *_isqrt is MPNCOVResNet (the released mpncovresnet50 files).
+    assert list(convert.to_torch(variables, "resnet50_isqrt")) == list(
+        convert.to_torch(variables, "resnet50_isqrt", convention="fast_mpn_cov"))
+
+
+# -------------------------------------------------------------------------- torchvision
+@pytest.fixture(scope="module")
+def torchvision_resnet50():
+    ref = ReferenceResNet3G("resnet50", num_classes=100, head="gap")  # torchvision keys
+    state = random_state_dict(ref, seed=3)
+    ref.load_state_dict(state, strict=True)
+    return ref, state
+
+
+def test_torchvision_resnet50_into_resnet50_gap(torchvision_resnet50, x64):
+    ref, state = torchvision_resnet50
+    result = convert.convert_state_dict(state, "resnet50_gap")
+    assert result.convention == "torchvision"
+    assert_close(jax_logits("resnet50_gap", result.variables, x64), torch_logits(ref, x64), name="gap logits")
+    assert list(convert.to_torch(result.variables, "resnet50_gap")) == list(state)
+
+
+def _numpy_init(name, num_classes, seed):
+    """Stand-in for freshly initialised variables (distinct values, no XLA compile)."""
+    model = models.create(name, num_classes=num_classes)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
+
+
+def test_torchvision_backbone_into_resnet50_3g(torchvision_resnet50):
+    _, state = torchvision_resnet50
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.from_torch(state, "resnet50_3g")
+    msg = str(e.value)
+    for name in ("layer_reduce.weight", "AtMp1.map1.weight", "AtMp3.atmap3.weight", "fc.weight", "backbone_only"):
+        assert name in msg
+
+    backbone = convert.from_torch(state, "resnet50_3g", backbone_only=True)
+    assert set(backbone["params"]) == {k for k in backbone["params"] if k in ("conv1", "bn1") or k.startswith("layer")}
+    init = _numpy_init("resnet50_3g", 200, seed=4)
+    merged = convert.merge_backbone(init, backbone)
+    full = convert.from_torch(state, "resnet50_gap")
+    for col in ("params", "batch_stats"):
+        for module, tree in merged[col].items():
+            if module in ("head", "fc"):
+                assert_trees_equal(tree, init[col][module])  # keeps its init
+            else:
+                assert_trees_equal(tree, full[col][module])  # = the torchvision weights
+    # A backbone of another depth does not fit: named in the error.
+    small = convert.from_torch(random_state_dict(ReferenceResNet3G("resnet18", head="gap"), 0), "resnet18_3g",
+                               backbone_only=True)
+    with pytest.raises(convert.CheckpointMismatchError, match="layer1_0/conv1/kernel"):
+        convert.merge_backbone(init, small)
+
+
+def test_cli_backbone_only_from_torchvision_resnet18(tmp_path, capsys):
+    """torchvision resnet18 weights -> resnet18_3g with a fresh head, via the CLI."""
+    tv = ReferenceResNet3G("resnet18", num_classes=1000, head="gap")
+    state = random_state_dict(tv, seed=5)
+    path = tmp_path / "resnet18-torchvision.pth"
+    torch.save(state, path)  # a bare state_dict, as torchvision's model zoo files
+    out = tmp_path / "converted"
+    assert convert.main(["--arch", "resnet18_3g", "--torch_checkpoint", str(path), "--out", str(out),
+                         "--backbone_only", "--num_classes", "10"]) == 0
+    stdout = capsys.readouterr().out
+    assert "torchvision" in stdout and "fc.weight" in stdout  # convention; ignored keys
+    variables, meta = variables_io.load_variables(str(out))
+    assert meta["model"] == "resnet18_3g" and meta["num_classes"] == 10 and meta["backbone_only"]
+
+    # The backbone computes what the PyTorch 3G-Net computes with these backbone weights.
+    ref3g = ReferenceResNet3G("resnet18", num_classes=10)
+    missing, unexpected = ref3g.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")},
+                                                strict=False)
+    assert not unexpected and all(k.startswith(("layer_reduce", "AtMp", "fc")) for k in missing)
+    x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    ref3g.eval()
+    with torch.no_grad():
+        _, inter = ref3g(torch.from_numpy(x), return_intermediates=True)
+    _, ours = jax_apply("resnet18_3g", variables, x)
+    assert_close(np.asarray(ours["layer4"][0]).transpose(0, 3, 1, 2), inter["layer4"].numpy(), name="layer4")
+    # The head and classifier are freshly initialised (BN 1/0, running 0/1, PyTorch's linear bound).
+    head = variables["params"]["head"]
+    np.testing.assert_array_equal(head["reduce"]["layer_reduce_bn"]["scale"], 1.0)
+    np.testing.assert_array_equal(variables["batch_stats"]["head"]["reweighting"]["blocks"]["block"]["bn1"]["var"], 1.0)
+    fc = variables["params"]["fc"]["kernel"]
+    assert fc.shape == (32896, 10) and np.abs(fc).max() <= 1 / np.sqrt(fc.shape[0])
+
+
+# ----------------------------------------------------------------- .pth files and the CLI
+def _released_style(state_dict, epoch=17, arch="resnet18_3g"):
+    tensors = to_tensors(state_dict, prefix="module.")
+    return {
+        "epoch": epoch,
+        "arch": arch,
+        "state_dict": tensors,
+        "best_prec1": torch.tensor(78.5),
+        "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(3)}},
+                      "param_groups": [{"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "params": [0]}]},
+    }
+
+
+def test_load_torch_checkpoint_released_dict_and_cli(tmp_path):
+    arch = "resnet18_3g"
+    state = make_state_dict(arch, seed=0, layout=LAYOUT)
+    ckpt = _released_style(state)
+    path = tmp_path / "3gnet_resnet18.pth.tar"
+    torch.save(ckpt, path)
+    variables, meta = convert.load_torch_checkpoint(path, arch)
+    assert_trees_equal(variables, convert.from_torch(state, arch))
+    assert {jnp.dtype(a.dtype) for a in jax.tree.leaves(variables)} == {jnp.dtype(np.float32)}
+    assert meta["epoch"] == ckpt["epoch"] and meta["arch"] == ckpt["arch"]
+    assert meta["best_prec1"] == pytest.approx(float(ckpt["best_prec1"]))
+    assert meta["num_classes"] == state["fc.weight"].shape[0] and meta["convention"] == "3gnet"
+
+    # The CLI writes a directory that load_variables restores, with the golden logits.
+    out = tmp_path / "converted"
+    assert convert.main(["--arch", arch, "--torch_checkpoint", str(path), "--out", str(out)]) == 0
+    restored, rmeta = variables_io.load_variables(str(out))
+    assert rmeta["model"] == arch and rmeta["num_classes"] == meta["num_classes"]
+    assert rmeta["source"] == str(path.resolve()) and rmeta["epoch"] == ckpt["epoch"]
+    assert_trees_equal(restored, variables)
+    z = np.load(DATA / f"{arch}_golden.npz")
+    assert_close(jax_logits(arch, restored, z["input_nchw"]), z["logits_eval"], name="restored logits")
+    # An existing checkpoint is not replaced without --overwrite.
+    assert convert.main(["--arch", arch, "--torch_checkpoint", str(path), "--out", str(out)]) == 1
+    assert convert.main(["--arch", arch, "--torch_checkpoint", str(path), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_load_bare_state_dict_with_numpy_scalars_and_bf16_tensors(tmp_path):
+    arch = "resnet18_3g"
+    state = make_state_dict(arch, seed=0, layout=LAYOUT)
+    path = tmp_path / "bare.pth"
+    torch.save(to_tensors(state), path)
+    variables, meta = convert.load_torch_checkpoint(path, arch)
+    assert_trees_equal(variables, convert.from_torch(state, arch))
+    assert "epoch" not in meta
+    # best_prec1 stored as a NumPy scalar (allow-listed, it is only a number).
+    ckpt = _released_style(state)
+    ckpt["best_prec1"] = np.float64(71.25)
+    torch.save(ckpt, path)
+    assert convert.load_torch_checkpoint(path, arch)[1]["best_prec1"] == ckpt["best_prec1"]
+    # bf16 torch tensors are accepted (widened to float32).
+    bf16 = {k: torch.from_numpy(v).bfloat16() if v.dtype == np.float32 else torch.from_numpy(v)
+            for k, v in state.items()}
+    got = convert.from_torch(bf16, arch)
+    want = convert.from_torch({k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in bf16.items()},
+                              arch)
+    assert_trees_equal(got, want)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_malicious_pickle_is_refused(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    ckpt = _released_style(make_state_dict("resnet18_3g", seed=0, layout=LAYOUT))
+    ckpt["extra"] = _Evil(marker)
+    zip_file = tmp_path / "evil.pth.tar"
+    torch.save(ckpt, zip_file)
+    legacy_file = tmp_path / "evil_legacy.pth"  # torch's legacy (non-zip) format is pickle protocol 2
+    with open(legacy_file, "wb") as f:
+        pickle.dump({"state_dict": {}, "extra": _Evil(marker)}, f, protocol=2)
+    for path in (zip_file, legacy_file):
+        with pytest.raises(convert.UnsafeCheckpointError) as e:
+            convert.load_torch_checkpoint(path, "resnet18_3g")
+        msg = str(e.value)
+        assert str(path) in msg and "arbitrary Python objects" in msg and "state_dict" in msg
+        assert not marker.exists()
+    # A plain pickle of a newer protocol is refused too (the safe loader does not parse it).
+    plain_file = tmp_path / "evil_plain.pkl"
+    with open(plain_file, "wb") as f:
+        pickle.dump({"state_dict": {}, "extra": _Evil(marker)}, f, protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(ValueError, match="evil_plain.pkl"):
+        convert.load_torch_checkpoint(plain_file, "resnet18_3g")
+    assert not marker.exists()
+    assert convert.main(["--arch", "resnet18_3g", "--torch_checkpoint", str(zip_file),
+                         "--out", str(tmp_path / "out")]) == 1
+    assert "arbitrary Python objects" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        convert.load_torch_checkpoint(missing, "resnet18_3g")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    good = tmp_path / "good.pth"
+    torch.save(to_tensors(make_state_dict("resnet18_3g", seed=0, layout=LAYOUT)), good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for path in (garbage, truncated):
+        with pytest.raises(ValueError, match=path.name) as e:
+            convert.load_torch_checkpoint(path, "resnet18_3g")
+        assert "not a readable PyTorch checkpoint" in str(e.value)
+    odd = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], odd)
+    with pytest.raises(ValueError, match="not a state_dict"):
+        convert.load_torch_checkpoint(odd, "resnet18_3g")
+
+
+# ------------------------------------------------------------------------ mismatches
+def test_mismatch_errors_list_every_name():
+    state = make_state_dict("resnet18_3g", seed=0, layout=LAYOUT)
+    bad = {"module." + k: v for k, v in state.items() if k != "layer2.0.bn1.running_var"}
+    bad["module.layer9.0.conv1.weight"] = np.zeros((1, 1, 1, 1), np.float32)
+    bad["module.AtMp2.map3.weight"] = np.zeros((256, 128, 1, 1), np.float32)
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.from_torch(bad, "resnet18_3g")
+    msg = str(e.value)
+    assert "missing keys (1)" in msg and "layer2.0.bn1.running_var" in msg
+    assert "unexpected keys (1)" in msg and "module.layer9.0.conv1.weight" in msg
+    assert "shape mismatches (1)" in msg and "module.AtMp2.map3.weight" in msg and "(256, 128, 1, 1)" in msg
+
+    # Fewer re-weighting blocks: named, with the option to pass.
+    two = {k: v for k, v in state.items() if not k.startswith("AtMp3.")}
+    with pytest.raises(convert.CheckpointMismatchError, match="num_blocks=2") as e:
+        convert.from_torch(two, "resnet18_3g")
+    assert "AtMp3.map1.weight" in str(e.value)
+    variables = convert.from_torch(two, "resnet18_3g", num_blocks=2)
+    assert variables["params"]["head"]["reweighting"]["blocks"]["block"]["map1"]["kernel"].shape[0] == 2
+
+    # The number of classes comes from fc; a different explicit one is a named shape error.
+    ten = dict(state, **{"fc.weight": state["fc.weight"][:10], "fc.bias": state["fc.bias"][:10]})
+    assert convert.from_torch(ten, "resnet18_3g")["params"]["fc"]["kernel"].shape == (32896, 10)
+    with pytest.raises(convert.CheckpointMismatchError, match="fc.weight"):
+        convert.from_torch(ten, "resnet18_3g", num_classes=365)
+    # A 3G-Net checkpoint is not a ResNet-34 one.
+    with pytest.raises(convert.CheckpointMismatchError, match="layer1.2.conv1.weight"):
+        convert.from_torch(state, "resnet34_3g")
+
+
+def test_torch_is_not_needed(tmp_path):
+    """gg_jax, gg_jax.models and from_torch work with PyTorch made unimportable."""
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import gg_jax, gg_jax.models, gg_jax.convert, gg_jax.layers, gg_jax.variables_io
+from gg_jax.testing.reference_weights import make_state_dict
+v = gg_jax.convert.from_torch(make_state_dict("resnet18_3g", 0, layout={str(LAYOUT)!r}), "resnet18_3g")
+assert v["params"]["fc"]["kernel"].shape == (32896, 1000)
+try:
+    gg_jax.convert.load_torch_checkpoint({str(LAYOUT)!r}, "resnet18_3g")
+except ImportError as e:
+    assert "needs PyTorch" in str(e), e
+else:
+    raise SystemExit("load_torch_checkpoint worked without torch")
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "gg_jax.convert", "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+    assert proc.returncode == 0 and "--torch_checkpoint" in proc.stdout and "resnet50_3g" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "gg_jax.convert", "--arch", "resnet50_3x", "--torch_checkpoint",
+                           "x.pth", "--out", "y"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "resnet50_3g" in proc.stderr  # unknown name: lists the valid ones
