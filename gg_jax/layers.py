@@ -15,6 +15,7 @@ outputs are unaffected (see the README).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Literal, Optional
 
 import flax.linen as nn
@@ -33,6 +34,8 @@ def batch_norm(train: bool, dtype: Dtype, name: Optional[str] = None, scale_init
     """BatchNorm with the reference's (PyTorch's) epsilon and momentum."""
     return nn.BatchNorm(
         use_running_average=not train,
+        # Two-pass variance mean((x - mean)^2): E[x^2] - E[x]^2 loses digits to cancellation.
+        use_fast_variance=False,
         momentum=0.9,
         epsilon=1e-5,
         dtype=dtype,
@@ -42,17 +45,34 @@ def batch_norm(train: bool, dtype: Dtype, name: Optional[str] = None, scale_init
     )
 
 
+class Conv1x1(nn.Module):
+    """Bias-free 1x1 convolution computed as one matmul over all positions.
+
+    Same parameter as `nn.Conv(features, (1, 1), use_bias=False)`: `kernel` of shape
+    `[1, 1, in, features]`, initialised identically (checkpoints and converters see no
+    difference), and the same result. A `dot_general` over `[..., C]` instead of a
+    convolution: XLA:CPU runs the convolution (and its kernel gradient) far slower,
+    dramatically so inside the `nn.scan` of `UnrolledReweighting`.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = conv_kernel_init
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        # Flatten to [positions, C]: with one contracting dimension the kernel gradient
+        # (x^T dy) needs no transposed copy of dy on XLA:CPU.
+        y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel[0, 0], (((1,), (0,)), ((), ())))
+        return y.reshape(x.shape[:-1] + (self.features,))
+
+
 def conv1x1(features: int, dtype: Dtype, name: Optional[str] = None):
-    """Bias-free 1x1 convolution with the reference's He-normal fan-out init."""
-    return nn.Conv(
-        features,
-        (1, 1),
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=conv_kernel_init,
-        name=name,
-    )
+    """Bias-free 1x1 convolution with the reference's He-normal fan-out init (`Conv1x1`)."""
+    return Conv1x1(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)
 
 
 def check_feature_map(x, layer: str, in_features: Optional[int] = None):
@@ -71,6 +91,23 @@ def check_feature_map(x, layer: str, in_features: Optional[int] = None):
         )
 
 
+def check_param_channels(module: nn.Module, x, param: str, layer: str):
+    """Raise a ValueError if `x` has not the channel count of `module`'s existing `param`.
+
+    `param` names a child holding a `kernel` `[..., in, out]` (a 1x1 conv). Without this,
+    applying initialised variables to the wrong width fails deep inside Flax with a
+    parameter-shape error; here the message says what was expected.
+    """
+    if module.has_variable("params", param):
+        expected = module.variables["params"][param]["kernel"].shape[-2]
+        if x.shape[-1] != expected:
+            raise ValueError(
+                f"{layer} has parameters for {expected} input channels but got {x.shape[-1]} "
+                f"(input shape {x.shape}); pass features with {expected} channels or initialise "
+                "the layer for this width."
+            )
+
+
 def flatten_positions(x):
     """`[B, H, W, C] -> [B, H*W, C]`."""
     b, h, w, c = x.shape
@@ -85,6 +122,7 @@ class ChannelReduction(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
+        check_param_channels(self, x, "layer_reduce", "ChannelReduction")
         x = conv1x1(self.features, self.dtype, name="layer_reduce")(x)
         x = batch_norm(train, self.dtype, name="layer_reduce_bn")(x)
         return nn.relu(x)
@@ -122,6 +160,7 @@ class ReweightingBlock(nn.Module):
     @nn.compact
     def __call__(self, x_hat, x=None, *, train: bool):
         check_feature_map(x_hat, "ReweightingBlock")
+        check_param_channels(self, x_hat, "atmap1", "ReweightingBlock")  # atmap1: C -> hidden in every variant
         x = x_hat if x is None else x
         c = x_hat.shape[-1]
         conv = functools.partial(conv1x1, dtype=self.dtype)
@@ -167,12 +206,17 @@ class UnrolledReweighting(nn.Module):
     `[T, B, H, W, C]` are sown as `intermediates/reweighted`.
 
     Call: `module(x, train=...)` -> `[B, H, W, C]` in `dtype`. `num_blocks=0` is the identity.
+
+    `unroll=True` (default) unrolls the scan in the compiled program (the parameters stay
+    stacked): on XLA:CPU the rolled loop's dynamic slicing of stacked parameters and
+    residuals made the module about 1.7x slower. `unroll=False` keeps a compact loop.
     """
 
     num_blocks: int = 3
     hidden: int = 64
     variant: ReweightingVariant = "3g"
     dtype: Dtype = jnp.float32
+    unroll: bool = True
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -188,6 +232,7 @@ class UnrolledReweighting(nn.Module):
             split_rngs={"params": True},
             in_axes=nn.broadcast,
             length=self.num_blocks,
+            unroll=self.num_blocks if self.unroll else 1,
         )(self.hidden, self.variant, train, self.dtype, name="blocks")
         out, per_block = blocks(x, x)
         self.sow("intermediates", "reweighted", per_block)
@@ -318,6 +363,14 @@ class BilinearPooling(_HeadBase):
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = self._prepare(x, train, "BilinearPooling")
+        if self.batch_norm and self.has_variable("params", "bn"):
+            expected = math.isqrt(self.variables["params"]["bn"]["scale"].shape[0])
+            if x.shape[-1] != expected:
+                raise ValueError(
+                    f"BilinearPooling has parameters for {expected} input channels but got {x.shape[-1]} "
+                    f"(input shape {x.shape}); pass features with {expected} channels or initialise "
+                    "the layer for this width."
+                )
         f = linalg._as_f32(flatten_positions(x))
         n = f.shape[1]
         gram = jnp.einsum("bnc,bnd->bcd", f, f, precision=linalg.HIGHEST) / n

@@ -4,7 +4,10 @@ Every function here takes batched arrays (`[..., N, C]` features or `[..., C, C]
 matrices), casts them to float32 and multiplies with
 `precision=jax.lax.Precision.HIGHEST`, whatever the input dtype: on TPUs and GPUs a
 float32 matmul at default precision runs in bf16/TF32, and Newton-Schulz iterations
-drift visibly when it does. All functions are `jit`/`vmap`/`grad` friendly.
+drift visibly when it does. Narrower inputs (bf16, float16) are upcast; float64 input
+(with `jax_enable_x64`) stays float64, so the functions can be checked against float64
+references and with `jax.test_util.check_grads`. All functions are `jit`/`vmap`/`grad`
+friendly.
 
 Equation numbers refer to Wang et al., "Deep Global Generalized Gaussian Networks",
 CVPR 2019 ("the paper"); "reference" means the released PyTorch implementation as
@@ -40,10 +43,17 @@ def _mm(a, b):
     return jnp.matmul(a, b, precision=HIGHEST)
 
 
+def compute_dtype(dtype):
+    """float32 for every input dtype except float64, which is kept (never narrower than f32)."""
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else COMPUTE_DTYPE
+
+
 def _as_f32(x):
+    """`x` as an array of at least float32 precision (see `compute_dtype`)."""
     x = jnp.asarray(x)
-    if x.dtype != COMPUTE_DTYPE:
-        x = x.astype(COMPUTE_DTYPE)
+    dtype = compute_dtype(x.dtype)
+    if x.dtype != dtype:
+        x = x.astype(dtype)
     return x
 
 
@@ -80,7 +90,7 @@ def covariance(x, eps: float = 1e-7):
     n = x.shape[-2]
     xc = x - jnp.mean(x, axis=-2, keepdims=True)
     s = jnp.einsum("...nc,...nd->...cd", xc, xc, precision=HIGHEST) / n
-    return s + eps * jnp.eye(x.shape[-1], dtype=COMPUTE_DTYPE)
+    return s + eps * jnp.eye(x.shape[-1], dtype=x.dtype)
 
 
 def _newton_schulz(a, num_iters: int, want_sqrt: bool, want_inv: bool):
@@ -237,6 +247,11 @@ def regularized_sqrtm(
     which Newton-Schulz computes without an eigendecomposition. `lam = 1` gives `c = 0`,
     the plain square root that the paper uses in all experiments.
 
+    `c` is as printed in Theorem 1. Setting the gradient of objective (5) with fixed
+    weights to zero gives `lam S^2 + (1 - lam) S = a`, whose root has `c = (1 - lam)/(2 lam)`;
+    the paper's supplementary proof is not available to settle the factor 2, so we follow
+    the printed theorem (both agree at `lam = 1`, the only value the paper trains with).
+
     Args:
       a: `[..., C, C]` SPD matrices, any float dtype.
       lam: regularisation strength in (0, 1].
@@ -320,8 +335,10 @@ def signed_sqrt(x, eps: float = 1e-8):
 def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
     """`x / max(||x||_2, eps)` along `axis`, float32."""
     x = _as_f32(x)
-    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    # max before sqrt (same value): sqrt'(0) = inf would make the gradient 0 * inf = NaN
+    # for an all-zero x (e.g. B-CNN on an all-zero feature map).
+    sq_norm = jnp.sum(x * x, axis=axis, keepdims=True)
+    return x / jnp.sqrt(jnp.maximum(sq_norm, eps * eps))
 
 
 def gaussian_embedding_matrix(x, eps: float = 1e-7):
@@ -340,5 +357,5 @@ def gaussian_embedding_matrix(x, eps: float = 1e-7):
     mu = jnp.mean(x, axis=-2)  # [..., C]
     s = covariance(x, eps) + mu[..., :, None] * mu[..., None, :]
     top = jnp.concatenate([s, mu[..., :, None]], axis=-1)
-    bottom = jnp.concatenate([mu[..., None, :], jnp.ones(mu.shape[:-1] + (1, 1), COMPUTE_DTYPE)], axis=-1)
+    bottom = jnp.concatenate([mu[..., None, :], jnp.ones(mu.shape[:-1] + (1, 1), mu.dtype)], axis=-1)
     return jnp.concatenate([top, bottom], axis=-2)

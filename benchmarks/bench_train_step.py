@@ -1,0 +1,237 @@
+"""Full train-step throughput and memory: gg_jax vs our PyTorch reference, in one process.
+
+A train step is forward (train-mode BatchNorm), softmax cross-entropy, backward and an
+SGD-momentum update with weight decay on every parameter (the reference recipe), on
+synthetic data already on the device. For each model, dtype and batch size it prints
+images/s and peak device memory of gg_jax next to the PyTorch reference model
+(`gg_jax.torch_reference`, written from the reference notes) run on the same device
+with its best settings there (GPU: bf16 autocast + channels_last; CPU: float32).
+
+Imports only jax, flax, optax, numpy and torch (no tensorflow), so it runs as is on a
+GPU machine:
+
+    python benchmarks/bench_train_step.py --models resnet50_3g --batch_sizes 4 \
+        --dtypes float32 --threads 2 --json /tmp/train_step.json        # the CPU target
+    python benchmarks/bench_train_step.py --models resnet50_3g,resnet101_3g,resnet50_isqrt,resnet50_gap \
+        --batch_sizes 64,128,256 --dtypes float32,bfloat16                # a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet50_3g", help="comma-separated gg_jax model names")
+    p.add_argument("--batch_sizes", default="4", help="comma-separated batch sizes")
+    p.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16")
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--num_classes", type=int, default=1000)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0: leave default)")
+    p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--head_share", action="store_true",
+                   help="also time the pooling head alone (fwd+bwd on a layer4-shaped input) and report its share")
+    p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for the JAX side")
+    p.add_argument("--json", default="", help="write the results here")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args()
+if ARGS.threads:
+    # XLA:CPU sizes its pool from the CPUs this process may use (pin with `taskset -c`);
+    # torch gets the same count through set_num_threads below.
+    os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
+if ARGS.xla_flags:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from gg_jax import models  # noqa: E402
+
+TORCH_HEADS = {"3g": "3g", "isqrt": "isqrt", "gap": "gap"}
+
+
+def _median_time(fn, warmup, steps):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_jax(name, batch, dtype, args):
+    model = models.create(name, num_classes=args.num_classes, dtype=jnp.dtype(dtype))
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((batch, args.image_size, args.image_size, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, args.num_classes, batch), jnp.int32)
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), images[:1], train=False))()
+    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+
+    def train_step(state, images, labels):
+        params, batch_stats, opt_state = state
+
+        def loss_fn(p):
+            logits, updates = model.apply(
+                {"params": p, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        u, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, u), updates["batch_stats"], opt_state), loss
+
+    step = jax.jit(train_step, donate_argnums=(0,))
+    t0 = time.perf_counter()
+    compiled = step.lower(state, images, labels).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    analysed = None
+    if mem is not None:
+        analysed = int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+                       - getattr(mem, "alias_size_in_bytes", 0))
+    holder = {"state": state}
+
+    def run():
+        holder["state"], loss = compiled(holder["state"], images, labels)
+        loss.block_until_ready()
+
+    secs = _median_time(run, args.warmup, args.steps)
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use", analysed)
+    head_s = None
+    if args.head_share:  # `variables` were donated to the step: use the live state.
+        live = {"params": holder["state"][0], "batch_stats": holder["state"][1]}
+        head_s = bench_jax_head(model, live, images, batch, args)
+    return {"images_per_sec": batch / secs, "step_s": secs, "compile_s": compile_s, "peak_bytes": peak,
+            "peak_source": "device" if "peak_bytes_in_use" in stats else "xla_memory_analysis",
+            "head_s": head_s, "head_fraction": None if head_s is None else head_s / secs}
+
+
+def bench_jax_head(model, variables, images, batch, args):
+    """Forward+backward time of the model's pooling head alone (channel reduction, re-weighting,
+    covariance, root, vector), on a `layer4`-shaped input in the backbone dtype: the head's
+    share of the train step. Gradients for the head's parameters and its input, as in training."""
+    layer4 = jax.eval_shape(
+        lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"])[1]["intermediates"]["layer4"][0],
+        variables, images)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(layer4.shape), model.dtype)
+    head = model.head(dtype=model.dtype)
+    params = variables["params"].get("head", {})
+    stats = variables["batch_stats"].get("head", {})
+    out_shape = jax.eval_shape(lambda: head.apply({"params": params, "batch_stats": stats}, x, train=False)).shape
+    g = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+
+    def loss(params, x):
+        out, _ = head.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+        return jnp.vdot(out, g)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    jax.block_until_ready(step(params, x))
+    return _median_time(lambda: jax.block_until_ready(step(params, x)), args.warmup, args.steps)
+
+
+def bench_torch(name, batch, dtype, args):
+    import torch
+
+    from gg_jax.torch_reference import ReferenceResNet3G
+
+    backbone, head = models.parse_name(name)
+    if head not in TORCH_HEADS:
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # Under bf16 autocast the covariance head runs in float32 (as ours does): Newton-Schulz
+    # in bf16 is not a setting anyone could train with.
+    model = ReferenceResNet3G(backbone, args.num_classes, head=TORCH_HEADS[head],
+                              head_fp32=(device == "cuda" and dtype == "bfloat16")).to(device)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    images = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
+    labels = torch.randint(0, args.num_classes, (batch,), device=device)
+    gpu = device == "cuda"
+    if gpu:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+        torch.cuda.reset_peak_memory_stats()
+    use_autocast = gpu and dtype == "bfloat16"
+    if dtype == "bfloat16" and not gpu:
+        return {"skipped": "bf16 autocast is not the reference's best setting on CPU"}
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=use_autocast):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        opt.step()
+        if gpu:
+            torch.cuda.synchronize()
+
+    secs = _median_time(run, args.warmup + 1, args.steps)
+    peak = torch.cuda.max_memory_allocated() if gpu else None
+    return {"images_per_sec": batch / secs, "step_s": secs, "peak_bytes": peak,
+            "settings": ("bf16 autocast, " if use_autocast else "float32, ") + ("channels_last" if gpu else "NCHW")}
+
+
+def _fmt_mem(b):
+    return "-" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+def main(args):
+    if args.threads:
+        try:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            pass
+    rows = []
+    for name in args.models.split(","):
+        for dtype in args.dtypes.split(","):
+            for batch in (int(b) for b in args.batch_sizes.split(",")):
+                ours = bench_jax(name, batch, dtype, args)
+                ref = None if args.no_torch else bench_torch(name, batch, dtype, args)
+                row = {"model": name, "dtype": dtype, "batch": batch, "gg_jax": ours, "torch_reference": ref}
+                if ref and "images_per_sec" in ref:
+                    row["speedup"] = ours["images_per_sec"] / ref["images_per_sec"]
+                rows.append(row)
+                print(f"  measured {name} {dtype} batch {batch}", file=sys.stderr, flush=True)
+    header = f"{'model':<16}{'dtype':<10}{'batch':>6}{'gg_jax img/s':>14}{'gg_jax mem':>12}{'torch img/s':>13}{'torch mem':>11}{'ratio':>8}{'head %':>8}"
+    print(f"\nTrain step (fwd+bwd+SGD) on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
+          f"jax {jax.__version__}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        ref = r["torch_reference"] or {}
+        print(f"{r['model']:<16}{r['dtype']:<10}{r['batch']:>6}{r['gg_jax']['images_per_sec']:>14.2f}"
+              f"{_fmt_mem(r['gg_jax']['peak_bytes']):>12}"
+              f"{ref.get('images_per_sec', float('nan')):>13.2f}{_fmt_mem(ref.get('peak_bytes')):>11}"
+              f"{r.get('speedup', float('nan')):>8.2f}"
+              f"{100 * (r['gg_jax']['head_fraction'] or float('nan')):>8.1f}")
+    print("ratio = gg_jax images/s / reference images/s (higher is better); head % = the pooling head's "
+          "fwd+bwd time alone / gg_jax step time (--head_share)")
+    if args.json:
+        meta = {"device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
+                "jax": jax.__version__, "threads": args.threads, "image_size": args.image_size,
+                "xla_flags": os.environ.get("XLA_FLAGS", "")}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main(ARGS)
