@@ -1,0 +1,71 @@
+"""Default config: ResNet-50 3G-Net on ImageNet-1K with the reference recipe.
+
+Every field can be overridden on the command line, e.g.
+  python train.py --config=configs/default.py --workdir=DIR \
+      --config.batch_size=1024 --config.model.name=resnet50_isqrt --config.dataset.data_dir=gs://b/tfds
+
+The other configs start from this one and change what differs.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+
+    # Model: any name of gg_jax.models.names(); other fields are passed to
+    # gg_jax.models.create(name, **options) when set (None = the model's default).
+    # Baselines are a flag away: --config.model.name=resnet50_isqrt / _mpncov / _gap ...
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "resnet50_3g"
+    config.model.reduction_dim = config_dict.placeholder(int)  # 1x1 reduction before the head (256).
+    config.model.num_blocks = config_dict.placeholder(int)  # 3G re-weighting blocks T (3).
+    config.model.num_iters = config_dict.placeholder(int)  # Newton-Schulz iterations (5).
+
+    # Data: see gg_jax.data.get_dataset_info for the names.
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.name = "imagenet2012"
+    config.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir (local or gs://); None = TFDS default.
+    config.dataset.augment = config_dict.placeholder(str)  # 'inception_crop' | 'scale_aug' | ...; None = dataset default.
+    config.dataset.cache = config_dict.placeholder(bool)  # Encoded examples in memory; None = if small.
+    config.dataset.shuffle_buffer = config_dict.placeholder(int)  # TFDS record shuffle buffer; None = 10,000.
+    config.dataset.num_threads = config_dict.placeholder(int)  # Private tf.data thread pool; None = shared.
+    config.image_size = 224
+
+    # Optimisation: SGD momentum 0.9, weight decay 1e-4 added to the gradient of every
+    # parameter (BN and biases too), as the reference's torch.optim.SGD.
+    config.batch_size = 256  # Global, over all devices and hosts.
+    config.learning_rate = 0.1  # For a batch of 256; the rate used is learning_rate * batch_size / 256.
+    config.lr_schedule = "step"  # 'step' | 'cosine' | 'constant'.
+    config.lr_boundaries_epochs = (30, 60, 90)  # 'step': multiply by lr_decay_factor at these epochs.
+    config.lr_decay_factor = 0.1
+    config.warmup_epochs = 0.0
+    config.momentum = 0.9
+    config.nesterov = False
+    config.weight_decay = 1e-4
+    config.num_epochs = 115.0
+    config.num_train_steps = -1  # > 0 overrides num_epochs.
+    config.half_precision = False  # bf16 compute (float32 parameters and covariance head).
+    config.seed = 0
+
+    # Bookkeeping. Periods in steps: > 0 as is, 0 = once per epoch, < 0 = only at the end.
+    config.log_every_steps = 100
+    config.eval_every_steps = 0
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.async_checkpoints = True  # Write checkpoints in the background while training goes on.
+    config.profile = False  # A profiler trace of 5 steps into the workdir (TensorBoard).
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 0  # 0 = batch_size.
+    config.eval.ten_crop = False  # 10 crops (corners + centre, and mirrors), logits averaged.
+    config.eval.resize_size = 256  # Shorter side before the centre crop(s) of image_size.
+
+    # Fine-tuning: start from a variables directory (`python -m gg_jax.convert ... --out DIR`)
+    # or a training workdir. The classifier is re-initialised when the number of classes
+    # differs; init_from_backbone_only re-initialises the head too.
+    config.init_from = ""
+    config.init_from_backbone_only = False
+    config.init_from_classifier = "fc"
+    config.init_from_head_modules = ("head", "fc")
+    return config

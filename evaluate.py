@@ -1,0 +1,54 @@
+"""Top-1 / top-5 error over the whole validation split, one crop or ten crops.
+
+  python evaluate.py --config=configs/imagenet_r50.py --workdir=DIR              # latest checkpoint of a run
+  python evaluate.py --config=configs/imagenet_r50.py --checkpoint=DIR/checkpoints/450000
+  python evaluate.py --config=configs/places365_r50.py --checkpoint=/data/r50_3g_places  # converted weights
+
+--checkpoint may be a training workdir, one of its checkpoints/<step> directories, or a
+variables directory written by `python -m gg_jax.convert ... --out DIR`. The config names
+the model (--config.model.name and options must match the checkpoint) and the dataset;
+ten crops: --config.eval.ten_crop=True (the Places365 configs set it). The result is
+printed as one JSON line: top1_error, top5_error (fractions), loss, num_examples, step;
+with --workdir it is also written to its TensorBoard summaries (eval/top1_error, ...).
+"""
+import json
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file naming the model and dataset.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: its latest checkpoint, and where results are written.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint to evaluate instead of the workdir's latest.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (one process per host).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for jax.distributed.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes, for jax.distributed.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not (_WORKDIR.value or _CHECKPOINT.value):
+        raise app.UsageError("Give --workdir (its latest checkpoint) or --checkpoint=PATH.")
+    from gg_jax.training import trainer
+
+    trainer.initialize_distributed(
+        _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
+    import jax
+
+    trainer.quiet_library_logs()
+    try:
+        metrics = trainer.evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+    except (*trainer.USER_ERRORS, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if jax.process_index() == 0:
+        print(json.dumps(metrics, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

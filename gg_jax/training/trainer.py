@@ -1,0 +1,483 @@
+"""The train loop (`train_and_evaluate`) and evaluation (`evaluate`), driven by a config.
+
+Reads top to bottom like the Flax ImageNet example: check the config against the
+devices, build the dataset info, the model and the optimizer, restore or initialise
+the state, then loop: step, log, evaluate, checkpoint. The trainer knows models only
+through `gg_jax.models.create` (via `state.create_model`), so any registered model
+trains with any config.
+
+Config fields read here (see `configs/default.py` for their meaning and defaults):
+model.name (+ options), dataset.{name, data_dir, augment, cache, shuffle_buffer},
+batch_size, num_epochs, num_train_steps, learning_rate, lr_schedule,
+lr_boundaries_epochs, lr_decay_factor, warmup_epochs, momentum, nesterov, weight_decay,
+half_precision, seed, image_size, log_every_steps, eval_every_steps,
+checkpoint_every_steps, keep_checkpoints, async_checkpoints, eval.{batch_size, ten_crop, resize_size},
+init_from, init_from_backbone_only, profile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+
+from gg_jax import data, models, variables_io
+from gg_jax.training import checkpointing, optim, preemption
+from gg_jax.training import state as state_lib
+from gg_jax.training import steps as steps_lib
+
+
+class ConfigError(ValueError):
+    """The config cannot run on this setup; the message says what to change."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the parameters became NaN/inf; no checkpoint was written after that."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: state_lib.TrainState
+    step: int  # Steps done (the state's step).
+    eval_metrics: Optional[Dict[str, float]]  # Of the final evaluation, if one ran.
+    preempted: bool  # Stopped early by SIGTERM after saving a checkpoint.
+
+
+# Errors that mean "fix the config, the data or the workdir" rather than a bug: the
+# entry points print their message without a traceback.
+USER_ERRORS = (ConfigError, checkpointing.WorkdirMismatchError, data.DatasetNotFoundError, NonFiniteLossError)
+
+
+def initialize_distributed(enabled: bool = False, *, coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None, process_id: Optional[int] = None) -> None:
+    """`jax.distributed.initialize(...)` when `enabled` or a coordinator address is given.
+
+    Must run before anything touches the devices. With no arguments JAX detects the
+    cluster (Cloud TPU, SLURM, Open MPI, Kubernetes). CPU collectives go through gloo,
+    so several CPU-only processes (tests, CPU clusters) can run one sharded step; this
+    does not affect GPU or TPU devices.
+    """
+    if not (enabled or coordinator_address):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+class _DropLibraryInfo:
+    """A logging filter that drops INFO and DEBUG records of Orbax (very chatty at INFO)."""
+
+    def filter(self, record) -> bool:
+        import logging as std_logging
+
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def quiet_library_logs() -> None:
+    """Keeps the console readable: Orbax's INFO logs are dropped (warnings stay)."""
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+        handler.addFilter(_DropLibraryInfo())
+
+
+def check_batch_size(batch_size: int, mesh, field: str = "batch_size") -> None:
+    """Raises `ConfigError` unless `batch_size` splits evenly over the devices of `mesh`."""
+    n = mesh.size
+    if not isinstance(batch_size, int) or batch_size <= 0 or batch_size % n:
+        suggestion = max(n, (int(batch_size) // n) * n if isinstance(batch_size, int) else n)
+        raise ConfigError(
+            f"config.{field}={batch_size} is not divisible by the number of devices, {n} "
+            f"({jax.local_device_count()} per process x {jax.process_count()} processes). The global "
+            f"batch is split evenly over every device: use a multiple of {n}, e.g. --config.{field}={suggestion}."
+        )
+
+
+def create_model(config, num_classes: int):
+    """The model of `config.model`; `ConfigError` naming the valid names/options otherwise."""
+    try:
+        models.parse_name(config.model.name)
+        return state_lib.create_model(config.model, num_classes, config.half_precision)
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from e
+
+
+def eval_batch_size(config) -> int:
+    return int(config.eval.get("batch_size") or config.batch_size)
+
+
+def num_train_steps(config, info: data.DatasetInfo) -> int:
+    """`config.num_train_steps` if > 0, else `num_epochs` epochs of the train split."""
+    if config.num_train_steps and config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    return int(round(config.num_epochs * data.steps_per_epoch(info, config.batch_size)))
+
+
+def _every(value: int, steps_per_epoch: int) -> Optional[int]:
+    """Period in steps: value > 0 as is, 0 = once per epoch, < 0 = never (only at the end)."""
+    if value is None or value < 0:
+        return None
+    return int(value) if value > 0 else max(int(steps_per_epoch), 1)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _model_meta(config, info: data.DatasetInfo) -> Dict[str, Any]:
+    return checkpointing.run_metadata(
+        model=config.model.name,
+        model_options=state_lib.model_options(config.model),
+        num_classes=info.num_classes,
+        dataset=info.name,
+    )
+
+
+def _data_dtype(config):
+    return jnp.bfloat16 if config.half_precision else np.float32
+
+
+def _dataset_kwargs(config) -> Dict[str, Any]:
+    ds = config.dataset
+    out = {}
+    for key in ("augment", "cache", "shuffle_buffer", "num_threads"):
+        if ds.get(key) is not None:
+            out[key] = ds.get(key)
+    return out
+
+
+def _load_pretrained(config, mesh, image_size: int):
+    """Host variables and meta from `config.init_from`: a variables dir or a training checkpoint."""
+    path = config.init_from
+    if variables_io.is_variables_dir(path):
+        return variables_io.load_variables(path)
+
+    def abstract_fn(meta):
+        source_model = models.create(meta["model"], num_classes=meta["num_classes"], **meta.get("model_options", {}))
+        return state_lib.abstract_variables(source_model, image_size=image_size)
+
+    try:
+        variables, meta, _ = checkpointing.restore_variables(
+            path, abstract_fn, lambda a: state_lib.replicated_sharding(a, mesh)
+        )
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"config.init_from={path!r} is neither a variables directory (as written by "
+            "`python -m gg_jax.convert ... --out DIR`) nor a training workdir or checkpoint."
+        ) from e
+    return jax.device_get(variables), meta
+
+
+def init_from_pretrained(train_state, config, tx, mesh, sharding) -> state_lib.TrainState:
+    """Replaces the fresh variables by `config.init_from`'s; re-initialises the classifier
+    (`config.init_from_classifier`, on a class-count mismatch) and, with
+    `config.init_from_backbone_only`, the modules in `config.init_from_head_modules`."""
+    source, meta = _load_pretrained(config, mesh, config.image_size)
+    logging.info("Initialising from %s (%s).", config.init_from, meta.get("model"))
+    reinit = tuple(config.init_from_head_modules) if config.init_from_backbone_only else ()
+    classifier = config.get("init_from_classifier") or "fc"
+    merged, _ = state_lib.merge_pretrained(
+        jax.device_get(train_state.variables), source, reinit=reinit, reinit_on_shape_mismatch=(classifier,)
+    )
+    params = state_lib.put_replicated(merged["params"], sharding.params)
+    batch_stats = state_lib.put_replicated(merged.get("batch_stats", {}), sharding.batch_stats)
+    opt_state = jax.jit(tx.init, out_shardings=sharding.opt_state)(params)
+    return train_state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+
+
+def evaluate_variables(eval_step, variables, config, mesh) -> Dict[str, float]:
+    """Top-1/top-5 error and loss over the whole eval split, each example exactly once."""
+    it = data.create_eval_iterator(
+        config.dataset.name,
+        data_dir=config.dataset.data_dir,
+        global_batch_size=eval_batch_size(config),
+        image_size=config.image_size,
+        resize_size=config.eval.resize_size,
+        ten_crop=config.eval.ten_crop,
+        mesh=mesh,
+        dtype=_data_dtype(config),
+    )
+    totals = None
+    for batch in it:
+        out = eval_step(variables, batch)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = steps_lib.host_scalars(totals)
+    count = totals["count"]
+    return {
+        "top1_error": 1.0 - totals["top1_correct"] / count,
+        "top5_error": 1.0 - totals["top5_correct"] / count,
+        "loss": totals["loss_sum"] / count,
+        "num_examples": int(round(count)),
+    }
+
+
+class _MetricBuffer:
+    """Train metrics of the steps since the last summary (device arrays until read)."""
+
+    def __init__(self):
+        self.metrics: List[Dict[str, jax.Array]] = []
+        self.first_step = None
+        self.start_time = time.time()
+
+    def add(self, step: int, metrics):
+        if not self.metrics:
+            self.first_step = step
+        self.metrics.append(metrics)
+
+    def summary(self) -> Dict[str, float]:
+        stacked = jax.device_get(self.metrics)
+        return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+    def all_finite(self) -> bool:
+        """Whether every buffered loss is finite (reads them from the devices)."""
+        return bool(all(np.isfinite(m["loss"]) for m in jax.device_get(self.metrics)))
+
+    def reset(self):
+        self.metrics, self.first_step, self.start_time = [], None, time.time()
+
+
+def _diverged(step: int, last_good: Optional[int], workdir: str, config) -> NonFiniteLossError:
+    kept = (
+        f"The last good checkpoint, step {last_good}, in {checkpointing.checkpoint_dir(workdir)} was kept"
+        if last_good is not None
+        else "No checkpoint had been saved"
+    )
+    return NonFiniteLossError(
+        f"Training diverged: the loss or the parameters are NaN/inf by step {step}. {kept}; nothing was "
+        "saved after the divergence. Try a lower learning rate (config.learning_rate, now "
+        f"{config.learning_rate} for a batch of 256), a warmup (config.warmup_epochs), or "
+        "half_precision=False; rerunning the same command resumes from the last good checkpoint."
+    )
+
+
+def _write_config(config, workdir: str) -> None:
+    if jax.process_index() != 0:
+        return
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():  # Never replace the config of the run that started this workdir.
+        path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+    workdir = os.fspath(workdir)
+    mesh = steps_lib.make_mesh()
+    check_batch_size(config.batch_size, mesh)
+    check_batch_size(eval_batch_size(config), mesh, "eval.batch_size")
+    create_model(config, 10)  # Unknown name or option -> ConfigError, before reading any data.
+    info = data.get_dataset_info(config.dataset.name, config.dataset.data_dir)  # Missing -> how to prepare.
+    model = create_model(config, info.num_classes)
+    meta = _model_meta(config, info)
+
+    steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
+    total_steps = num_train_steps(config, info)
+    schedule = optim.create_learning_rate_schedule(
+        base_learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        num_train_steps=total_steps,
+        schedule=config.lr_schedule,
+        boundaries_epochs=config.lr_boundaries_epochs,
+        decay_factor=config.lr_decay_factor,
+        warmup_epochs=config.warmup_epochs,
+    )
+    tx = optim.create_optimizer(
+        schedule, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
+    )
+
+    # Restore (same workdir = continue) or initialise.
+    manager = checkpointing.create_manager(
+        checkpointing.checkpoint_dir(workdir), max_to_keep=config.keep_checkpoints,
+        asynchronous=bool(config.get("async_checkpoints", True)),
+    )
+    latest = manager.latest_step()
+    if latest is not None:
+        checkpointing.check_compatible(checkpointing.read_meta(manager, latest), meta, workdir)
+    abstract = state_lib.abstract_train_state(model, tx, image_size=config.image_size)
+    sharding = state_lib.replicated_sharding(abstract, mesh)
+    if latest is not None:
+        train_state = checkpointing.restore_state(manager, latest, abstract, sharding)
+        logging.info("Restored the checkpoint of step %d from %s.", latest, workdir)
+    else:
+        train_state = state_lib.create_train_state(
+            model, tx, rng=jax.random.PRNGKey(config.seed), image_size=config.image_size, sharding=sharding
+        )
+        if config.init_from:
+            train_state = init_from_pretrained(train_state, config, tx, mesh, sharding)
+    start_step = int(latest or 0)
+    if start_step >= total_steps:
+        logging.info(
+            "The run in %s is finished (step %d of %d); nothing to train. Evaluate it with evaluate.py.",
+            workdir, start_step, total_steps,
+        )
+        manager.close()
+        return TrainResult(train_state, start_step, None, False)
+
+    _write_config(config, workdir)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    logging.info(
+        "Training %s on %s (%d classes) for %d steps (%d per epoch), global batch %d over %d devices, "
+        "learning rate %g, from step %d.",
+        config.model.name, info.name, info.num_classes, total_steps, steps_per_epoch,
+        config.batch_size, mesh.size, optim.scaled_learning_rate(config.learning_rate, config.batch_size),
+        start_step,
+    )
+    train_iter = data.create_train_iterator(
+        config.dataset.name,
+        data_dir=config.dataset.data_dir,
+        global_batch_size=config.batch_size,
+        image_size=config.image_size,
+        seed=config.seed,
+        start_step=start_step,
+        mesh=mesh,
+        dtype=_data_dtype(config),
+        **_dataset_kwargs(config),
+    )
+    train_step = steps_lib.jit_train_step(model, tx, mesh, sharding, seed=config.seed)
+    eval_step = steps_lib.jit_eval_step(model, mesh, {"params": sharding.params, "batch_stats": sharding.batch_stats})
+    state_is_finite = steps_lib.jit_all_finite(mesh)
+
+    log_every = max(int(config.log_every_steps), 1)
+    eval_every = _every(config.eval_every_steps, steps_per_epoch)
+    checkpoint_every = _every(config.checkpoint_every_steps, steps_per_epoch)
+    # Console progress with ETA at every log step (and at least once a minute).
+    hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=log_every)]
+    if config.profile and jax.process_index() == 0:
+        # One trace of 5 steps, after compilation and warm-up, into WORKDIR/plugins/profile.
+        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5, profile_duration_ms=None,
+                                              first_profile=start_step + 10, every_secs=None))
+
+    last_saved = latest
+    eval_metrics = None
+    buffer = _MetricBuffer()
+    step = start_step
+    preempted = False
+    try:
+        with preemption.PreemptionWatcher() as watcher:
+            while step < total_steps:
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    batch = next(train_iter)
+                    train_state, metrics = train_step(train_state, batch)
+                step += 1
+                buffer.add(step, metrics)
+                for hook in hooks:
+                    hook(step)
+                last = step == total_steps
+                preempted = watcher.reached(step)
+
+                if step % log_every == 0 or last or preempted:
+                    if not buffer.all_finite():
+                        raise _diverged(step, last_saved, workdir, config)
+                    summary = buffer.summary()
+                    seconds = time.time() - buffer.start_time
+                    writer.write_scalars(step, {
+                        "train/loss": summary["loss"],
+                        "train/top1_error": summary["top1_error"],
+                        "train/learning_rate": float(schedule(step - 1)),
+                        "train/images_per_sec": len(buffer.metrics) * config.batch_size / max(seconds, 1e-9),
+                    })
+                    buffer.reset()
+
+                if (checkpoint_every and step % checkpoint_every == 0) or last or preempted:
+                    # A checkpoint is written only if every loss since the last log and every
+                    # variable is finite, so the latest checkpoint is always a good one.
+                    if not (buffer.all_finite() and bool(state_is_finite(train_state))):
+                        raise _diverged(step, last_saved, workdir, config)
+                    if last_saved is None or step > last_saved:
+                        checkpointing.save(manager, step, train_state, meta)
+                        last_saved = step
+                    if preempted:
+                        logging.warning(
+                            "Preempted: saved the checkpoint of step %d in %s; rerun the same command to resume.",
+                            step, workdir,
+                        )
+                        break
+
+                if (eval_every and step % eval_every == 0) or last:
+                    with hooks[0].timed("eval"):
+                        eval_metrics = evaluate_variables(eval_step, train_state.variables, config, mesh)
+                    writer.write_scalars(step, {
+                        "eval/top1_error": eval_metrics["top1_error"],
+                        "eval/top5_error": eval_metrics["top5_error"],
+                        "eval/loss": eval_metrics["loss"],
+                    })
+                    buffer.start_time = time.time()  # Do not count the eval in images/s.
+    finally:
+        manager.wait_until_finished()  # Good checkpoints already started are completed.
+        manager.close()
+        writer.flush()
+        writer.close()
+    return TrainResult(train_state, step, eval_metrics if step == total_steps else None, preempted)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
+             checkpoint: Optional[str] = None) -> Dict[str, float]:
+    """Top-1/top-5 error over the whole eval split of `config.dataset`.
+
+    checkpoint: a training workdir, its `checkpoints/<step>` directory, or a variables
+      directory written by `python -m gg_jax.convert`; default: the latest in `workdir`.
+    The results are logged, returned, and (if `workdir` is given) written to its
+    TensorBoard summaries as eval/top1_error and eval/top5_error.
+    """
+    path = checkpoint or workdir
+    if not path:
+        raise ConfigError("Give --workdir (evaluates its latest checkpoint) or --checkpoint=PATH.")
+    mesh = steps_lib.make_mesh()
+    check_batch_size(eval_batch_size(config), mesh, "eval.batch_size")
+    create_model(config, 10)
+    info = data.get_dataset_info(config.dataset.name, config.dataset.data_dir)
+    model = create_model(config, info.num_classes)
+    expected = _model_meta(config, info)
+    abstract = state_lib.abstract_variables(model, image_size=config.image_size)
+    sharding = state_lib.replicated_sharding(abstract, mesh)
+
+    if variables_io.is_variables_dir(path):
+        host, meta = variables_io.load_variables(path)
+        if meta.get("model") != config.model.name or int(meta.get("num_classes", -1)) != info.num_classes:
+            raise checkpointing.WorkdirMismatchError(
+                f"{path} holds {meta.get('model')} with {meta.get('num_classes')} classes, but the config asks "
+                f"for {config.model.name} with {info.num_classes} classes ({info.name}). Pass "
+                f"--config.model.name={meta.get('model')} and a dataset with that many classes."
+            )
+        merged, _ = state_lib.merge_pretrained(abstract, host, reinit_on_shape_mismatch=())
+        variables = state_lib.put_replicated(merged, sharding)
+        step = int(meta.get("step", 0))
+    else:
+        def abstract_fn(meta):
+            checkpointing.check_compatible(meta, expected, path)
+            return abstract
+
+        variables, meta, step = checkpointing.restore_variables(path, abstract_fn, lambda _: sharding)
+
+    eval_step = steps_lib.jit_eval_step(model, mesh, sharding)
+    metrics = evaluate_variables(eval_step, variables, config, mesh)
+    crops = "10 crops" if config.eval.ten_crop else "1 crop"
+    logging.info(
+        "%s on %s/%s (%d examples, %s): top-1 error %.4f, top-5 error %.4f, loss %.4f.",
+        path, info.name, info.eval_split, metrics["num_examples"], crops,
+        metrics["top1_error"], metrics["top5_error"], metrics["loss"],
+    )
+    if workdir:
+        writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+        writer.write_scalars(step, {"eval/top1_error": metrics["top1_error"], "eval/top5_error": metrics["top5_error"]})
+        writer.close()
+    return {**metrics, "step": step}

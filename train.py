@@ -1,0 +1,59 @@
+"""Train a 3G-Net (or any gg_jax model) with an ml_collections config.
+
+  python train.py --config=configs/demo.py --workdir=/tmp/gg_demo
+  python train.py --config=configs/imagenet_r50.py --workdir=gs://bucket/r50 \
+      --config.dataset.data_dir=gs://bucket/tfds --config.batch_size=1024 --config.half_precision=True
+
+Every config field can be overridden with --config.FIELD=VALUE. Rerunning the same
+command in the same workdir resumes from the latest checkpoint (a finished run does not
+train again). On several hosts, run the same command on every host with --distributed
+(cluster auto-detection: Cloud TPU, SLURM, Open MPI, Kubernetes) or with
+--coordinator_address/--num_processes/--process_id. See docs/training.md.
+
+Exit status: 0 when the run is finished, 143 (128 + SIGTERM) when it stopped after
+saving a checkpoint because of a preemption notice, 1 on a configuration error or a
+diverged (NaN/inf) run, with the reason on stderr.
+"""
+import signal
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (e.g. configs/demo.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard summaries (local or gs://).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (one process per host).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for jax.distributed.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes, for jax.distributed.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from gg_jax.training import trainer
+
+    # Before anything touches the devices.
+    trainer.initialize_distributed(
+        _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
+    import jax
+
+    trainer.quiet_library_logs()
+    logging.info("JAX process %d of %d, %d local devices of %d: %s", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+    try:
+        result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except trainer.USER_ERRORS as e:
+        logging.error("%s: %s", type(e).__name__, e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if result.preempted:
+        # A scheduler must not take a preempted run for a finished one.
+        sys.exit(128 + signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    app.run(main)
