@@ -49,10 +49,12 @@ def main(argv=None):
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)), train=False))
     images = jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32)
 
-    def model_grad(v, x):
+    # The losses contract the output with a cotangent passed as an argument: a constant
+    # one (out.sum()) would let XLA constant-fold parts of the backward pass.
+    def model_grad(v, x, g):
         def loss(params):
             out, _ = model.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
-            return out.sum()
+            return jnp.vdot(out, g)
 
         return jax.grad(loss)(v["params"])
 
@@ -62,15 +64,18 @@ def main(argv=None):
     head = model.head(dtype=dtype)
     head_vars = {"params": variables["params"].get("head", {}), "batch_stats": variables["batch_stats"].get("head", {})}
 
-    def head_grad(v, x):
+    def head_grad(v, x, g):
         def loss(params, x):
             out, _ = head.apply({**v, "params": params}, x, train=True, mutable=["batch_stats"])
-            return out.sum()
+            return jnp.vdot(out, g)
 
         return jax.grad(loss, argnums=(0, 1))(v["params"], x)
 
-    rows = [("train-step gradient (whole model)", temp_bytes(model_grad, variables, images)),
-            ("pooling head fwd+bwd", temp_bytes(head_grad, head_vars, jax.ShapeDtypeStruct(layer4.shape, dtype)))]
+    logits = jax.ShapeDtypeStruct((b, 1000), jnp.float32)
+    head_in = jax.ShapeDtypeStruct(layer4.shape, dtype)
+    head_out = jax.eval_shape(lambda v, x: head.apply(v, x, train=False), head_vars, head_in)
+    rows = [("train-step gradient (whole model)", temp_bytes(model_grad, variables, images, logits)),
+            ("pooling head fwd+bwd", temp_bytes(head_grad, head_vars, head_in, head_out))]
     dim = getattr(head, "reduction_dim", None)
     if dim and getattr(head, "num_iters", None) and getattr(head, "estimator", True):
         mats = jax.ShapeDtypeStruct((b, dim, dim), jnp.float32)
