@@ -17,13 +17,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from gg_jax.training import distributed_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file naming the model and dataset.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: its latest checkpoint, and where results are written.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint to evaluate instead of the workdir's latest.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (one process per host).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for jax.distributed.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes, for jax.distributed.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -34,10 +32,7 @@ def main(argv):
         raise app.UsageError("Give --workdir (its latest checkpoint) or --checkpoint=PATH.")
     from gg_jax.training import trainer
 
-    trainer.initialize_distributed(
-        _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
-    )
+    distributed_flags.initialize()
     import jax
 
     trainer.quiet_library_logs()

@@ -20,12 +20,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gg_jax.training import distributed_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (e.g. configs/demo.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard summaries (local or gs://).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (one process per host).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for jax.distributed.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes, for jax.distributed.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, for jax.distributed.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,10 +33,7 @@ def main(argv):
     from gg_jax.training import trainer
 
     # Before anything touches the devices.
-    trainer.initialize_distributed(
-        _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-        process_id=_PROCESS_ID.value,
-    )
+    distributed_flags.initialize()
     import jax
 
     trainer.quiet_library_logs()

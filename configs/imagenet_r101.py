@@ -1,19 +1,13 @@
 """ResNet-101 3G-Net on ImageNet-1K: the reference recipe (paper 20.37 / 5.17 % top-1/top-5 error).
 
-SGD momentum 0.9, weight decay 1e-4, batch 256, lr 0.1 (scaled linearly with the batch),
-divided by 10 at epochs 30, 60, 90; 115 epochs; random-resized crop 224 + flip; eval
-one centre crop 224 of the 256-resized image.
+The ResNet-50 recipe (`configs/imagenet_r50.py`) with the deeper backbone.
 
   python train.py --config=configs/imagenet_r101.py --workdir=DIR --config.dataset.data_dir=TFDS_DIR
 """
-from configs import default
+from configs import imagenet_r50
 
 
 def get_config():
-    config = default.get_config()
+    config = imagenet_r50.get_config()
     config.model.name = "resnet101_3g"
-    config.dataset.name = "imagenet2012"
-    config.dataset.augment = "inception_crop"
-    config.num_epochs = 115.0
-    config.eval.ten_crop = False
     return config
