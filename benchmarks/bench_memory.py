@@ -11,8 +11,9 @@ without allocating the batch. Rows:
 - the pooling head alone (reduction, re-weighting, covariance, root, vector) on a
   `layer4`-shaped input, forward + backward;
 - the Newton-Schulz square root alone (`gg_jax.linalg.sqrtm_newton_schulz`) on the
-  head's `[B, C, C]` covariances, forward + backward: what a memory-lean custom VJP of the
-  iteration could at most save.
+  head's `[B, C, C]` covariances, forward + backward, as autodiff stores it and fully
+  rematerialised: the difference is what a memory-lean custom VJP of the iteration could
+  at most save.
 
 Imports only jax, flax and numpy.
 """
@@ -81,6 +82,11 @@ def main(argv=None):
         mats = jax.ShapeDtypeStruct((b, dim, dim), jnp.float32)
         ns = lambda a, g: jax.vjp(lambda a: linalg.sqrtm_newton_schulz(a, head.num_iters), a)[1](g)  # noqa: E731
         rows.append((f"Newton-Schulz root fwd+bwd ({head.num_iters} iters, {dim}x{dim})", temp_bytes(ns, mats, mats)))
+        # Recomputing the whole iteration in the backward pass keeps no iterate: the least
+        # memory any custom VJP of the root could need.
+        ns_remat = lambda a, g: jax.vjp(  # noqa: E731
+            jax.checkpoint(lambda a: linalg.sqrtm_newton_schulz(a, head.num_iters)), a)[1](g)
+        rows.append(("  the same, rematerialised (jax.checkpoint)", temp_bytes(ns_remat, mats, mats)))
 
     total = rows[0][1]
     print(f"\nXLA temporary memory, {args.model}, batch {b}, {s}x{s}, {args.dtype}, on {jax.devices()[0].device_kind}")

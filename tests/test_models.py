@@ -267,36 +267,3 @@ def test_unknown_option_lists_valid_options():
     with pytest.raises(ValueError, match="num_blocks") as e:
         convert.from_torch(make_state_dict("resnet18_3g", seed=0, layout=LAYOUT), "resnet18_3g", num_blockz=2)
     assert "num_blockz" in str(e.value)
-
-
-@pytest.mark.parametrize("shape, window, stride, padding", [
-    ((2, 112, 112, 8), 3, 2, 1),  # The ResNet stem.
-    ((1, 9, 7, 3), 3, 2, 1),      # Odd sizes: the last window is cut by the padding.
-    ((1, 8, 8, 2), 2, 2, 0),
-])
-def test_max_pool_values_and_gradient_are_pytorchs(shape, window, stride, padding):
-    """`resnet.max_pool`: the values of flax's max_pool; the gradient of PyTorch's max_pool2d,
-    which sends each window's gradient to its first maximum. ReLU'd input: many windows
-    are all zeros (ties), where JAX's own gradient splits differently."""
-    torch = pytest.importorskip("torch")
-    from flax import linen as nn
-
-    from gg_jax.models.resnet import max_pool
-
-    rng = np.random.default_rng(0)
-    x = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)
-    x[0, :3, :3, 0] = 0.0  # A whole window of ties.
-    out, vjp = jax.vjp(lambda v: max_pool(v, window, stride, padding), jnp.asarray(x))
-    expected = nn.max_pool(jnp.asarray(x), (window, window), (stride, stride), ((padding, padding),) * 2)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
-    g = rng.standard_normal(out.shape).astype(np.float32)
-    (dx,) = vjp(jnp.asarray(g))
-
-    xt = torch.tensor(x.transpose(0, 3, 1, 2)).requires_grad_(True)
-    yt = torch.nn.functional.max_pool2d(xt, window, stride, padding)
-    yt.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
-    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-6)
-    # bf16 works too (the backbone's dtype under half precision).
-    out16 = max_pool(jnp.asarray(x, jnp.bfloat16), window, stride, padding)
-    assert out16.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(out16, np.float32), np.asarray(expected.astype(jnp.bfloat16), np.float32))

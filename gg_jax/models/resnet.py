@@ -7,79 +7,14 @@ PyTorch-style symmetric padding, which differs from 'SAME' for strided layers.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from gg_jax import layers
 
 Dtype = Any
-
-
-def _pool_windows(x, window: int, stride: int, padding: int):
-    """The `window * window` strided views of `x` (padded with -inf), one per window
-    offset in row-major order, each `[B, H_out, W_out, C]`."""
-    _, h, w, _ = x.shape
-    h_out = (h + 2 * padding - window) // stride + 1
-    w_out = (w + 2 * padding - window) // stride + 1
-    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
-    return [
-        padded[:, i : i + stride * (h_out - 1) + 1 : stride, j : j + stride * (w_out - 1) + 1 : stride, :]
-        for i in range(window)
-        for j in range(window)
-    ]
-
-
-def _max_pool_with_argmax(x, window, stride, padding):
-    views = _pool_windows(x, window, stride, padding)
-    out, arg = views[0], jnp.zeros(views[0].shape, jnp.int8)
-    for k, view in enumerate(views[1:], 1):
-        # Strictly greater: ties keep the first offset, as PyTorch's max_pool2d does.
-        better = view > out
-        out, arg = jnp.where(better, view, out), jnp.where(better, jnp.int8(k), arg)
-    return out, arg
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def max_pool(x, window: int = 3, stride: int = 2, padding: int = 1):
-    """Max pooling of NHWC `x` over `window x window` windows, PyTorch's `max_pool2d`.
-
-    Same values as `flax.linen.max_pool(x, (k, k), (s, s), ((p, p), (p, p)))`. The
-    gradient goes to the first maximum of each window (row-major), as PyTorch's does;
-    computed from the argmax offsets kept by the forward pass, it is a few elementwise
-    passes. (JAX's own gradient of a windowed max is a variadic reduce-window with index
-    maps: on XLA:CPU the ResNet stem's max pool cost 14x more time than this.)
-    """
-    return _max_pool_with_argmax(x, window, stride, padding)[0]
-
-
-def _max_pool_fwd(x, window, stride, padding):
-    out, arg = _max_pool_with_argmax(x, window, stride, padding)
-    return out, (arg, x.shape)
-
-
-def _max_pool_bwd(window, stride, padding, residuals, g):
-    arg, shape = residuals
-    _, h, w, _ = shape
-    h_out, w_out = g.shape[1:3]
-    zero = jnp.zeros((), g.dtype)
-    grad = None
-    for i in range(window):
-        for j in range(window):
-            # Scatter window offset (i, j)'s share back onto the padded grid: interior
-            # padding puts output (r, c) at padded position (i + stride r, j + stride c).
-            share = jnp.where(arg == i * window + j, g, zero)
-            high_h = h + 2 * padding - i - (stride * (h_out - 1) + 1)
-            high_w = w + 2 * padding - j - (stride * (w_out - 1) + 1)
-            placed = jax.lax.pad(share, zero, ((0, 0, 0), (i, high_h, stride - 1), (j, high_w, stride - 1), (0, 0, 0)))
-            grad = placed if grad is None else grad + placed
-    return (grad[:, padding : padding + h, padding : padding + w, :],)
-
-
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class _StridedConv1x1(layers.Conv1x1):
@@ -186,7 +121,7 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         x = _conv(64, 7, 2, self.dtype, "conv1")(x)
         x = nn.relu(layers.batch_norm(train, self.dtype, name="bn1")(x))
-        x = max_pool(x, 3, 2, 1)
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, (num_blocks, planes) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512))):
             stride = (1, 2, 2, self.last_stride)[stage]
             for i in range(num_blocks):
