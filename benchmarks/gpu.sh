@@ -20,4 +20,5 @@ python benchmarks/bench_train_step.py --models resnet101_3g,resnet50_3g \
 python benchmarks/bench_train_step.py --models resnet101_3g \
     --dtypes bfloat16 --batch_sizes 128 --steps 10 --warmup 3 --head_share --json "$out/train_step_r101_bf16.json"
 python benchmarks/bench_layers.py --json "$out/layers.json"
+python benchmarks/bench_ops.py --json "$out/ops.json"
 python benchmarks/bench_memory.py --json "$out/memory.json"
