@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 
@@ -47,20 +46,14 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from gg_jax import layers, linalg  # noqa: E402
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 HIGHEST = jax.lax.Precision.HIGHEST
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def median_ms(fn, reps):
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_seconds(fn, warmup=2, reps=reps)
 
 
 def torch_sync():

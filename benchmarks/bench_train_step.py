@@ -59,19 +59,9 @@ import optax  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from gg_jax import models  # noqa: E402
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 TORCH_HEADS = {"3g": "3g", "isqrt": "isqrt", "gap": "gap"}
-
-
-def _median_time(fn, warmup, steps):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def bench_jax(name, batch, dtype, args):
@@ -111,7 +101,7 @@ def bench_jax(name, batch, dtype, args):
         holder["state"], loss = compiled(holder["state"], images, labels)
         loss.block_until_ready()
 
-    secs = _median_time(run, args.warmup, args.steps)
+    secs = median_seconds(run, args.warmup, args.steps)
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use", analysed)
     head_s = None
@@ -144,7 +134,7 @@ def bench_jax_head(model, variables, images, batch, args):
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))
     jax.block_until_ready(step(params, x))
-    return _median_time(lambda: jax.block_until_ready(step(params, x)), args.warmup, args.steps)
+    return median_seconds(lambda: jax.block_until_ready(step(params, x)), args.warmup, args.steps)
 
 
 def bench_torch(name, batch, dtype, args):
@@ -182,7 +172,7 @@ def bench_torch(name, batch, dtype, args):
         if gpu:
             torch.cuda.synchronize()
 
-    secs = _median_time(run, args.warmup + 1, args.steps)
+    secs = median_seconds(run, args.warmup + 1, args.steps)
     peak = torch.cuda.max_memory_allocated() if gpu else None
     return {"images_per_sec": batch / secs, "step_s": secs, "peak_bytes": peak,
             "settings": ("bf16 autocast, " if use_autocast else "float32, ") + ("channels_last" if gpu else "NCHW")}

@@ -239,7 +239,9 @@ class _MetricBuffer:
 
     def summary(self) -> Dict[str, float]:
         stacked = jax.device_get(self.metrics)
-        return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+        # In float64: the mean of float32 values cannot overflow, so it is finite exactly
+        # when every value is.
+        return {k: float(np.mean(np.asarray([m[k] for m in stacked], np.float64))) for k in stacked[0]}
 
     def all_finite(self) -> bool:
         """Whether every buffered loss is finite (reads them from the devices)."""
@@ -382,9 +384,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 preempted = watcher.reached(step)
 
                 if step % log_every == 0 or last or preempted:
-                    if not buffer.all_finite():
-                        raise _diverged(step, last_saved, workdir, config)
                     summary = buffer.summary()
+                    if not np.isfinite(summary["loss"]):  # The mean of the losses: NaN/inf if any is.
+                        raise _diverged(step, last_saved, workdir, config)
                     seconds = time.time() - buffer.start_time
                     writer.write_scalars(step, {
                         "train/loss": summary["loss"],
