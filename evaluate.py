@@ -11,6 +11,12 @@ ten crops: --config.eval.ten_crop=True (the Places365 configs set it). The resul
 printed as one JSON line: top1_error, top5_error (fractions), loss, num_examples, step;
 with --workdir it is also written to its TensorBoard summaries (eval/top1_error, ...).
 """
+if __name__ == "__main__":
+    # Before anything else (jax included) is loaded: see gg_jax/hugepages.py.
+    from gg_jax import hugepages
+
+    hugepages.reexec_with_hugepages()
+
 import json
 import sys
 

@@ -14,6 +14,12 @@ Exit status: 0 when the run is finished, 143 (128 + SIGTERM) when it stopped aft
 saving a checkpoint because of a preemption notice, 1 on a configuration error or a
 diverged (NaN/inf) run, with the reason on stderr.
 """
+if __name__ == "__main__":
+    # Before anything else (jax included) is loaded: see gg_jax/hugepages.py.
+    from gg_jax import hugepages
+
+    hugepages.reexec_with_hugepages()
+
 import signal
 import sys
 

@@ -7,8 +7,9 @@ same device, with the same thread count, in the same process.
   python benchmarks/bench_ops.py --threads 2 --json ops.json
 
 Operations (batch 4 for the ResNet-50 layers, 32 for the head's matrices):
-- the 3x3 convolutions of ResNet-50's stages and the 7x7 stem (`lax.conv_general_dilated`,
-  NHWC, as `flax.linen.Conv`), forward and forward+backward (input and kernel gradients);
+- the 3x3 convolutions of ResNet-50's stages and the 7x7 stem (`gg_jax.models.conv.conv2d`,
+  NHWC, as the ResNet computes them), forward and forward+backward (input and kernel
+  gradients);
 - a 1x1 convolution as gg_jax computes it (one matmul over all positions);
 - training-mode BatchNorm (gg_jax's `layers.batch_norm`), forward+backward;
 - one batched 32x256x256 matrix product, and the 5-iteration Newton-Schulz square root
@@ -46,6 +47,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from gg_jax import layers, linalg  # noqa: E402
+from gg_jax.models import conv  # noqa: E402
 from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -95,9 +97,8 @@ def conv_case(batch, size, cin, cout, k, stride, reps):
     w = (rng.standard_normal((k, k, cin, cout)) * (2.0 / (k * k * cin)) ** 0.5).astype(np.float32)
     pad = k // 2
 
-    def jconv(x, w):
-        return jax.lax.conv_general_dilated(x, w, (stride, stride), [(pad, pad)] * 2,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST)
+    def jconv(x, w):  # as gg_jax's ResNet computes it (XLA, GEMM kernel gradient on CPU)
+        return conv.conv2d(x, w, stride, ((pad, pad), (pad, pad)))
 
     xt = torch.tensor(x.transpose(0, 3, 1, 2), device=DEVICE).contiguous().requires_grad_(True)
     wt = torch.tensor(w.transpose(3, 2, 0, 1), device=DEVICE).contiguous().requires_grad_(True)

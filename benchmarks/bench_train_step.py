@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -35,9 +36,16 @@ def parse_args(argv=None):
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--num_classes", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round (median reported)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="CPU: rounds of --steps gg_jax steps then --steps reference steps; the ratio is "
+                        "the median of the per-round ratios, so that load on the machine hits both alike "
+                        "(GPU: one round each, one framework after the other)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0: leave default)")
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--no_hugepages", action="store_true",
+                   help="do not re-execute with transparent huge pages for malloc (gg_jax/hugepages.py; "
+                        "applies to both frameworks, which share the process)")
     p.add_argument("--head_share", action="store_true",
                    help="also time the pooling head alone (fwd+bwd on a layer4-shaped input) and report its share")
     p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for the JAX side")
@@ -46,6 +54,11 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if not ARGS.no_hugepages:
+    from gg_jax import hugepages  # noqa: E402
+
+    hugepages.reexec_with_hugepages()  # what train.py does; before jax and torch are loaded
 if ARGS.threads:
     # XLA:CPU sizes its pool from the CPUs this process may use (pin with `taskset -c`);
     # torch gets the same count through set_num_threads below.
@@ -57,8 +70,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from gg_jax import models  # noqa: E402
+from gg_jax import hugepages, models  # noqa: E402
 from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 TORCH_HEADS = {"3g": "3g", "isqrt": "isqrt", "gap": "gap"}
@@ -101,16 +113,22 @@ def bench_jax(name, batch, dtype, args):
         holder["state"], loss = compiled(holder["state"], images, labels)
         loss.block_until_ready()
 
-    secs = median_seconds(run, args.warmup, args.steps)
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use", analysed)
-    head_s = None
-    if args.head_share:  # `variables` were donated to the step: use the live state.
-        live = {"params": holder["state"][0], "batch_stats": holder["state"][1]}
-        head_s = bench_jax_head(model, live, images, batch, args)
-    return {"images_per_sec": batch / secs, "step_s": secs, "compile_s": compile_s, "peak_bytes": peak,
-            "peak_source": "device" if "peak_bytes_in_use" in stats else "xla_memory_analysis",
-            "head_s": head_s, "head_fraction": None if head_s is None else head_s / secs}
+    for _ in range(args.warmup):
+        run()
+
+    def finish(secs):
+        """Results once the step time `secs` is known (memory and head share measured now)."""
+        stats = jax.devices()[0].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use", analysed)
+        head_s = None
+        if args.head_share:  # `variables` were donated to the step: use the live state.
+            live = {"params": holder["state"][0], "batch_stats": holder["state"][1]}
+            head_s = bench_jax_head(model, live, images, batch, args)
+        return {"images_per_sec": batch / secs, "step_s": secs, "compile_s": compile_s, "peak_bytes": peak,
+                "peak_source": "device" if "peak_bytes_in_use" in stats else "xla_memory_analysis",
+                "head_s": head_s, "head_fraction": None if head_s is None else head_s / secs}
+
+    return run, finish
 
 
 def bench_jax_head(model, variables, images, batch, args):
@@ -144,7 +162,7 @@ def bench_torch(name, batch, dtype, args):
 
     backbone, head = models.parse_name(name)
     if head not in TORCH_HEADS:
-        return None
+        return None, None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # Under bf16 autocast the covariance head runs in float32 (as ours does): Newton-Schulz
     # in bf16 is not a setting anyone could train with.
@@ -161,7 +179,7 @@ def bench_torch(name, batch, dtype, args):
         torch.cuda.reset_peak_memory_stats()
     use_autocast = gpu and dtype == "bfloat16"
     if dtype == "bfloat16" and not gpu:
-        return {"skipped": "bf16 autocast is not the reference's best setting on CPU"}
+        return None, {"skipped": "bf16 autocast is not the reference's best setting on CPU"}
 
     def run():
         opt.zero_grad(set_to_none=True)
@@ -172,10 +190,64 @@ def bench_torch(name, batch, dtype, args):
         if gpu:
             torch.cuda.synchronize()
 
-    secs = median_seconds(run, args.warmup + 1, args.steps)
-    peak = torch.cuda.max_memory_allocated() if gpu else None
-    return {"images_per_sec": batch / secs, "step_s": secs, "peak_bytes": peak,
-            "settings": ("bf16 autocast, " if use_autocast else "float32, ") + ("channels_last" if gpu else "NCHW")}
+    for _ in range(args.warmup + 1):
+        run()
+
+    def finish(secs):
+        peak = torch.cuda.max_memory_allocated() if gpu else None
+        return {"images_per_sec": batch / secs, "step_s": secs, "peak_bytes": peak,
+                "settings": ("bf16 autocast, " if use_autocast else "float32, ") + ("channels_last" if gpu else "NCHW")}
+
+    return run, finish
+
+
+def measure(name, batch, dtype, args):
+    """gg_jax and reference step times for one configuration.
+
+    On CPU both models live side by side and the timing alternates: `--rounds` rounds of
+    `--steps` gg_jax steps then `--steps` reference steps. Step times are medians over all
+    timed steps, the ratio is the median of the per-round ratios. On a GPU the two run one
+    after the other (both at once would not fit beside each other at large batches).
+    """
+    jax_run, jax_finish = bench_jax(name, batch, dtype, args)
+    on_gpu = jax.devices()[0].platform != "cpu"
+    if on_gpu or args.no_torch:
+        jax_times = [timed_steps(jax_run, args.steps * (1 if on_gpu else args.rounds))]
+        ours = jax_finish(statistics.median(jax_times[0]))
+        del jax_run, jax_finish  # the last references to the JAX state: its device memory is freed
+        torch_run, torch_finish = (None, None) if args.no_torch else bench_torch(name, batch, dtype, args)
+        torch_times = [timed_steps(torch_run, args.steps)] if torch_run else None
+    else:
+        torch_run, torch_finish = bench_torch(name, batch, dtype, args)
+        jax_times, torch_times = [], [] if torch_run else None
+        for _ in range(args.rounds):
+            jax_times.append(timed_steps(jax_run, args.steps))
+            if torch_run:
+                torch_times.append(timed_steps(torch_run, args.steps))
+        ours = jax_finish(statistics.median([t for r in jax_times for t in r]))
+    result = {"gg_jax": ours, "torch_reference": None}
+    if torch_finish is not None and torch_run is None:  # skipped (e.g. bf16 on CPU)
+        result["torch_reference"] = torch_finish
+    elif torch_run is not None:
+        ref = torch_finish(statistics.median([t for r in torch_times for t in r]))
+        result["torch_reference"] = ref
+        per_round = [statistics.median(t) / statistics.median(j) for j, t in zip(jax_times, torch_times)]
+        result["speedup"] = statistics.median(per_round)
+        result["speedup_per_round"] = per_round
+    return result
+
+
+def timed_steps(run, steps):
+    """Times of `steps` calls of `run`, after one untimed call: the first step of a round
+    shares the CPU with the other framework's worker threads, which spin for a while
+    after their last task (OpenMP, XLA's pool)."""
+    run()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def _fmt_mem(b):
@@ -194,16 +266,13 @@ def main(args):
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
             for batch in (int(b) for b in args.batch_sizes.split(",")):
-                ours = bench_jax(name, batch, dtype, args)
-                ref = None if args.no_torch else bench_torch(name, batch, dtype, args)
-                row = {"model": name, "dtype": dtype, "batch": batch, "gg_jax": ours, "torch_reference": ref}
-                if ref and "images_per_sec" in ref:
-                    row["speedup"] = ours["images_per_sec"] / ref["images_per_sec"]
+                row = {"model": name, "dtype": dtype, "batch": batch}
+                row.update(measure(name, batch, dtype, args))
                 rows.append(row)
                 print(f"  measured {name} {dtype} batch {batch}", file=sys.stderr, flush=True)
     header = f"{'model':<16}{'dtype':<10}{'batch':>6}{'gg_jax img/s':>14}{'gg_jax mem':>12}{'torch img/s':>13}{'torch mem':>11}{'ratio':>8}{'head %':>8}"
     print(f"\nTrain step (fwd+bwd+SGD) on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
-          f"jax {jax.__version__}")
+          f"jax {jax.__version__}, transparent huge pages {'on' if hugepages.hugepages_enabled() else 'off'}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -213,12 +282,14 @@ def main(args):
               f"{ref.get('images_per_sec', float('nan')):>13.2f}{_fmt_mem(ref.get('peak_bytes')):>11}"
               f"{r.get('speedup', float('nan')):>8.2f}"
               f"{100 * (r['gg_jax']['head_fraction'] or float('nan')):>8.1f}")
-    print("ratio = gg_jax images/s / reference images/s (higher is better); head % = the pooling head's "
+    print("ratio = gg_jax images/s / reference images/s (higher is better; on CPU the median of the per-round "
+          f"ratios of {args.rounds} alternating rounds); head % = the pooling head's "
           "fwd+bwd time alone / gg_jax step time (--head_share)")
     if args.json:
         meta = {"device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
                 "jax": jax.__version__, "threads": args.threads, "image_size": args.image_size,
-                "xla_flags": os.environ.get("XLA_FLAGS", "")}
+                "xla_flags": os.environ.get("XLA_FLAGS", ""), "hugepages": hugepages.hugepages_enabled(),
+                "rounds": args.rounds, "steps_per_round": args.steps}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
 

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from gg_jax import layers
+from gg_jax.models import conv
 
 Dtype = Any
 
@@ -33,12 +34,11 @@ def _conv(features, kernel, stride, dtype, name):
         # the equivalent matmul; on GPU/TPU both lower to the same GEMM.
         return _StridedConv1x1(features, dtype=dtype, kernel_init=layers.conv_kernel_init, stride=stride, name=name)
     pad = kernel // 2
-    return nn.Conv(
+    return conv.Conv(
         features,
-        (kernel, kernel),
-        strides=(stride, stride),
+        kernel,
+        stride,
         padding=((pad, pad), (pad, pad)),
-        use_bias=False,
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=layers.conv_kernel_init,
