@@ -71,7 +71,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from gg_jax import hugepages, models  # noqa: E402
-from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
+from timing import call_times, median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 TORCH_HEADS = {"3g": "3g", "isqrt": "isqrt", "gap": "gap"}
 
@@ -242,12 +242,7 @@ def timed_steps(run, steps):
     shares the CPU with the other framework's worker threads, which spin for a while
     after their last task (OpenMP, XLA's pool)."""
     run()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return times
+    return call_times(run, steps)
 
 
 def _fmt_mem(b):

@@ -10,9 +10,14 @@ def median_seconds(fn, warmup: int, reps: int) -> float:
     """
     for _ in range(warmup):
         fn()
+    return float(statistics.median(call_times(fn, reps)))
+
+
+def call_times(fn, reps: int) -> list:
+    """Wall time of each of `reps` calls of `fn()` (seconds); `fn` must block, as above."""
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return float(statistics.median(times))
+    return times

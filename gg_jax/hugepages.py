@@ -16,7 +16,6 @@ kernel's THP mode is "never", or when `GG_JAX_HUGEPAGES=0`.
 from __future__ import annotations
 
 import os
-import platform
 import re
 import sys
 
@@ -25,14 +24,19 @@ _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def _glibc_has_hugetlb_tunable() -> bool:
-    lib, version = platform.libc_ver()
-    if lib != "glibc":
-        return False
+    """Whether the C library this process runs is glibc >= 2.35 (asked of the library itself)."""
     try:
+        lib, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # e.g. "glibc 2.36"
         major, minor = (int(p) for p in version.split(".")[:2])
-    except ValueError:
+    except (AttributeError, ValueError, OSError):  # not glibc, or no confstr here
         return False
-    return (major, minor) >= (2, 35)
+    return lib == "glibc" and (major, minor) >= (2, 35)
+
+
+def _hugetlb_tunable():
+    """The value of `glibc.malloc.hugetlb` in this process's GLIBC_TUNABLES, or None."""
+    found = re.search(r"glibc\.malloc\.hugetlb=([0-9]+)", os.environ.get("GLIBC_TUNABLES", ""))
+    return found.group(1) if found else None
 
 
 def _thp_mode() -> str:
@@ -49,8 +53,7 @@ def _thp_mode() -> str:
 def hugepages_enabled() -> bool:
     """Whether this process's large allocations get transparent huge pages."""
     mode = _thp_mode()
-    tunable = re.search(r"glibc\.malloc\.hugetlb=([0-9]+)", os.environ.get("GLIBC_TUNABLES", ""))
-    return mode == "always" or (mode == "madvise" and tunable is not None and tunable.group(1) != "0")
+    return mode == "always" or (mode == "madvise" and _hugetlb_tunable() not in (None, "0"))
 
 
 def reexec_with_hugepages() -> None:
@@ -62,7 +65,7 @@ def reexec_with_hugepages() -> None:
     env = os.environ
     if env.get("GG_JAX_HUGEPAGES", "1") == "0" or not sys.platform.startswith("linux"):
         return
-    if "glibc.malloc.hugetlb=" in env.get("GLIBC_TUNABLES", "") or _thp_mode() != "madvise":
+    if _hugetlb_tunable() is not None or _thp_mode() != "madvise":
         return
     if not _glibc_has_hugetlb_tunable():
         return

@@ -1,13 +1,14 @@
 """2-d convolution whose kernel gradient is one matrix product on CPU.
 
 XLA:CPU computes the kernel gradient of a convolution as another convolution in which
-the images of the batch are the contracted "features". With few input channels (the
-ResNet stem, 3 channels; `layer1`, 64) that convolution is slow: 21.5 ms for the
-kernel gradient of one `layer1` 3x3 convolution at batch 4, where the forward pass
-takes 5.7 ms (`python benchmarks/bench_ops.py --threads 2`). `conv2d` computes the same
-gradient as a single GEMM over shifted copies of the input and of the output gradient
-(9.2 ms for that layer), and leaves the forward pass and the input gradient to XLA.
-On GPU and TPU (`jax.lax.platform_dependent`) the kernel gradient stays XLA's.
+the images of the batch are the contracted "features". With few input channels (ResNet
+`layer1`, 64) that convolution is slow: about 21 ms for the kernel gradient of one
+`layer1` 3x3 convolution at batch 4, where the forward pass takes about 6 ms. `conv2d`
+computes the same gradient as a single GEMM over shifted copies of the input and of the
+output gradient (8-10 ms), and leaves the forward pass and the input gradient to XLA:
+forward+backward of that convolution 29.4 -> 11.8 ms (PyTorch 9.0;
+`python benchmarks/bench_ops.py --threads 2`). On GPU and TPU
+(`jax.lax.platform_dependent`) the kernel gradient stays XLA's.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import jax.numpy as jnp
 Dtype = Any
 Padding = Tuple[Tuple[int, int], Tuple[int, int]]
 
-#: Inputs with at most this many channels take the GEMM kernel gradient on CPU. Measured
-#: at batch 4 (`benchmarks/bench_ops.py`): 64 channels at 56x56 2.3x faster than XLA;
-#: 128 channels at 28x28 and 256 at 14x14 slower, so those stay with XLA.
+#: Stride-1 inputs with at most this many channels take the GEMM kernel gradient on CPU.
+#: Measured at batch 4 (kernel gradient alone, one-off timing of both functions): 64
+#: channels at 56x56 2.3x faster than XLA; 128 channels at 28x28 and 256 at 14x14 slower,
+#: so those stay with XLA, as does the stride-2 7x7 stem (31 vs 30 ms).
 MAX_GEMM_GRAD_CHANNELS = 64
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -99,8 +101,8 @@ def conv2d(x, kernel, stride: int, padding: Padding):
     """`lax.conv_general_dilated` on NHWC `x` and an HWIO square `kernel`, no dilation.
 
     Forward pass and input gradient are XLA's. The kernel gradient is
-    `kernel_grad_gemm` on CPU when `x` has at most `MAX_GEMM_GRAD_CHANNELS` channels,
-    XLA's otherwise; the two agree to float32 rounding (tested).
+    `kernel_grad_gemm` on CPU for stride 1 when `x` has at most `MAX_GEMM_GRAD_CHANNELS`
+    channels, XLA's otherwise; the two agree to float32 rounding (tested).
     """
     return _conv(x, kernel, stride, padding)
 

@@ -229,12 +229,9 @@ class _MetricBuffer:
 
     def __init__(self):
         self.metrics: List[Dict[str, jax.Array]] = []
-        self.first_step = None
         self.start_time = time.time()
 
-    def add(self, step: int, metrics):
-        if not self.metrics:
-            self.first_step = step
+    def add(self, metrics):
         self.metrics.append(metrics)
 
     def summary(self) -> Dict[str, float]:
@@ -248,7 +245,7 @@ class _MetricBuffer:
         return bool(all(np.isfinite(m["loss"]) for m in jax.device_get(self.metrics)))
 
     def reset(self):
-        self.metrics, self.first_step, self.start_time = [], None, time.time()
+        self.metrics, self.start_time = [], time.time()
 
 
 def _diverged(step: int, last_good: Optional[int], workdir: str, config) -> NonFiniteLossError:
@@ -377,7 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     batch = next(train_iter)
                     train_state, metrics = train_step(train_state, batch)
                 step += 1
-                buffer.add(step, metrics)
+                buffer.add(metrics)
                 for hook in hooks:
                     hook(step)
                 last = step == total_steps
