@@ -9,7 +9,7 @@ same device, with the same thread count, in the same process.
 Operations (batch 4 for the ResNet-50 layers, 32 for the head's matrices):
 - the 3x3 convolutions of ResNet-50's stages and the 7x7 stem (`gg_jax.models.conv.conv2d`,
   NHWC, as the ResNet computes them), forward and forward+backward (input and kernel
-  gradients);
+  gradients; the stem's kernel gradient only, as in training);
 - a 1x1 convolution as gg_jax computes it (one matmul over all positions);
 - training-mode BatchNorm (gg_jax's `layers.batch_norm`), forward+backward;
 - one batched 32x256x256 matrix product, and the 5-iteration Newton-Schulz square root
@@ -63,12 +63,33 @@ def torch_sync():
         torch.cuda.synchronize()
 
 
-def jax_pair(fwd, args, reps):
-    """(forward ms, forward+backward ms) of `fwd(*args)` with a random cotangent."""
+def jax_pair(fwd, args, reps, wrt=None):
+    """(forward ms, forward+backward ms) of `fwd(*args)` with a random cotangent.
+
+    The forward+backward program returns the output as well as the gradients: the
+    gradients of a linear operation (convolution, matrix product) do not need its output,
+    and XLA would otherwise drop the forward pass from the program, while PyTorch's
+    forward+backward always computes it.
+    """
     out = jax.eval_shape(fwd, *args)
     g = jax.random.normal(jax.random.PRNGKey(1), out.shape, out.dtype)
     f = jax.jit(fwd)
-    fb = jax.jit(lambda *a: jax.vjp(fwd, *a)[1](g))
+
+    wrt = tuple(range(len(args))) if wrt is None else wrt
+
+    def fwd_bwd(*a):
+        # Arguments not in `wrt` stay inputs of the program (a closed-over array would be
+        # a compile-time constant, and XLA would fold the gradient that depends only on it).
+        def of_wrt(*d):
+            full = list(a)
+            for i, v in zip(wrt, d):
+                full[i] = v
+            return fwd(*full)
+
+        y, vjp = jax.vjp(of_wrt, *(a[i] for i in wrt))
+        return y, vjp(g)
+
+    fb = jax.jit(fwd_bwd)
     return (median_ms(lambda: jax.block_until_ready(f(*args)), reps),
             median_ms(lambda: jax.block_until_ready(fb(*args)), reps))
 
@@ -91,18 +112,22 @@ def torch_pair(fwd, args, reps):
     return median_ms(run_fwd, reps), median_ms(run_fwd_bwd, reps)
 
 
-def conv_case(batch, size, cin, cout, k, stride, reps):
+def conv_case(batch, size, cin, cout, k, stride, reps, input_grad=True):
+    """A convolution as gg_jax's ResNet computes it (`conv.conv2d`) and in PyTorch.
+
+    `input_grad=False` (the stem: nothing needs the image's gradient) times the kernel
+    gradient alone in the backward pass, as a train step computes it."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, size, size, cin)).astype(np.float32)
     w = (rng.standard_normal((k, k, cin, cout)) * (2.0 / (k * k * cin)) ** 0.5).astype(np.float32)
     pad = k // 2
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), device=DEVICE).contiguous().requires_grad_(input_grad)
+    wt = torch.tensor(w.transpose(3, 2, 0, 1), device=DEVICE).contiguous().requires_grad_(True)
 
-    def jconv(x, w):  # as gg_jax's ResNet computes it (XLA, GEMM kernel gradient on CPU)
+    def jconv(x, w):
         return conv.conv2d(x, w, stride, ((pad, pad), (pad, pad)))
 
-    xt = torch.tensor(x.transpose(0, 3, 1, 2), device=DEVICE).contiguous().requires_grad_(True)
-    wt = torch.tensor(w.transpose(3, 2, 0, 1), device=DEVICE).contiguous().requires_grad_(True)
-    return (jax_pair(jconv, (jnp.asarray(x), jnp.asarray(w)), reps),
+    return (jax_pair(jconv, (jnp.asarray(x), jnp.asarray(w)), reps, wrt=(0, 1) if input_grad else (1,)),
             torch_pair(lambda x, w: torch.nn.functional.conv2d(x, w, stride=stride, padding=pad), (xt, wt), reps))
 
 
@@ -177,7 +202,7 @@ def main(args):
         ("conv 3x3 28x28 128->128 (layer2)", lambda: conv_case(4, 28, 128, 128, 3, 1, args.reps)),
         ("conv 3x3 14x14 256->256 (layer3)", lambda: conv_case(4, 14, 256, 256, 3, 1, args.reps)),
         ("conv 3x3 14x14 512->512 (layer4, 3G)", lambda: conv_case(4, 14, 512, 512, 3, 1, args.reps)),
-        ("conv 7x7/2 224->112 3->64 (stem)", lambda: conv_case(4, 224, 3, 64, 7, 2, args.reps)),
+        ("conv 7x7/2 224->112 3->64 (stem, dk only)", lambda: conv_case(4, 224, 3, 64, 7, 2, args.reps, False)),
         ("conv 1x1 56x56 64->256 (matmul)", lambda: conv1x1_case(4, 56, 64, 256, args.reps)),
         ("BatchNorm train 56x56x256", lambda: batch_norm_case(4, 56, 256, args.reps)),
         ("bmm 32x256x256", lambda: bmm_case(32, 256, args.reps)),
@@ -192,11 +217,11 @@ def main(args):
     threads = args.threads or "default"
     print(f"\nSingle operations, forward and forward+backward ms, jax {jax.__version__} on "
           f"{jax.devices()[0].platform}, torch {torch.__version__} on {DEVICE} ({threads} threads)")
-    header = f"{'operation':<40}{'jax fwd':>9}{'torch fwd':>11}{'jax f+b':>10}{'torch f+b':>11}{'ratio':>8}"
+    header = f"{'operation':<44}{'jax fwd':>9}{'torch fwd':>11}{'jax f+b':>10}{'torch f+b':>11}{'ratio':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['op']:<40}{r['jax_fwd_ms']:>9.2f}{r['torch_fwd_ms']:>11.2f}{r['jax_fwd_bwd_ms']:>10.2f}"
+        print(f"{r['op']:<44}{r['jax_fwd_ms']:>9.2f}{r['torch_fwd_ms']:>11.2f}{r['jax_fwd_bwd_ms']:>10.2f}"
               f"{r['torch_fwd_bwd_ms']:>11.2f}{r['ratio_fwd_bwd']:>8.2f}")
     print("ratio = torch fwd+bwd time / jax fwd+bwd time (above 1: gg_jax faster)")
     if args.json:

@@ -40,16 +40,39 @@ def test_kernel_grad_gemm_equals_xla(shape, out, k, stride, pad):
     assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max()
 
 
-def test_kernel_grad_gemm_float64_is_exact_sum():
+@pytest.mark.parametrize("channels,stride", [(3, 1), (3, 2), (6, 1), (6, 2)])  # planar and shifted forms
+def test_kernel_grad_gemm_float64_is_exact_sum(channels, stride):
     """In float64 the GEMM gradient is the same sum as XLA's to 1e-12 (no term lost or doubled)."""
+    assert (channels <= conv.MAX_PLANAR_CHANNELS) == (channels == 3)
     with jax.enable_x64():
-        x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 10, 3), jnp.float64)
-        kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 5), jnp.float64)
+        x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 10, channels), jnp.float64)
+        kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, channels, 5), jnp.float64)
         padding = ((1, 1), (1, 1))
-        g = jax.random.normal(jax.random.PRNGKey(2), (2, 11, 10, 5), jnp.float64)
-        want = _xla_kernel_grad(x, kernel, g, 1, padding)
-        got = conv.kernel_grad_gemm(x, g, 3, 1, padding)
+        g = jax.random.normal(jax.random.PRNGKey(2), conv._conv(x, kernel, stride, padding).shape, jnp.float64)
+        want = _xla_kernel_grad(x, kernel, g, stride, padding)
+        got = conv.kernel_grad_gemm(x, g, 3, stride, padding)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "shape,out,k,pad",
+    [((2, 14, 14, 32), 16, 3, (1, 1)), ((2, 9, 7, 8), 4, 3, (0, 0)), ((1, 8, 8, 4), 6, 5, (2, 1)),
+     ((2, 7, 7, 4), 6, 2, (0, 1))],
+)
+def test_kernel_grad_im2col_equals_xla(shape, out, k, pad):
+    """Stride 1, odd sizes, no or uneven padding, even kernels: the same sum as XLA's (float64)."""
+    with jax.enable_x64():
+        x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float64)
+        kernel = jax.random.normal(jax.random.PRNGKey(1), (k, k, shape[-1], out), jnp.float64)
+        padding = (pad, pad)
+        g = jax.random.normal(jax.random.PRNGKey(2), conv._conv(x, kernel, 1, padding).shape, jnp.float64)
+        want = _xla_kernel_grad(x, kernel, g, 1, padding)
+        got = conv.kernel_grad_im2col(x, g, k, padding)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-12)
+    x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
+    got32 = jax.jit(conv.kernel_grad_im2col, static_argnums=(2, 3))(x32, g32, k, padding)
+    assert got32.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got32), np.asarray(want), rtol=0, atol=2e-5 * float(np.abs(want).max()))
 
 
 @pytest.mark.parametrize("stride,channels", [(1, 8), (2, 8), (1, conv.MAX_GEMM_GRAD_CHANNELS + 1)])
@@ -73,15 +96,20 @@ def test_conv_module_matches_nn_conv(stride, channels):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * float(jnp.abs(b).max()))
 
 
-def test_cpu_uses_the_gemm_kernel_gradient():
-    """On CPU a stride-1 convolution with <= 64 input channels takes the GEMM gradient:
-    the compiled backward holds a dot and no kernel-gradient convolution."""
-    x = jnp.ones((2, 10, 10, 8))
-    kernel = jnp.ones((3, 3, 8, 4))
-    grad = jax.jit(jax.grad(lambda k: jnp.sum(conv.conv2d(x, k, 1, ((1, 1), (1, 1))))))
+@pytest.mark.parametrize(
+    "channels,stride,gemm",
+    [(8, 1, True), (3, 2, True), (conv.MIN_IM2COL_GRAD_CHANNELS, 1, True), (128, 1, False), (8, 2, False)],
+)
+def test_cpu_kernel_gradient_rule(channels, stride, gemm):
+    """On CPU the kernel gradient is a GEMM (no convolution in the compiled backward) for
+    stride-1 inputs with <= 64 or >= 512 channels and for RGB-like inputs at any stride;
+    XLA's kernel-gradient convolution otherwise."""
+    x = jnp.ones((2, 10, 10, channels))
+    kernel = jnp.ones((3, 3, channels, 4))
+    grad = jax.jit(jax.grad(lambda k: jnp.sum(conv.conv2d(x, k, stride, ((1, 1), (1, 1))))))
     hlo = grad.lower(kernel).as_text()
     if jax.default_backend() == "cpu":
-        assert "dot_general" in hlo and "convolution" not in hlo
+        assert ("dot_general" in hlo and "convolution" not in hlo) == gemm
 
 
 def test_hugepages_reexec_sets_the_tunable():
