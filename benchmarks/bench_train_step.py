@@ -70,7 +70,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from gg_jax import hugepages, models  # noqa: E402
+from gg_jax import hugepages, models, xla_options  # noqa: E402
 from timing import call_times, median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 TORCH_HEADS = {"3g": "3g", "isqrt": "isqrt", "gap": "gap"}
@@ -98,7 +98,9 @@ def bench_jax(name, batch, dtype, args):
         u, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, u), updates["batch_stats"], opt_state), loss
 
-    step = jax.jit(train_step, donate_argnums=(0,))
+    # The options train.py compiles its step with (gg_jax/xla_options.py).
+    step = jax.jit(train_step, donate_argnums=(0,),
+                   compiler_options=xla_options.train_step_options(jax.devices()[0].platform))
     t0 = time.perf_counter()
     compiled = step.lower(state, images, labels).compile()
     compile_s = time.perf_counter() - t0

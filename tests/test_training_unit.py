@@ -167,6 +167,40 @@ def test_train_step_half_precision_with_dropout():
   assert diff > 0.0
 
 
+def test_cpu_train_step_updates_parameters_without_copying_them():
+  """On CPU the step is compiled with region-analysis copy insertion (gg_jax/xla_options.py):
+  the classifier weight (and most other parameters) is updated in place without a copy
+  first, and the new state is bitwise the one the default copy insertion gives."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("CPU compiler option")
+  config = common.tiny_config(batch_size=8)
+  model = trainer.create_model(config, 10)
+  tx = optim.create_optimizer(0.1)
+  mesh = steps.make_mesh()
+  sharding = state_lib.replicated_sharding(state_lib.abstract_train_state(model, tx, image_size=48), mesh)
+  step_fn = steps.jit_train_step(model, tx, mesh, sharding, seed=0)
+  batch = next(data.create_train_iterator("digits", global_batch_size=8, image_size=48))
+
+  def fresh():
+    return state_lib.create_train_state(model, tx, rng=jax.random.PRNGKey(0), image_size=48, sharding=sharding)
+
+  lowered = step_fn.lower(fresh(), batch)
+  ours = lowered.compile()
+  default = lowered.compile(compiler_options={"xla_cpu_copy_insertion_use_region_analysis": False})
+
+  def copied_params(compiled):
+    entry = compiled.as_text().split("ENTRY", 1)[1]
+    return [line for line in entry.splitlines() if " copy(%state_params" in line]
+
+  assert any("fc____kernel" in line for line in copied_params(default))
+  assert not any("fc____kernel" in line for line in copied_params(ours))
+  assert len(copied_params(ours)) < len(copied_params(default)) / 4
+  new_ours, m_ours = ours(fresh(), batch)
+  new_default, m_default = default(fresh(), batch)
+  for a, b in zip(jax.tree.leaves((new_ours, m_ours)), jax.tree.leaves((new_default, m_default))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ----------------------------------------------------------------------------- checks and errors
 
 

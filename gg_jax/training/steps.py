@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gg_jax import xla_options
 from gg_jax.training.state import TrainState
 
 
@@ -120,6 +121,7 @@ def jit_train_step(model, tx, mesh: Mesh, state_sharding, *, seed: int = 0) -> C
         in_shardings=(state_sharding, batch_sharding(mesh)),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=(0,),
+        compiler_options=xla_options.train_step_options(mesh.devices.flat[0].platform),
     )
 
 
