@@ -97,14 +97,15 @@ def test_conv_module_matches_nn_conv(stride, channels):
 
 
 @pytest.mark.parametrize(
-    "channels,stride,gemm",
-    [(8, 1, True), (3, 2, True), (conv.MIN_IM2COL_GRAD_CHANNELS, 1, True), (128, 1, False), (8, 2, False)],
+    "channels,size,stride,gemm",
+    [(8, 10, 1, True), (3, 10, 2, True), (conv.MIN_IM2COL_GRAD_CHANNELS, 10, 1, True), (128, 10, 1, False),
+     (128, 56, 1, True), (128, 56, 2, False), (8, 10, 2, False)],
 )
-def test_cpu_kernel_gradient_rule(channels, stride, gemm):
+def test_cpu_kernel_gradient_rule(channels, size, stride, gemm):
     """On CPU the kernel gradient is a GEMM (no convolution in the compiled backward) for
-    stride-1 inputs with <= 64 or >= 512 channels and for RGB-like inputs at any stride;
-    XLA's kernel-gradient convolution otherwise."""
-    x = jnp.ones((2, 10, 10, channels))
+    stride-1 inputs with <= 64 or >= 512 channels or >= 6272 output positions (2x56x56),
+    and for RGB-like inputs at any stride; XLA's kernel-gradient convolution otherwise."""
+    x = jnp.ones((2, size, size, channels))
     kernel = jnp.ones((3, 3, channels, 4))
     grad = jax.jit(jax.grad(lambda k: jnp.sum(conv.conv2d(x, k, stride, ((1, 1), (1, 1))))))
     hlo = grad.lower(kernel).as_text()

@@ -4,9 +4,10 @@ XLA:CPU computes the kernel gradient of a convolution as another convolution in 
 the images of the batch are the contracted "features". For some shapes that convolution
 is slow: at batch 4 about 21 ms for one ResNet `layer1` 3x3 convolution (64 channels,
 where the forward pass takes about 6 ms), 26 ms for the 7x7/2 stem on RGB input and
-16.5-17.4 ms for a `layer4` 3x3 convolution (512 channels, 14x14 in 3G-Net). `conv2d`
-computes those gradients as GEMMs over shifted copies of the input instead
-(`kernel_grad_gemm`, `kernel_grad_im2col`): 8-10, 14-15 and 13.7-13.9 ms. The forward
+16.5-17.4 ms for a `layer4` 3x3 convolution (512 channels, 14x14 in 3G-Net), and it
+slows down abruptly with the batch (a `layer2` one: 5 ms at batch 4, 41 at batch 8).
+`conv2d` computes those gradients as GEMMs over shifted copies of the input instead
+(`kernel_grad_gemm`, `kernel_grad_im2col`): 8-10, 14-15, 13.7-13.9 and 29 ms. The forward
 pass and the input gradient stay XLA's, and on GPU and TPU (`jax.lax.platform_dependent`)
 so does the kernel gradient. `python benchmarks/bench_ops.py --threads 2` times the
 convolutions of the step against PyTorch.
@@ -29,10 +30,19 @@ Padding = Tuple[Tuple[int, int], Tuple[int, int]]
 #: so those stay with XLA.
 MAX_GEMM_GRAD_CHANNELS = 64
 
-#: Stride-1 inputs with at least this many channels (ResNet `layer4`) take the im2col
-#: kernel gradient on CPU: 512 channels at 14x14, batch 4, 13.7-13.9 ms against XLA's
-#: 16.5-17.4 (PyTorch 11.5); at 256 channels the two tie.
+#: Stride-1 inputs with more than `MAX_GEMM_GRAD_CHANNELS` channels take the im2col
+#: kernel gradient on CPU when they have at least `MIN_IM2COL_GRAD_CHANNELS` channels or
+#: the output at least `MIN_IM2COL_GRAD_POSITIONS` positions (batch x height x width):
+#: XLA:CPU's kernel-gradient convolution slows down abruptly beyond a size. Measured 3x3
+#: kernel gradients (ms, XLA -> im2col; one-off timings of both functions):
+#:   512 ch: 7x7 batch 4 10.0-11.6 -> 5.0-6.7, batch 16 21.5 -> 18.5-19.3;
+#:           14x14 batch 4 16.5-17.4 -> 13.7-13.9, batch 32 299-306 -> 169-171
+#:   256 ch, 14x14: batch 4 4.6-4.8 -> 4.6-4.7, 8 11.0 -> 12.6-14.7, 16 23.5 -> 31-37,
+#:           32 74-76 -> 57-60
+#:   128 ch, 28x28: batch 4 4.7-5.7 -> 5.9-7.9, 8 41-43 -> 29, 16 101 -> 44-51,
+#:           32 170-178 -> 89-90; 56x56 batch 2 47-50 -> 24-26
 MIN_IM2COL_GRAD_CHANNELS = 512
+MIN_IM2COL_GRAD_POSITIONS = 6272
 
 #: Inputs with at most this many channels (RGB images), any stride, take the per-image
 #: "planar" GEMM kernel gradient on CPU: the 7x7/2 stem at batch 4, 26 ms in XLA:CPU,
@@ -152,8 +162,9 @@ def conv2d(x, kernel, stride: int, padding: Padding):
     - kernel gradient of stride-1 convolutions with at most `MAX_GEMM_GRAD_CHANNELS`
       input channels, and of any convolution of an input with at most
       `MAX_PLANAR_CHANNELS` channels: `kernel_grad_gemm`;
-    - kernel gradient of stride-1 convolutions with at least `MIN_IM2COL_GRAD_CHANNELS`
-      input channels: `kernel_grad_im2col`.
+    - kernel gradient of stride-1 convolutions with more input channels, when they have
+      at least `MIN_IM2COL_GRAD_CHANNELS` of them or at least `MIN_IM2COL_GRAD_POSITIONS`
+      output positions: `kernel_grad_im2col`.
     Each agrees with XLA's convolution to float32 rounding (tests/test_conv.py).
     """
     return _conv(x, kernel, stride, padding)
@@ -173,7 +184,9 @@ def _conv2d_bwd(stride, padding, residuals, g):
     k, k_w, channels, _ = kernel.shape
     if k != k_w:
         return dx, xla_grad(x, g)
-    if stride == 1 and channels >= MIN_IM2COL_GRAD_CHANNELS:
+    positions = g.shape[0] * g.shape[1] * g.shape[2]
+    large = channels >= MIN_IM2COL_GRAD_CHANNELS or positions >= MIN_IM2COL_GRAD_POSITIONS
+    if stride == 1 and channels > MAX_GEMM_GRAD_CHANNELS and large:
         def cpu_grad(x, g):
             return kernel_grad_im2col(x, g, k, padding).astype(kernel.dtype)
     elif channels <= MAX_PLANAR_CHANNELS or (stride == 1 and channels <= MAX_GEMM_GRAD_CHANNELS):
