@@ -5,12 +5,12 @@ compiled program, so nothing else in the process changes.
 
 CPU: `xla_cpu_copy_insertion_use_region_analysis`. The step donates the parameters and
 updates them in place, and every parameter is also read by the forward and backward
-passes. XLA:CPU's default copy insertion cannot prove those reads happen before the
-in-place update and copies such parameters first: the 3G-Net classifier's 131 MB weight
-(32,896 x 1,000) once per step, 17 ms at batch 4. The region analysis (what XLA:GPU uses)
-proves it and drops the copy: a resnet50_3g step at batch 4, two compiled versions
-alternating in one process, 1.095 -> 1.061 s and 1.039 -> 1.011 s (3 %). Results are
-bitwise the same: copies do not change values.
+passes. With its default copy insertion XLA:CPU copies most such parameters before the
+update (81 of the tiny test model's; in resnet50_3g the classifier's 131 MB weight,
+32,896 x 1,000, 17 ms per step at batch 4). With the region analysis it copies 12 of the
+tiny model's and not the classifier weight: a resnet50_3g step at batch 4, two compiled
+versions alternating in one process, 1.095 -> 1.061 s and 1.039 -> 1.011 s (3 %). The new
+state is bitwise the same (tests/test_training_unit.py).
 """
 from __future__ import annotations
 

@@ -94,10 +94,7 @@ def kernel_grad_gemm(x, g, kernel_size: int, stride: int, padding: Padding):
     zero = jnp.zeros((), x.dtype)
     xp = jax.lax.pad(x, zero, ((0, 0, 0), (top, s * h2 - h - top, 0), (left, s * w2 - w - left, 0), (0, 0, 0)))
     acc = jnp.promote_types(x.dtype, jnp.float32)  # bf16 accumulates in float32; float64 stays
-    if c <= MAX_PLANAR_CHANNELS:
-        # Few input channels (the RGB stem): one row per (tap, channel) over each image's
-        # positions, phase planes of the space-to-depth input shifted by whole blocks, and
-        # one GEMM per image (k*k*C x Ho*Wo times Ho*Wo x O), summed over the batch.
+    if c <= MAX_PLANAR_CHANNELS:  # the per-image form of the docstring's last paragraph
         planes = xp.reshape(b, h2, s, w2, s, c).transpose(0, 5, 2, 4, 1, 3)  # [b, c, dy, dx, h2, w2]
         taps = [planes[:, :, i % s, j % s, i // s : i // s + ho, j // s : j // s + wo]
                 for i in range(k) for j in range(k)]
