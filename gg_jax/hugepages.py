@@ -12,6 +12,13 @@ glibc reads tunables only at process start, so `reexec_with_hugepages` re-execut
 current command with the tunable set (the same process id, arguments and environment
 otherwise). It does nothing when the tunable is already set, on other platforms, when the
 kernel's THP mode is "never", or when `GG_JAX_HUGEPAGES=0`.
+
+`KEEP_FREED_MEMORY` goes further, for benchmarks only: glibc keeps freed memory for reuse
+(`reexec_with_tunables(*KEEP_FREED_MEMORY)`), so neither XLA:CPU's per-step buffer (one
+~900 MiB allocation per resnet50_3g step at batch 4, made on a worker thread) nor
+PyTorch's tensors are mapped, faulted in and zeroed again every step: what PyTorch users
+on CPU get from jemalloc or tcmalloc. `train.py` does not set it: a single malloc arena
+would serialise the input pipeline's threads, and memory is never returned to the system.
 """
 from __future__ import annotations
 
@@ -20,17 +27,37 @@ import re
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
+# One arena: other threads' arenas mmap large blocks whatever mmap_max says; no mmap;
+# never trim the heap (64 GiB threshold).
+KEEP_FREED_MEMORY = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
+                     "glibc.malloc.trim_threshold=68719476736")
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def _glibc_has_hugetlb_tunable() -> bool:
-    """Whether the C library this process runs is glibc >= 2.35 (asked of the library itself)."""
+def _glibc_version():
+    """(major, minor) of the glibc this process runs (asked of the library itself), or None."""
     try:
         lib, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # e.g. "glibc 2.36"
         major, minor = (int(p) for p in version.split(".")[:2])
     except (AttributeError, ValueError, OSError):  # not glibc, or no confstr here
-        return False
-    return lib == "glibc" and (major, minor) >= (2, 35)
+        return None
+    return (major, minor) if lib == "glibc" else None
+
+
+def _glibc_has_hugetlb_tunable() -> bool:
+    """Whether the C library this process runs is glibc >= 2.35."""
+    return (_glibc_version() or (0, 0)) >= (2, 35)
+
+
+def _tunable_names() -> set:
+    """Names of the tunables already in this process's GLIBC_TUNABLES."""
+    return {t.split("=", 1)[0] for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t}
+
+
+def keeps_freed_memory() -> bool:
+    """Whether this process runs with every `KEEP_FREED_MEMORY` tunable set as given."""
+    current = set(os.environ.get("GLIBC_TUNABLES", "").split(":"))
+    return _glibc_version() is not None and all(t in current for t in KEEP_FREED_MEMORY)
 
 
 def _hugetlb_tunable():
@@ -62,14 +89,24 @@ def reexec_with_hugepages() -> None:
     Call it first thing in a script's main (before importing jax: nothing done before it
     is kept). Returns only when no re-execution is needed or possible.
     """
+    if os.environ.get("GG_JAX_HUGEPAGES", "1") == "0" or not sys.platform.startswith("linux"):
+        return
+    if _thp_mode() != "madvise" or not _glibc_has_hugetlb_tunable():
+        return
+    reexec_with_tunables(TUNABLE)
+
+
+def reexec_with_tunables(*tunables: str) -> None:
+    """Re-execute this Python command with `tunables` ("name=value") added to GLIBC_TUNABLES.
+
+    Tunables whose name is already set keep their value; returns without re-executing when
+    all are set, or when the C library is not glibc. Call it before importing jax.
+    """
+    missing = [t for t in tunables if t.split("=", 1)[0] not in _tunable_names()]
+    if not missing or not sys.platform.startswith("linux") or _glibc_version() is None:
+        return
     env = os.environ
-    if env.get("GG_JAX_HUGEPAGES", "1") == "0" or not sys.platform.startswith("linux"):
-        return
-    if _hugetlb_tunable() is not None or _thp_mode() != "madvise":
-        return
-    if not _glibc_has_hugetlb_tunable():
-        return
-    tunables = ":".join(t for t in (env.get("GLIBC_TUNABLES", ""), TUNABLE) if t)
+    tunables = ":".join(t for t in [env.get("GLIBC_TUNABLES", "")] + missing if t)
     argv = list(getattr(sys, "orig_argv", [sys.executable] + sys.argv))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -131,3 +131,37 @@ def test_hugepages_reexec_sets_the_tunable():
         [sys.executable, "-c", code], env=dict(env, GG_JAX_HUGEPAGES="0"), capture_output=True, text=True, check=True
     )
     assert "glibc.malloc.hugetlb" not in off.stdout
+
+
+def test_reexec_with_tunables_keeps_freed_memory():
+    """`reexec_with_tunables(*KEEP_FREED_MEMORY)` adds the tunables not set yet (keeping the
+    values already there), and with them glibc reuses a freed 64 MiB block: allocating it
+    again costs no page faults, where default glibc maps and faults it in again."""
+    if not (sys.platform.startswith("linux") and hugepages._glibc_version()):
+        pytest.skip("glibc only")
+    code = (
+        "from gg_jax import hugepages; hugepages.reexec_with_tunables(*hugepages.KEEP_FREED_MEMORY)\n"
+        "import ctypes, os, resource\n"
+        "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+        "def faults():\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    block = libc.malloc(1 << 26); ctypes.memset(block, 1, 1 << 26); libc.free(block)\n"  # 64 MiB
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+        "faults()\n"
+        "print(os.environ['GLIBC_TUNABLES'], hugepages.keeps_freed_memory(), faults())\n"
+    )
+
+    def run(tunables):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        env["GLIBC_TUNABLES"] = tunables
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        setting, keeps, faults = out.stdout.split()
+        return setting.split(":"), keeps == "True", int(faults)
+
+    setting, keeps, faults = run("")
+    assert setting == list(hugepages.KEEP_FREED_MEMORY) and keeps
+    assert faults < 100  # a 64 MiB block faulted in afresh takes >= 16,384 faults (4 KiB pages)
+    setting, keeps, faults = run("glibc.malloc.mmap_max=65536")  # the user's value wins
+    assert setting[0] == "glibc.malloc.mmap_max=65536" and "glibc.malloc.arena_max=1" in setting and not keeps
+    if hugepages._thp_mode() != "always":  # else 2 MiB pages: few faults either way
+        assert faults > 10_000
