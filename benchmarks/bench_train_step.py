@@ -50,8 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--no_keep_freed_memory", action="store_true",
                    help="do not re-execute with glibc tunables that keep freed memory for reuse (one arena, no "
                         "mmap, no trim; gg_jax/hugepages.py KEEP_FREED_MEMORY). Kept by default, for both "
-                        "frameworks: PyTorch's CPU step is 10-15 %% faster so (as with jemalloc or tcmalloc, "
-                        "its recommended setting), gg_jax's about the same")
+                        "frameworks: PyTorch's best CPU setting (what jemalloc or tcmalloc give), its step 2-15 %% "
+                        "faster so; gg_jax's about 2 %% slower")
     p.add_argument("--head_share", action="store_true",
                    help="also time the pooling head alone (fwd+bwd on a layer4-shaped input) and report its share")
     p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for the JAX side")
@@ -61,14 +61,13 @@ def parse_args(argv=None):
 
 ARGS = parse_args()
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from gg_jax import hugepages  # noqa: E402  (imports no jax)
+
+# Both re-execute this script before jax and torch are loaded; the second sees the first's.
 if not ARGS.no_keep_freed_memory:
-    from gg_jax import hugepages  # noqa: E402
-
-    hugepages.reexec_with_tunables(*hugepages.KEEP_FREED_MEMORY)  # before jax and torch are loaded
+    hugepages.reexec_with_tunables(*hugepages.KEEP_FREED_MEMORY)
 if not ARGS.no_hugepages:
-    from gg_jax import hugepages  # noqa: E402
-
-    hugepages.reexec_with_hugepages()  # what train.py does; before jax and torch are loaded
+    hugepages.reexec_with_hugepages()  # what train.py does
 if ARGS.threads:
     # XLA:CPU sizes its pool from the CPUs this process may use (pin with `taskset -c`);
     # torch gets the same count through set_num_threads below.
@@ -80,7 +79,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from gg_jax import hugepages, models, xla_options  # noqa: E402
+from gg_jax import models, xla_options  # noqa: E402
 from timing import call_times, median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 TORCH_HEADS = {"3g": "3g", "isqrt": "isqrt", "gap": "gap"}
