@@ -24,7 +24,6 @@ pipeline's included, go to one arena, and memory is never returned to the system
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
@@ -50,21 +49,23 @@ def _glibc_has_hugetlb_tunable() -> bool:
     return (_glibc_version() or (0, 0)) >= (2, 35)
 
 
-def _tunable_names() -> set:
-    """Names of the tunables already in this process's GLIBC_TUNABLES."""
-    return {t.split("=", 1)[0] for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t}
+def _tunables() -> dict:
+    """This process's GLIBC_TUNABLES ("name=value:name=value") as {name: value}."""
+    pairs = (t.partition("=") for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t)
+    return {name: value for name, _, value in pairs}
 
 
 def keeps_freed_memory() -> bool:
     """Whether this process runs with every `KEEP_FREED_MEMORY` tunable set as given."""
-    current = set(os.environ.get("GLIBC_TUNABLES", "").split(":"))
-    return _glibc_version() is not None and all(t in current for t in KEEP_FREED_MEMORY)
+    current = _tunables()
+    wanted = (t.partition("=") for t in KEEP_FREED_MEMORY)
+    return _glibc_version() is not None and all(current.get(name) == value for name, _, value in wanted)
 
 
 def _hugetlb_tunable():
     """The value of `glibc.malloc.hugetlb` in this process's GLIBC_TUNABLES, or None."""
-    found = re.search(r"glibc\.malloc\.hugetlb=([0-9]+)", os.environ.get("GLIBC_TUNABLES", ""))
-    return found.group(1) if found else None
+    value = _tunables().get("glibc.malloc.hugetlb")
+    return value if value and value.isdigit() else None
 
 
 def _thp_mode() -> str:
@@ -103,12 +104,13 @@ def reexec_with_tunables(*tunables: str) -> None:
     Tunables whose name is already set keep their value; returns without re-executing when
     all are set, or when the C library is not glibc. Call it before importing jax.
     """
-    missing = [t for t in tunables if t.split("=", 1)[0] not in _tunable_names()]
+    current = _tunables()
+    missing = [t for t in tunables if t.partition("=")[0] not in current]
     if not missing or not sys.platform.startswith("linux") or _glibc_version() is None:
         return
     env = os.environ
-    tunables = ":".join(t for t in [env.get("GLIBC_TUNABLES", "")] + missing if t)
+    setting = ":".join(t for t in [env.get("GLIBC_TUNABLES", "")] + missing if t)
     argv = list(getattr(sys, "orig_argv", [sys.executable] + sys.argv))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable] + argv[1:], dict(env, GLIBC_TUNABLES=tunables))
+    os.execve(sys.executable, [sys.executable] + argv[1:], dict(env, GLIBC_TUNABLES=setting))
