@@ -77,9 +77,10 @@ def jax_pair(fwd, args, reps, wrt=None):
 
     wrt = tuple(range(len(args))) if wrt is None else wrt
 
-    def fwd_bwd(*a):
-        # Arguments not in `wrt` stay inputs of the program (a closed-over array would be
-        # a compile-time constant, and XLA would fold the gradient that depends only on it).
+    def fwd_bwd(g, *a):
+        # Arguments not in `wrt`, and the cotangent `g`, stay inputs of the program (a
+        # closed-over array would be a compile-time constant, and XLA would fold what
+        # depends only on it).
         def of_wrt(*d):
             full = list(a)
             for i, v in zip(wrt, d):
@@ -91,7 +92,7 @@ def jax_pair(fwd, args, reps, wrt=None):
 
     fb = jax.jit(fwd_bwd)
     return (median_ms(lambda: jax.block_until_ready(f(*args)), reps),
-            median_ms(lambda: jax.block_until_ready(fb(*args)), reps))
+            median_ms(lambda: jax.block_until_ready(fb(g, *args)), reps))
 
 
 def torch_pair(fwd, args, reps):

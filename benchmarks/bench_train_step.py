@@ -5,8 +5,8 @@ SGD-momentum update with weight decay on every parameter (the reference recipe),
 synthetic data already on the device. For each model, dtype and batch size it prints
 images/s and peak device memory of gg_jax next to the PyTorch reference model
 (`gg_jax.torch_reference`, written from the reference notes) run on the same device
-with its best settings there (GPU: bf16 autocast + channels_last; CPU: float32, glibc keeping
-freed memory for reuse, see --no_keep_freed_memory).
+with its best settings there (GPU: bf16 autocast + channels_last + cudnn.benchmark; CPU:
+float32, glibc keeping freed memory for reuse, see --no_keep_freed_memory).
 
 Imports only jax, flax, optax, numpy and torch (no tensorflow), so it runs as is on a
 GPU machine:
@@ -83,6 +83,7 @@ from gg_jax import models, xla_options  # noqa: E402
 from timing import call_times, median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 TORCH_HEADS = {"3g": "3g", "isqrt": "isqrt", "gap": "gap"}
+_JAX_CONFIGS_MEASURED = [0]  # configurations whose gg_jax step finished in this process
 
 
 def bench_jax(name, batch, dtype, args):
@@ -130,6 +131,11 @@ def bench_jax(name, batch, dtype, args):
     def finish(secs):
         """Results once the step time `secs` is known (memory and head share measured now)."""
         stats = jax.devices()[0].memory_stats() or {}
+        # The device's peak counter cannot be reset and covers the whole process: it is this
+        # configuration's peak only for the first one measured (gpu.sh runs one per process).
+        if _JAX_CONFIGS_MEASURED[0]:
+            stats = {}
+        _JAX_CONFIGS_MEASURED[0] += 1
         peak = stats.get("peak_bytes_in_use", analysed)
         head_s = None
         if args.head_share:  # `variables` were donated to the step: use the live state.
@@ -157,13 +163,15 @@ def bench_jax_head(model, variables, images, batch, args):
     out_shape = jax.eval_shape(lambda: head.apply({"params": params, "batch_stats": stats}, x, train=False)).shape
     g = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
 
-    def loss(params, x):
+    def loss(params, x, g):
         out, _ = head.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
         return jnp.vdot(out, g)
 
+    # `g` is an argument: closed over, it would be a compile-time constant, and XLA would fold
+    # the vectorisation's gradient (a [B, C*C] scatter of it) at compile time.
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    jax.block_until_ready(step(params, x))
-    return median_seconds(lambda: jax.block_until_ready(step(params, x)), args.warmup, args.steps)
+    jax.block_until_ready(step(params, x, g))
+    return median_seconds(lambda: jax.block_until_ready(step(params, x, g)), args.warmup, args.steps)
 
 
 def bench_torch(name, batch, dtype, args):
@@ -185,6 +193,7 @@ def bench_torch(name, batch, dtype, args):
     labels = torch.randint(0, args.num_classes, (batch,), device=device)
     gpu = device == "cuda"
     if gpu:
+        torch.backends.cudnn.benchmark = True  # the reference training script's setting: tuned kernels per shape
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats()
@@ -269,38 +278,51 @@ def main(args):
         except ImportError:
             pass
     rows = []
+    print(f"Train step (fwd+bwd+SGD) on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
+          f"jax {jax.__version__}, transparent huge pages {'on' if hugepages.hugepages_enabled() else 'off'}, "
+          f"glibc keeps freed memory: {'yes' if hugepages.keeps_freed_memory() else 'no'}", flush=True)
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
             for batch in (int(b) for b in args.batch_sizes.split(",")):
                 row = {"model": name, "dtype": dtype, "batch": batch}
                 row.update(measure(name, batch, dtype, args))
                 rows.append(row)
-                print(f"  measured {name} {dtype} batch {batch}", file=sys.stderr, flush=True)
-    header = f"{'model':<16}{'dtype':<10}{'batch':>6}{'gg_jax img/s':>14}{'gg_jax mem':>12}{'torch img/s':>13}{'torch mem':>11}{'ratio':>8}{'head %':>8}"
-    print(f"\nTrain step (fwd+bwd+SGD) on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
-          f"jax {jax.__version__}, transparent huge pages {'on' if hugepages.hugepages_enabled() else 'off'}, "
-          f"glibc keeps freed memory: {'yes' if hugepages.keeps_freed_memory() else 'no'}")
-    print(header)
-    print("-" * len(header))
+                # Each row as soon as it is measured, and the JSON rewritten: a run cut short
+                # (a device lease ending) keeps what it measured.
+                print(f"  measured: {_fmt_row(row)}", flush=True)
+                if args.json:
+                    write_json(args, rows)
+    print()
+    print(HEADER)
+    print("-" * len(HEADER))
     for r in rows:
-        ref = r["torch_reference"] or {}
-        print(f"{r['model']:<16}{r['dtype']:<10}{r['batch']:>6}{r['gg_jax']['images_per_sec']:>14.2f}"
-              f"{_fmt_mem(r['gg_jax']['peak_bytes']):>12}"
-              f"{ref.get('images_per_sec', float('nan')):>13.2f}{_fmt_mem(ref.get('peak_bytes')):>11}"
-              f"{r.get('speedup', float('nan')):>8.2f}"
-              f"{100 * (r['gg_jax']['head_fraction'] or float('nan')):>8.1f}")
+        print(_fmt_row(r))
     print("ratio = gg_jax images/s / reference images/s (higher is better; on CPU the median of the per-round "
           f"ratios of {args.rounds} alternating rounds); head % = the pooling head's "
           "fwd+bwd time alone / gg_jax step time (--head_share)")
-    if args.json:
-        meta = {"device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
-                "jax": jax.__version__, "threads": args.threads, "image_size": args.image_size,
-                "xla_flags": os.environ.get("XLA_FLAGS", ""), "hugepages": hugepages.hugepages_enabled(),
-                "keep_freed_memory": hugepages.keeps_freed_memory(),
-                "rounds": args.rounds, "steps_per_round": args.steps}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
+
+HEADER = (f"{'model':<16}{'dtype':<10}{'batch':>6}{'gg_jax img/s':>14}{'gg_jax mem':>12}{'torch img/s':>13}"
+          f"{'torch mem':>11}{'ratio':>8}{'head %':>8}")
+
+
+def _fmt_row(r):
+    ref = r["torch_reference"] or {}
+    return (f"{r['model']:<16}{r['dtype']:<10}{r['batch']:>6}{r['gg_jax']['images_per_sec']:>14.2f}"
+            f"{_fmt_mem(r['gg_jax']['peak_bytes']):>12}"
+            f"{ref.get('images_per_sec', float('nan')):>13.2f}{_fmt_mem(ref.get('peak_bytes')):>11}"
+            f"{r.get('speedup', float('nan')):>8.2f}"
+            f"{100 * (r['gg_jax']['head_fraction'] or float('nan')):>8.1f}")
+
+
+def write_json(args, rows):
+    meta = {"device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
+            "jax": jax.__version__, "threads": args.threads, "image_size": args.image_size,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "hugepages": hugepages.hugepages_enabled(),
+            "keep_freed_memory": hugepages.keeps_freed_memory(),
+            "rounds": args.rounds, "steps_per_round": args.steps}
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
 if __name__ == "__main__":
     main(ARGS)

@@ -45,29 +45,65 @@ def batch_norm(train: bool, dtype: Dtype, name: Optional[str] = None, scale_init
     )
 
 
-class Conv1x1(nn.Module):
-    """Bias-free 1x1 convolution computed as one matmul over all positions.
+def conv1x1_matmul(x, kernel, stride: int = 1):
+    """A bias-free 1x1 convolution as one matmul over all positions (the CPU form).
 
-    Same parameter as `nn.Conv(features, (1, 1), use_bias=False)`: `kernel` of shape
-    `[1, 1, in, features]`, initialised identically (checkpoints and converters see no
-    difference), and the same result. A `dot_general` over `[..., C]` instead of a
-    convolution: XLA:CPU runs the convolution (and its kernel gradient) far slower,
-    dramatically so inside the `nn.scan` of `UnrolledReweighting`.
+    x: `[B, H, W, C]` (or any `[..., C]` when `stride == 1`); kernel: `[1, 1, C, O]`, both of
+    one dtype. Returns `[B, ceil(H/stride), ceil(W/stride), O]` (`[..., O]`): PyTorch's 1x1
+    convolution with padding 0, which reads exactly the pixels `x[:, ::stride, ::stride]`.
+    """
+    if stride != 1:
+        x = x[:, ::stride, ::stride, :]
+    # Flattened to [positions, C]: with one contracting dimension the kernel gradient
+    # (x^T dy) needs no transposed copy of dy on XLA:CPU.
+    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel[0, 0], (((1,), (0,)), ((), ())))
+    return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
+
+
+def conv1x1_xla(x, kernel, stride: int = 1):
+    """The same 1x1 convolution as `conv1x1_matmul`, as an XLA convolution (GPU and TPU form).
+
+    x: `[B, H, W, C]`; kernel: `[1, 1, C, O]`. Returns `[B, ceil(H/stride), ceil(W/stride), O]`.
+    """
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv1x1_by_platform(x, kernel, stride: int = 1):
+    """`conv1x1_matmul` on CPU, `conv1x1_xla` on GPU and TPU (`jax.lax.platform_dependent`).
+
+    XLA:CPU runs the convolution and its kernel gradient far slower than the matmul
+    (dramatically so inside the `nn.scan` of `UnrolledReweighting`). XLA:GPU (jax 0.11.2)
+    fails to compile the matmul form of a strided 1x1 convolution in a train step: its Triton
+    GEMM fusion aborts on the strided slice before the reshape ("triton_tiling_propagation.cc
+    Check failed: subdim_size_accumulator == dim_size (784 vs. 56)"), and cuDNN convolutions
+    are what GPUs and TPUs run best anyway.
+    """
+    if x.ndim != 4:
+        return conv1x1_matmul(x, kernel, stride)
+    return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(conv1x1_matmul, stride=stride),
+                                      default=functools.partial(conv1x1_xla, stride=stride))
+
+
+class Conv1x1(nn.Module):
+    """Bias-free 1x1 convolution with an optional stride (`conv1x1_by_platform`: a matmul on CPU).
+
+    Same parameter as `nn.Conv(features, (1, 1), strides=stride, use_bias=False)` with
+    PyTorch's padding 0: `kernel` of shape `[1, 1, in, features]`, initialised identically
+    (checkpoints and converters see no difference), and the same result.
     """
 
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = conv_kernel_init
+    stride: int = 1
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        # Flatten to [positions, C]: with one contracting dimension the kernel gradient
-        # (x^T dy) needs no transposed copy of dy on XLA:CPU.
-        y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel[0, 0], (((1,), (0,)), ((), ())))
-        return y.reshape(x.shape[:-1] + (self.features,))
+        return conv1x1_by_platform(x, kernel, self.stride)
 
 
 def conv1x1(features: int, dtype: Dtype, name: Optional[str] = None):

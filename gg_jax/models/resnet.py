@@ -18,21 +18,11 @@ from gg_jax.models import conv
 Dtype = Any
 
 
-class _StridedConv1x1(layers.Conv1x1):
-    """`layers.Conv1x1` with a stride: a 1x1 kernel with PyTorch padding 0 and stride s
-    reads exactly the pixels `x[:, ::s, ::s]`. Same `kernel` parameter as `nn.Conv`."""
-
-    stride: int = 1
-
-    def __call__(self, x):
-        return super().__call__(x[:, :: self.stride, :: self.stride, :])
-
-
 def _conv(features, kernel, stride, dtype, name):
     if kernel == 1:
-        # XLA:CPU runs 1x1 convolutions (and their kernel gradients) much slower than
-        # the equivalent matmul; on GPU/TPU both lower to the same GEMM.
-        return _StridedConv1x1(features, dtype=dtype, kernel_init=layers.conv_kernel_init, stride=stride, name=name)
+        # A matmul on CPU, where XLA runs 1x1 convolutions (and their kernel gradients)
+        # much slower; a convolution on GPU and TPU (`layers.conv1x1_by_platform`).
+        return layers.Conv1x1(features, dtype=dtype, kernel_init=layers.conv_kernel_init, stride=stride, name=name)
     pad = kernel // 2
     return conv.Conv(
         features,
