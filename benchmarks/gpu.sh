@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU measurement of BENCHMARKS.md in one command (one H100/H200 lease runs it all):
 #
-#   bash benchmarks/gpu.sh [OUTDIR [SECONDS]]   # default OUTDIR ./bench_gpu_results, no time limit
+#   bash benchmarks/gpu.sh [OUTDIR [SECONDS [STEP ...]]]
+#
+# OUTDIR defaults to ./bench_gpu_results; SECONDS 0 means no time limit; STEPs (names below,
+# e.g. r50_3g_f32_128 r101_3g_bf16_128) run only those.
 #
 # Needs jax (CUDA), flax, optax, numpy and torch (CUDA); no tensorflow. If flax or optax is
 # missing or too different there, wheels in ./.whl (see BENCHMARKS.md) are installed instead.
@@ -19,6 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench_gpu_results}
 budget=${2:-0}
+only=" ${*:3} "
 mkdir -p "$out"
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -32,6 +36,9 @@ step() {  # step NAME EXPECTED_SECONDS COMMAND...
   shift 2
   rest=$(left)
   last_rc=0
+  if [[ "$only" != "  " && "$only" != *" ${name%_no_triton_gemm} "* ]]; then
+    return 0
+  fi
   if (( rest < need )); then
     echo "== skipped $name: ${rest} s left, expected to take ${need} s" | tee -a "$log"
     return 0
@@ -100,6 +107,7 @@ train r50_3g_f32_128 80 --models resnet50_3g --dtypes float32 --batch_sizes 128 
   --json "$out/train_r50_3g_f32.json"
 train r101_3g_bf16_128 100 --models resnet101_3g --dtypes bfloat16 --batch_sizes 128 --steps 10 --warmup 3 \
   --head_share --json "$out/train_r101_3g_bf16.json"
-step layers_128 40 "$py" benchmarks/bench_layers.py --batch 128 --reps 20 --json "$out/layers.json"
+# The 3G and iSQRT heads and the reference (every head: 2 minutes of compilation on an H200).
+step layers_128 40 "$py" benchmarks/bench_layers.py --batch 128 --reps 20 --heads 3g isqrt --json "$out/layers.json"
 step ops 40 "$py" benchmarks/bench_ops.py  # table in log.txt (a device call returns at most 8 files)
 echo "== $(date -u +%T) done, $(( $(date +%s) - start )) s" | tee -a "$log"

@@ -76,8 +76,8 @@ def conv1x1_by_platform(x, kernel, stride: int = 1):
     (dramatically so inside the `nn.scan` of `UnrolledReweighting`). XLA:GPU (jax 0.11.2)
     fails to compile the matmul form of a strided 1x1 convolution in a train step: its Triton
     GEMM fusion aborts on the strided slice before the reshape ("triton_tiling_propagation.cc
-    Check failed: subdim_size_accumulator == dim_size (784 vs. 56)"), and cuDNN convolutions
-    are what GPUs and TPUs run best anyway.
+    Check failed: subdim_size_accumulator == dim_size (784 vs. 56)"); as a convolution it
+    goes to cuDNN. TPUs take the convolution too, the form XLA:TPU is built around.
     """
     if x.ndim != 4:
         return conv1x1_matmul(x, kernel, stride)
