@@ -83,7 +83,7 @@ from gg_jax import models, xla_options  # noqa: E402
 from timing import call_times, median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 TORCH_HEADS = {"3g": "3g", "isqrt": "isqrt", "gap": "gap"}
-_JAX_CONFIGS_MEASURED = [0]  # configurations whose gg_jax step finished in this process
+_device_peak_taken = False  # whether a configuration of this process has reported the device peak
 
 
 def bench_jax(name, batch, dtype, args):
@@ -130,12 +130,11 @@ def bench_jax(name, batch, dtype, args):
 
     def finish(secs):
         """Results once the step time `secs` is known (memory and head share measured now)."""
-        stats = jax.devices()[0].memory_stats() or {}
+        global _device_peak_taken
         # The device's peak counter cannot be reset and covers the whole process: it is this
         # configuration's peak only for the first one measured (gpu.sh runs one per process).
-        if _JAX_CONFIGS_MEASURED[0]:
-            stats = {}
-        _JAX_CONFIGS_MEASURED[0] += 1
+        stats = {} if _device_peak_taken else (jax.devices()[0].memory_stats() or {})
+        _device_peak_taken = True
         peak = stats.get("peak_bytes_in_use", analysed)
         head_s = None
         if args.head_share:  # `variables` were donated to the step: use the live state.
