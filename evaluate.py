@@ -11,6 +11,7 @@ ten crops: --config.eval.ten_crop=True (the Places365 configs set it). The resul
 printed as one JSON line: top1_error, top5_error (fractions), loss, num_examples, step;
 with --workdir it is also written to its TensorBoard summaries (eval/top1_error, ...).
 """
+
 if __name__ == "__main__":
     # Before anything else (jax included) is loaded: see gg_jax/hugepages.py.
     from gg_jax import hugepages
@@ -26,7 +27,9 @@ from ml_collections import config_flags
 from gg_jax.training import distributed_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file naming the model and dataset.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: its latest checkpoint, and where results are written.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Training workdir: its latest checkpoint, and where results are written."
+)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint to evaluate instead of the workdir's latest.")
 flags.mark_flags_as_required(["config"])
 

@@ -14,6 +14,7 @@ Exit status: 0 when the run is finished, 143 (128 + SIGTERM) when it stopped aft
 saving a checkpoint because of a preemption notice, 1 on a configuration error or a
 diverged (NaN/inf) run, with the reason on stderr.
 """
+
 if __name__ == "__main__":
     # Before anything else (jax included) is loaded: see gg_jax/hugepages.py.
     from gg_jax import hugepages
@@ -28,7 +29,9 @@ from ml_collections import config_flags
 
 from gg_jax.training import distributed_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (e.g. configs/demo.py).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (e.g. configs/demo.py).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard summaries (local or gs://).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -43,8 +46,14 @@ def main(argv):
     import jax
 
     trainer.quiet_library_logs()
-    logging.info("JAX process %d of %d, %d local devices of %d: %s", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+    logging.info(
+        "JAX process %d of %d, %d local devices of %d: %s",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
     try:
         result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except trainer.USER_ERRORS as e:

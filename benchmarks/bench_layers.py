@@ -22,6 +22,7 @@ Only jax, flax, numpy and torch are imported (no TensorFlow), so this runs on a 
 machine that has just those. On CPU, PyTorch gets `--torch-threads` (2) threads; XLA:CPU
 keeps its default thread pool.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
+import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import flax  # noqa: E402
 
 from gg_jax import layers  # noqa: E402
 
@@ -230,7 +231,9 @@ def main(argv=None):
                 first_call_s=compile_s,
             )
         )
-        print(f"  {name}: fwd {results[-1]['fwd_ms']:.1f} ms, fwd+bwd {results[-1]['fwd_bwd_ms']:.1f} ms", file=sys.stderr)
+        print(
+            f"  {name}: fwd {results[-1]['fwd_ms']:.1f} ms, fwd+bwd {results[-1]['fwd_bwd_ms']:.1f} ms", file=sys.stderr
+        )
 
     ratio = None
     if torch_ref is not None:
@@ -260,16 +263,22 @@ def main(argv=None):
             )
 
     header = f"{'head':<20} {'framework':<9} {'params':>10} {'out dim':>8} {'fwd ms':>9} {'fwd+bwd ms':>11}"
-    print(f"batch {b}, {h}x{w}x{c}, jax {jax.__version__} on {jax_device.platform}"
-          + (f", torch {info['torch']} on {info['torch_device']} ({info['torch_threads']} threads)" if torch_ref else ""))
+    print(
+        f"batch {b}, {h}x{w}x{c}, jax {jax.__version__} on {jax_device.platform}"
+        + (f", torch {info['torch']} on {info['torch_device']} ({info['torch_threads']} threads)" if torch_ref else "")
+    )
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['head']:<20} {r['framework']:<9} {r['params']:>10,} {r['out_dim']:>8} "
-              f"{r['fwd_ms']:>9.1f} {r['fwd_bwd_ms']:>11.1f}")
+        print(
+            f"{r['head']:<20} {r['framework']:<9} {r['params']:>10,} {r['out_dim']:>8} "
+            f"{r['fwd_ms']:>9.1f} {r['fwd_bwd_ms']:>11.1f}"
+        )
     if ratio:
-        print(f"3G head fwd+bwd, ours / reference = {ratio['ours_over_reference_fwd_bwd']:.3f} "
-              f"(median of {args.reps} alternating rounds; speed-up {ratio['speedup']:.2f}x)")
+        print(
+            f"3G head fwd+bwd, ours / reference = {ratio['ours_over_reference_fwd_bwd']:.3f} "
+            f"(median of {args.reps} alternating rounds; speed-up {ratio['speedup']:.2f}x)"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(info=info, results=results, ratio=ratio), f, indent=2)

@@ -17,6 +17,7 @@ without allocating the batch. Rows:
 
 Imports only jax, flax and numpy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,9 @@ def main(argv=None):
 
     layer4 = jax.eval_shape(
         lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"])[1]["intermediates"]["layer4"][0],
-        variables, images)
+        variables,
+        images,
+    )
     head = model.head(dtype=dtype)
     head_vars = {"params": variables["params"].get("head", {}), "batch_stats": variables["batch_stats"].get("head", {})}
 
@@ -75,8 +78,10 @@ def main(argv=None):
     logits = jax.ShapeDtypeStruct((b, 1000), jnp.float32)
     head_in = jax.ShapeDtypeStruct(layer4.shape, dtype)
     head_out = jax.eval_shape(lambda v, x: head.apply(v, x, train=False), head_vars, head_in)
-    rows = [("train-step gradient (whole model)", temp_bytes(model_grad, variables, images, logits)),
-            ("pooling head fwd+bwd", temp_bytes(head_grad, head_vars, head_in, head_out))]
+    rows = [
+        ("train-step gradient (whole model)", temp_bytes(model_grad, variables, images, logits)),
+        ("pooling head fwd+bwd", temp_bytes(head_grad, head_vars, head_in, head_out)),
+    ]
     dim = getattr(head, "reduction_dim", None)
     if dim and getattr(head, "num_iters", None) and getattr(head, "estimator", True):
         mats = jax.ShapeDtypeStruct((b, dim, dim), jnp.float32)
@@ -85,7 +90,8 @@ def main(argv=None):
         # Recomputing the whole iteration in the backward pass keeps no iterate: the least
         # memory any custom VJP of the root could need.
         ns_remat = lambda a, g: jax.vjp(  # noqa: E731
-            jax.checkpoint(lambda a: linalg.sqrtm_newton_schulz(a, head.num_iters)), a)[1](g)
+            jax.checkpoint(lambda a: linalg.sqrtm_newton_schulz(a, head.num_iters)), a
+        )[1](g)
         rows.append(("  the same, rematerialised (jax.checkpoint)", temp_bytes(ns_remat, mats, mats)))
 
     total = rows[0][1]
@@ -97,9 +103,18 @@ def main(argv=None):
         print(f"{name:<52}{nbytes / 2**30:>9.3f}{100 * nbytes / total:>10.1f}%")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "batch_size": b, "image_size": s, "dtype": args.dtype,
-                       "device_kind": jax.devices()[0].device_kind,
-                       "rows": [{"program": n, "temp_bytes": v} for n, v in rows]}, f, indent=2)
+            json.dump(
+                {
+                    "model": args.model,
+                    "batch_size": b,
+                    "image_size": s,
+                    "dtype": args.dtype,
+                    "device_kind": jax.devices()[0].device_kind,
+                    "rows": [{"program": n, "temp_bytes": v} for n, v in rows],
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Operations (batch 4 for the ResNet-50 layers, 32 for the head's matrices):
 
 Imports only jax, flax, numpy and torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,9 +47,10 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
+
 from gg_jax import layers, linalg  # noqa: E402
 from gg_jax.models import conv  # noqa: E402
-from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 HIGHEST = jax.lax.Precision.HIGHEST
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,8 +93,10 @@ def jax_pair(fwd, args, reps, wrt=None):
         return y, vjp(g)
 
     fb = jax.jit(fwd_bwd)
-    return (median_ms(lambda: jax.block_until_ready(f(*args)), reps),
-            median_ms(lambda: jax.block_until_ready(fb(g, *args)), reps))
+    return (
+        median_ms(lambda: jax.block_until_ready(f(*args)), reps),
+        median_ms(lambda: jax.block_until_ready(fb(g, *args)), reps),
+    )
 
 
 def torch_pair(fwd, args, reps):
@@ -128,8 +132,10 @@ def conv_case(batch, size, cin, cout, k, stride, reps, input_grad=True):
     def jconv(x, w):
         return conv.conv2d(x, w, stride, ((pad, pad), (pad, pad)))
 
-    return (jax_pair(jconv, (jnp.asarray(x), jnp.asarray(w)), reps, wrt=(0, 1) if input_grad else (1,)),
-            torch_pair(lambda x, w: torch.nn.functional.conv2d(x, w, stride=stride, padding=pad), (xt, wt), reps))
+    return (
+        jax_pair(jconv, (jnp.asarray(x), jnp.asarray(w)), reps, wrt=(0, 1) if input_grad else (1,)),
+        torch_pair(lambda x, w: torch.nn.functional.conv2d(x, w, stride=stride, padding=pad), (xt, wt), reps),
+    )
 
 
 def conv1x1_case(batch, size, cin, cout, reps):
@@ -140,8 +146,10 @@ def conv1x1_case(batch, size, cin, cout, reps):
     w = np.asarray(variables["params"]["kernel"])
     xt = torch.tensor(x.transpose(0, 3, 1, 2), device=DEVICE).contiguous().requires_grad_(True)
     wt = torch.tensor(w.transpose(3, 2, 0, 1), device=DEVICE).contiguous().requires_grad_(True)
-    return (jax_pair(lambda p, x: module.apply({"params": p}, x), (variables["params"], jnp.asarray(x)), reps),
-            torch_pair(lambda x, w: torch.nn.functional.conv2d(x, w), (xt, wt), reps))
+    return (
+        jax_pair(lambda p, x: module.apply({"params": p}, x), (variables["params"], jnp.asarray(x)), reps),
+        torch_pair(lambda x, w: torch.nn.functional.conv2d(x, w), (xt, wt), reps),
+    )
 
 
 def batch_norm_case(batch, size, channels, reps):
@@ -155,8 +163,7 @@ def batch_norm_case(batch, size, channels, reps):
 
     tbn = torch.nn.BatchNorm2d(channels).to(DEVICE).train()
     xt = torch.tensor(x.transpose(0, 3, 1, 2), device=DEVICE).contiguous().requires_grad_(True)
-    return (jax_pair(jbn, (variables["params"], jnp.asarray(x)), reps),
-            torch_pair(lambda x: tbn(x), (xt,), reps))
+    return (jax_pair(jbn, (variables["params"], jnp.asarray(x)), reps), torch_pair(lambda x: tbn(x), (xt,), reps))
 
 
 def _spd(batch, dim, seed=0):
@@ -169,8 +176,10 @@ def bmm_case(batch, dim, reps):
     a, b = _spd(batch, dim, 0), _spd(batch, dim, 1)
     at = torch.tensor(a, device=DEVICE).requires_grad_(True)
     bt = torch.tensor(b, device=DEVICE).requires_grad_(True)
-    return (jax_pair(lambda a, b: jnp.matmul(a, b, precision=HIGHEST), (jnp.asarray(a), jnp.asarray(b)), reps),
-            torch_pair(torch.bmm, (at, bt), reps))
+    return (
+        jax_pair(lambda a, b: jnp.matmul(a, b, precision=HIGHEST), (jnp.asarray(a), jnp.asarray(b)), reps),
+        torch_pair(torch.bmm, (at, bt), reps),
+    )
 
 
 def torch_newton_schulz(a, num_iters):
@@ -191,8 +200,10 @@ def torch_newton_schulz(a, num_iters):
 def newton_schulz_case(batch, dim, reps):
     a = _spd(batch, dim)
     at = torch.tensor(a, device=DEVICE).requires_grad_(True)
-    return (jax_pair(lambda a: linalg.sqrtm_newton_schulz(a, 5), (jnp.asarray(a),), reps),
-            torch_pair(lambda a: torch_newton_schulz(a, 5), (at,), reps))
+    return (
+        jax_pair(lambda a: linalg.sqrtm_newton_schulz(a, 5), (jnp.asarray(a),), reps),
+        torch_pair(lambda a: torch_newton_schulz(a, 5), (at,), reps),
+    )
 
 
 def main(args):
@@ -212,23 +223,47 @@ def main(args):
     rows = []
     for name, fn in cases:
         (jf, jfb), (tf, tfb) = fn()
-        rows.append({"op": name, "jax_fwd_ms": jf, "jax_fwd_bwd_ms": jfb, "torch_fwd_ms": tf, "torch_fwd_bwd_ms": tfb,
-                     "ratio_fwd_bwd": tfb / jfb})
+        rows.append(
+            {
+                "op": name,
+                "jax_fwd_ms": jf,
+                "jax_fwd_bwd_ms": jfb,
+                "torch_fwd_ms": tf,
+                "torch_fwd_bwd_ms": tfb,
+                "ratio_fwd_bwd": tfb / jfb,
+            }
+        )
         print(f"  measured {name}", flush=True)
     threads = args.threads or "default"
-    print(f"\nSingle operations, forward and forward+backward ms, jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, torch {torch.__version__} on {DEVICE} ({threads} threads)")
+    print(
+        f"\nSingle operations, forward and forward+backward ms, jax {jax.__version__} on "
+        f"{jax.devices()[0].platform}, torch {torch.__version__} on {DEVICE} ({threads} threads)"
+    )
     header = f"{'operation':<44}{'jax fwd':>9}{'torch fwd':>11}{'jax f+b':>10}{'torch f+b':>11}{'ratio':>8}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['op']:<44}{r['jax_fwd_ms']:>9.2f}{r['torch_fwd_ms']:>11.2f}{r['jax_fwd_bwd_ms']:>10.2f}"
-              f"{r['torch_fwd_bwd_ms']:>11.2f}{r['ratio_fwd_bwd']:>8.2f}")
+        print(
+            f"{r['op']:<44}{r['jax_fwd_ms']:>9.2f}{r['torch_fwd_ms']:>11.2f}{r['jax_fwd_bwd_ms']:>10.2f}"
+            f"{r['torch_fwd_bwd_ms']:>11.2f}{r['ratio_fwd_bwd']:>8.2f}"
+        )
     print("ratio = torch fwd+bwd time / jax fwd+bwd time (above 1: gg_jax faster)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": {"jax": jax.__version__, "torch": torch.__version__, "device": DEVICE,
-                                "threads": args.threads, "machine": platform.machine()}, "rows": rows}, f, indent=2)
+            json.dump(
+                {
+                    "meta": {
+                        "jax": jax.__version__,
+                        "torch": torch.__version__,
+                        "device": DEVICE,
+                        "threads": args.threads,
+                        "machine": platform.machine(),
+                    },
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ GPU machine:
     python benchmarks/bench_train_step.py --models resnet50_3g,resnet101_3g,resnet50_isqrt,resnet50_gap \
         --batch_sizes 64,128,256 --dtypes float32,bfloat16                # a GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,22 +39,35 @@ def parse_args(argv=None):
     p.add_argument("--num_classes", type=int, default=1000)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (median reported)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="CPU: rounds of --steps gg_jax steps then --steps reference steps; the ratio is "
-                        "the median of the per-round ratios, so that load on the machine hits both alike "
-                        "(GPU: one round each, one framework after the other)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="CPU: rounds of --steps gg_jax steps then --steps reference steps; the ratio is "
+        "the median of the per-round ratios, so that load on the machine hits both alike "
+        "(GPU: one round each, one framework after the other)",
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0: leave default)")
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
-    p.add_argument("--no_hugepages", action="store_true",
-                   help="do not re-execute with transparent huge pages for malloc (gg_jax/hugepages.py; "
-                        "applies to both frameworks, which share the process)")
-    p.add_argument("--no_keep_freed_memory", action="store_true",
-                   help="do not re-execute with glibc tunables that keep freed memory for reuse (one arena, no "
-                        "mmap, no trim; gg_jax/hugepages.py KEEP_FREED_MEMORY). Kept by default, for both "
-                        "frameworks: PyTorch's best CPU setting (what jemalloc or tcmalloc give), its step 2-15 %% "
-                        "faster so; gg_jax's about 2 %% slower")
-    p.add_argument("--head_share", action="store_true",
-                   help="also time the pooling head alone (fwd+bwd on a layer4-shaped input) and report its share")
+    p.add_argument(
+        "--no_hugepages",
+        action="store_true",
+        help="do not re-execute with transparent huge pages for malloc (gg_jax/hugepages.py; "
+        "applies to both frameworks, which share the process)",
+    )
+    p.add_argument(
+        "--no_keep_freed_memory",
+        action="store_true",
+        help="do not re-execute with glibc tunables that keep freed memory for reuse (one arena, no "
+        "mmap, no trim; gg_jax/hugepages.py KEEP_FREED_MEMORY). Kept by default, for both "
+        "frameworks: PyTorch's best CPU setting (what jemalloc or tcmalloc give), its step 2-15 %% "
+        "faster so; gg_jax's about 2 %% slower",
+    )
+    p.add_argument(
+        "--head_share",
+        action="store_true",
+        help="also time the pooling head alone (fwd+bwd on a layer4-shaped input) and report its share",
+    )
     p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for the JAX side")
     p.add_argument("--json", default="", help="write the results here")
     return p.parse_args(argv)
@@ -78,9 +92,9 @@ if ARGS.xla_flags:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+from timing import call_times, median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 from gg_jax import models, xla_options  # noqa: E402
-from timing import call_times, median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 TORCH_HEADS = {"3g": "3g", "isqrt": "isqrt", "gap": "gap"}
 _device_peak_taken = False  # whether a configuration of this process has reported the device peak
@@ -109,16 +123,21 @@ def bench_jax(name, batch, dtype, args):
         return (optax.apply_updates(params, u), updates["batch_stats"], opt_state), loss
 
     # The options train.py compiles its step with (gg_jax/xla_options.py).
-    step = jax.jit(train_step, donate_argnums=(0,),
-                   compiler_options=xla_options.train_step_options(jax.devices()[0].platform))
+    step = jax.jit(
+        train_step, donate_argnums=(0,), compiler_options=xla_options.train_step_options(jax.devices()[0].platform)
+    )
     t0 = time.perf_counter()
     compiled = step.lower(state, images, labels).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     analysed = None
     if mem is not None:
-        analysed = int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-                       - getattr(mem, "alias_size_in_bytes", 0))
+        analysed = int(
+            mem.temp_size_in_bytes
+            + mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            - getattr(mem, "alias_size_in_bytes", 0)
+        )
     holder = {"state": state}
 
     def run():
@@ -140,9 +159,15 @@ def bench_jax(name, batch, dtype, args):
         if args.head_share:  # `variables` were donated to the step: use the live state.
             live = {"params": holder["state"][0], "batch_stats": holder["state"][1]}
             head_s = bench_jax_head(model, live, images, batch, args)
-        return {"images_per_sec": batch / secs, "step_s": secs, "compile_s": compile_s, "peak_bytes": peak,
-                "peak_source": "device" if "peak_bytes_in_use" in stats else "xla_memory_analysis",
-                "head_s": head_s, "head_fraction": None if head_s is None else head_s / secs}
+        return {
+            "images_per_sec": batch / secs,
+            "step_s": secs,
+            "compile_s": compile_s,
+            "peak_bytes": peak,
+            "peak_source": "device" if "peak_bytes_in_use" in stats else "xla_memory_analysis",
+            "head_s": head_s,
+            "head_fraction": None if head_s is None else head_s / secs,
+        }
 
     return run, finish
 
@@ -153,7 +178,9 @@ def bench_jax_head(model, variables, images, batch, args):
     share of the train step. Gradients for the head's parameters and its input, as in training."""
     layer4 = jax.eval_shape(
         lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"])[1]["intermediates"]["layer4"][0],
-        variables, images)
+        variables,
+        images,
+    )
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal(layer4.shape), model.dtype)
     head = model.head(dtype=model.dtype)
@@ -184,8 +211,9 @@ def bench_torch(name, batch, dtype, args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # Under bf16 autocast the covariance head runs in float32 (as ours does): Newton-Schulz
     # in bf16 is not a setting anyone could train with.
-    model = ReferenceResNet3G(backbone, args.num_classes, head=TORCH_HEADS[head],
-                              head_fp32=(device == "cuda" and dtype == "bfloat16")).to(device)
+    model = ReferenceResNet3G(
+        backbone, args.num_classes, head=TORCH_HEADS[head], head_fp32=(device == "cuda" and dtype == "bfloat16")
+    ).to(device)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     images = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
@@ -214,8 +242,12 @@ def bench_torch(name, batch, dtype, args):
 
     def finish(secs):
         peak = torch.cuda.max_memory_allocated() if gpu else None
-        return {"images_per_sec": batch / secs, "step_s": secs, "peak_bytes": peak,
-                "settings": ("bf16 autocast, " if use_autocast else "float32, ") + ("channels_last" if gpu else "NCHW")}
+        return {
+            "images_per_sec": batch / secs,
+            "step_s": secs,
+            "peak_bytes": peak,
+            "settings": ("bf16 autocast, " if use_autocast else "float32, ") + ("channels_last" if gpu else "NCHW"),
+        }
 
     return run, finish
 
@@ -277,9 +309,12 @@ def main(args):
         except ImportError:
             pass
     rows = []
-    print(f"Train step (fwd+bwd+SGD) on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
-          f"jax {jax.__version__}, transparent huge pages {'on' if hugepages.hugepages_enabled() else 'off'}, "
-          f"glibc keeps freed memory: {'yes' if hugepages.keeps_freed_memory() else 'no'}", flush=True)
+    print(
+        f"Train step (fwd+bwd+SGD) on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), "
+        f"jax {jax.__version__}, transparent huge pages {'on' if hugepages.hugepages_enabled() else 'off'}, "
+        f"glibc keeps freed memory: {'yes' if hugepages.keeps_freed_memory() else 'no'}",
+        flush=True,
+    )
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
             for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -296,32 +331,46 @@ def main(args):
     print("-" * len(HEADER))
     for r in rows:
         print(_fmt_row(r))
-    print("ratio = gg_jax images/s / reference images/s (higher is better; on CPU the median of the per-round "
-          f"ratios of {args.rounds} alternating rounds); head % = the pooling head's "
-          "fwd+bwd time alone / gg_jax step time (--head_share)")
+    print(
+        "ratio = gg_jax images/s / reference images/s (higher is better; on CPU the median of the per-round "
+        f"ratios of {args.rounds} alternating rounds); head % = the pooling head's "
+        "fwd+bwd time alone / gg_jax step time (--head_share)"
+    )
 
 
-HEADER = (f"{'model':<16}{'dtype':<10}{'batch':>6}{'gg_jax img/s':>14}{'gg_jax mem':>12}{'torch img/s':>13}"
-          f"{'torch mem':>11}{'ratio':>8}{'head %':>8}")
+HEADER = (
+    f"{'model':<16}{'dtype':<10}{'batch':>6}{'gg_jax img/s':>14}{'gg_jax mem':>12}{'torch img/s':>13}"
+    f"{'torch mem':>11}{'ratio':>8}{'head %':>8}"
+)
 
 
 def _fmt_row(r):
     ref = r["torch_reference"] or {}
-    return (f"{r['model']:<16}{r['dtype']:<10}{r['batch']:>6}{r['gg_jax']['images_per_sec']:>14.2f}"
-            f"{_fmt_mem(r['gg_jax']['peak_bytes']):>12}"
-            f"{ref.get('images_per_sec', float('nan')):>13.2f}{_fmt_mem(ref.get('peak_bytes')):>11}"
-            f"{r.get('speedup', float('nan')):>8.2f}"
-            f"{100 * (r['gg_jax']['head_fraction'] or float('nan')):>8.1f}")
+    return (
+        f"{r['model']:<16}{r['dtype']:<10}{r['batch']:>6}{r['gg_jax']['images_per_sec']:>14.2f}"
+        f"{_fmt_mem(r['gg_jax']['peak_bytes']):>12}"
+        f"{ref.get('images_per_sec', float('nan')):>13.2f}{_fmt_mem(ref.get('peak_bytes')):>11}"
+        f"{r.get('speedup', float('nan')):>8.2f}"
+        f"{100 * (r['gg_jax']['head_fraction'] or float('nan')):>8.1f}"
+    )
 
 
 def write_json(args, rows):
-    meta = {"device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "threads": args.threads, "image_size": args.image_size,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "hugepages": hugepages.hugepages_enabled(),
-            "keep_freed_memory": hugepages.keeps_freed_memory(),
-            "rounds": args.rounds, "steps_per_round": args.steps}
+    meta = {
+        "device": str(jax.devices()[0]),
+        "device_kind": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "threads": args.threads,
+        "image_size": args.image_size,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "hugepages": hugepages.hugepages_enabled(),
+        "keep_freed_memory": hugepages.keeps_freed_memory(),
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+    }
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
 
 if __name__ == "__main__":
     main(ARGS)

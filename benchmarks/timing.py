@@ -1,4 +1,5 @@
 """Wall-clock timing shared by the benchmarks (imports nothing but the standard library)."""
+
 import statistics
 import time
 

@@ -6,6 +6,7 @@ Every field can be overridden on the command line, e.g.
 
 The other configs start from this one and change what differs.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -26,7 +27,9 @@ def get_config():
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "imagenet2012"
     config.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir (local or gs://); None = TFDS default.
-    config.dataset.augment = config_dict.placeholder(str)  # 'inception_crop' | 'scale_aug' | ...; None = dataset default.
+    config.dataset.augment = config_dict.placeholder(
+        str
+    )  # 'inception_crop' | 'scale_aug' | ...; None = dataset default.
     config.dataset.cache = config_dict.placeholder(bool)  # Encoded examples in memory; None = if small.
     config.dataset.shuffle_buffer = config_dict.placeholder(int)  # TFDS record shuffle buffer; None = 10,000.
     config.dataset.num_threads = config_dict.placeholder(int)  # Private tf.data thread pool; None = shared.

@@ -12,6 +12,7 @@ Six epochs (264 steps of 32 images), SGD momentum 0.9 with cosine decay: 1.11 % 
 error on the 360 test digits (4 wrong; the tests require <= 3 %) in about 1.5 minutes of
 wall time on 2 CPU cores, compilation and six evaluations included.
 """
+
 from configs import default
 
 

@@ -10,6 +10,7 @@ classifier `fc`, re-initialised for your number of classes; set
 --config.init_from_backbone_only=True to re-initialise the 3G head too. A smaller learning
 rate than from scratch, 30 epochs, divided by 10 at epochs 10 and 20.
 """
+
 from configs import default
 
 

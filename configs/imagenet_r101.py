@@ -4,6 +4,7 @@ The ResNet-50 recipe (`configs/imagenet_r50.py`) with the deeper backbone.
 
   python train.py --config=configs/imagenet_r101.py --workdir=DIR --config.dataset.data_dir=TFDS_DIR
 """
+
 from configs import imagenet_r50
 
 

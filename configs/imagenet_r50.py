@@ -6,6 +6,7 @@ one centre crop 224 of the 256-resized image.
 
   python train.py --config=configs/imagenet_r50.py --workdir=DIR --config.dataset.data_dir=TFDS_DIR
 """
+
 from configs import default
 
 

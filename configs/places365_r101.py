@@ -5,6 +5,7 @@ The ResNet-50 recipe (`configs/places365_r50.py`) with the deeper backbone.
 
   python train.py --config=configs/places365_r101.py --workdir=DIR --config.dataset.data_dir=TFDS_DIR
 """
+
 from configs import places365_r50
 
 

@@ -8,6 +8,7 @@ averages the logits of ten crops (four corners, centre, and their mirror images)
 
   python train.py --config=configs/places365_r50.py --workdir=DIR --config.dataset.data_dir=TFDS_DIR
 """
+
 from configs import imagenet_r50
 
 

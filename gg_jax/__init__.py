@@ -4,4 +4,5 @@
 `gg_jax.layers`: Flax linen heads (the 3G layer and the global pooling baselines).
 `gg_jax.models`: ResNet 3G-Nets and baselines by name (`gg_jax.models.create`).
 """
+
 __version__ = "0.1.0"

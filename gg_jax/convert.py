@@ -43,6 +43,7 @@ running_mean, running_var -> scale, bias, mean, var (`num_batches_tracked` is ig
 
 Only `load_torch_checkpoint` (reading `.pth` files) needs PyTorch; it is imported there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,8 @@ import numbers
 import os
 import re
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,11 +85,29 @@ CONVENTIONS = (
 _UPPER_ORDER_CONVENTIONS = ("fast_mpn_cov", "fast_mpn_cov_newmodel", "fast_mpn_cov_newmodel_pretrained")
 
 _BLOCK_ORDER = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample_0", "downsample_1")
-_ATMP_ORDER = ("map1", "bn1", "map2", "bn2", "map21", "bn21", "map3", "bn3", "map4", "bn4",
-               "atmap1", "bnat1", "atmap2", "atmap3")
+_ATMP_ORDER = (
+    "map1",
+    "bn1",
+    "map2",
+    "bn2",
+    "map21",
+    "bn21",
+    "map3",
+    "bn3",
+    "map4",
+    "bn4",
+    "atmap1",
+    "bnat1",
+    "atmap2",
+    "atmap3",
+)
 _SCAN_PATH = ("head", "reweighting", "blocks", "block")
-_BN_LEAVES = (("params", "scale", "weight"), ("params", "bias", "bias"),
-              ("batch_stats", "mean", "running_mean"), ("batch_stats", "var", "running_var"))
+_BN_LEAVES = (
+    ("params", "scale", "weight"),
+    ("params", "bias", "bias"),
+    ("batch_stats", "mean", "running_mean"),
+    ("batch_stats", "var", "running_var"),
+)
 
 
 class CheckpointMismatchError(ValueError):
@@ -104,14 +124,14 @@ class _Entry:
     """One PyTorch tensor (canonical 3G-Net name) and where it lives in our variables."""
 
     key: str  # canonical (3G-Net style) PyTorch key
-    torch_shape: Tuple[int, ...]
+    torch_shape: tuple[int, ...]
     collection: str  # "params" or "batch_stats"
-    path: Tuple[str, ...]  # path inside the collection, leaf included
+    path: tuple[str, ...]  # path inside the collection, leaf included
     kind: str  # "conv", "linear", "vector" (1-d, copied)
-    scan_index: Optional[int]  # index on the nn.scan axis, or None
+    scan_index: int | None  # index on the nn.scan axis, or None
 
 
-def _module_sort_key(path: Tuple[str, ...]):
+def _module_sort_key(path: tuple[str, ...]):
     head = path[0]
     if head == "conv1":
         return (0,)
@@ -135,7 +155,7 @@ def _module_sort_key(path: Tuple[str, ...]):
     return (6, path)
 
 
-def _canonical_module(path: Tuple[str, ...], t: Optional[int] = None) -> str:
+def _canonical_module(path: tuple[str, ...], t: int | None = None) -> str:
     """Our module path -> its PyTorch module name in the 3G-Net convention."""
     m = re.fullmatch(r"layer(\d+)_(\d+)", path[0])
     if m:
@@ -148,7 +168,7 @@ def _canonical_module(path: Tuple[str, ...], t: Optional[int] = None) -> str:
     return ".".join(path)
 
 
-def _backbone_module(path: Tuple[str, ...]) -> bool:
+def _backbone_module(path: tuple[str, ...]) -> bool:
     return path[0] in ("conv1", "bn1") or re.fullmatch(r"layer\d+_\d+", path[0]) is not None
 
 
@@ -163,7 +183,7 @@ def _flatten(tree, prefix=()):
 
 
 def _unflatten(flat):
-    tree: Dict[str, Any] = {}
+    tree: dict[str, Any] = {}
     for path, v in flat.items():
         node = tree
         for p in path[:-1]:
@@ -177,7 +197,7 @@ def _freeze_options(options):
 
 
 @functools.lru_cache(maxsize=64)
-def _variable_shapes(name: str, num_classes: int, frozen_options) -> Dict[str, Dict[Tuple[str, ...], Tuple[int, ...]]]:
+def _variable_shapes(name: str, num_classes: int, frozen_options) -> dict[str, dict[tuple[str, ...], tuple[int, ...]]]:
     """Shapes of `create(name, ...)`'s variables, without allocating them (jax.eval_shape)."""
     import jax
     import jax.numpy as jnp
@@ -187,18 +207,19 @@ def _variable_shapes(name: str, num_classes: int, frozen_options) -> Dict[str, D
     model = models.create(name, num_classes=num_classes, **dict(frozen_options))
     images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), images)
-    return {col: {p: tuple(s.shape) for p, s in _flatten(shapes.get(col, {})).items()}
-            for col in ("params", "batch_stats")}
+    return {
+        col: {p: tuple(s.shape) for p, s in _flatten(shapes.get(col, {})).items()} for col in ("params", "batch_stats")
+    }
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(name: str, num_classes: int, frozen_options) -> Tuple[_Entry, ...]:
+def _layout(name: str, num_classes: int, frozen_options) -> tuple[_Entry, ...]:
     shapes = _variable_shapes(name, num_classes, frozen_options)
-    modules: Dict[Tuple[str, ...], Dict[str, Dict[str, Tuple[int, ...]]]] = {}
+    modules: dict[tuple[str, ...], dict[str, dict[str, tuple[int, ...]]]] = {}
     for col in ("params", "batch_stats"):
         for path, shape in shapes[col].items():
             modules.setdefault(path[:-1], {}).setdefault(col, {})[path[-1]] = shape
-    entries: List[_Entry] = []
+    entries: list[_Entry] = []
 
     def add_module(mod, leaves, t):
         params = leaves.get("params", {})
@@ -209,8 +230,9 @@ def _layout(name: str, num_classes: int, frozen_options) -> Tuple[_Entry, ...]:
         if "kernel" in params:
             k = per(params["kernel"])
             if len(k) == 4:  # HWIO -> OIHW
-                entries.append(_Entry(f"{torch_mod}.weight", (k[3], k[2], k[0], k[1]), "params",
-                                      mod + ("kernel",), "conv", t))
+                entries.append(
+                    _Entry(f"{torch_mod}.weight", (k[3], k[2], k[0], k[1]), "params", mod + ("kernel",), "conv", t)
+                )
             elif len(k) == 2:  # [in, out] -> [out, in]
                 entries.append(_Entry(f"{torch_mod}.weight", (k[1], k[0]), "params", mod + ("kernel",), "linear", t))
             else:
@@ -250,7 +272,7 @@ def _vector_head(name: str) -> bool:
     return "lower_triangle" in models.head_options(name)
 
 
-def _tri_size(d: int) -> Optional[int]:
+def _tri_size(d: int) -> int | None:
     c = int(round((math.sqrt(8 * d + 1) - 1) / 2))
     return c if c * (c + 1) // 2 == d else None
 
@@ -278,8 +300,10 @@ def _newmodel_rename(pretrained: bool):
     if pretrained:
         table += [("layer_reduce.", "features.8."), ("layer_reduce_bn.", "features.9.")]
     else:
-        table += [("layer_reduce.", "representation.conv_dr_block.0."),
-                  ("layer_reduce_bn.", "representation.conv_dr_block.1.")]
+        table += [
+            ("layer_reduce.", "representation.conv_dr_block.0."),
+            ("layer_reduce_bn.", "representation.conv_dr_block.1."),
+        ]
     table += [("fc.", "classifier.")]
     return table
 
@@ -288,7 +312,7 @@ def _rename(key: str, table, reverse: bool) -> str:
     for canon, ext in table:
         a, b = (ext, canon) if reverse else (canon, ext)
         if key.startswith(a):
-            return b + key[len(a):]
+            return b + key[len(a) :]
     return key
 
 
@@ -308,10 +332,10 @@ def _from_convention(key: str, convention: str) -> str:
     return key
 
 
-def _strip_wrappers(keys: Sequence[str]) -> Dict[str, str]:
+def _strip_wrappers(keys: Sequence[str]) -> dict[str, str]:
     """external key -> key without DataParallel's `module.` components."""
-    out: Dict[str, str] = {}
-    seen: Dict[str, str] = {}
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
     dups = []
     for k in keys:
         if not isinstance(k, str):
@@ -323,8 +347,10 @@ def _strip_wrappers(keys: Sequence[str]) -> Dict[str, str]:
         out[k] = s
     if dups:
         raise CheckpointMismatchError(
-            "Keys collide once DataParallel's 'module.' prefix is removed: " + "; ".join(dups)
-            + ". Pass a single model's state_dict.")
+            "Keys collide once DataParallel's 'module.' prefix is removed: "
+            + "; ".join(dups)
+            + ". Pass a single model's state_dict."
+        )
     return out
 
 
@@ -335,8 +361,11 @@ def detect_convention(state_dict: Mapping[str, Any], name: str) -> str:
     _, head = models.parse_name(name)
     keys = set(_strip_wrappers(list(state_dict)).values())
     if any(k.startswith(("features.", "representation.", "classifier.")) for k in keys):
-        return "fast_mpn_cov_newmodel_pretrained" if any(k.startswith("features.8.") for k in keys) \
+        return (
+            "fast_mpn_cov_newmodel_pretrained"
+            if any(k.startswith("features.8.") for k in keys)
             else "fast_mpn_cov_newmodel"
+        )
     if any(k.startswith("AtMp") for k in keys):
         return "3gnet"
     if any(k.startswith(("layer_reduce.", "layer_reduce_bn.")) for k in keys):
@@ -366,8 +395,10 @@ def _as_numpy(value, key: str) -> np.ndarray:
     except Exception as e:  # pragma: no cover - defensive
         raise TypeError(f"state_dict[{key!r}] is not an array: {type(value).__name__}") from e
     if arr.dtype == object:
-        raise TypeError(f"state_dict[{key!r}] is not a numeric array (got {type(value).__name__}); "
-                        "pass a flat {name: tensor} state_dict.")
+        raise TypeError(
+            f"state_dict[{key!r}] is not a numeric array (got {type(value).__name__}); "
+            "pass a flat {name: tensor} state_dict."
+        )
     return arr
 
 
@@ -383,21 +414,21 @@ class ConversionResult:
       always: num_batches_tracked).
     """
 
-    variables: Dict[str, Any]
+    variables: dict[str, Any]
     convention: str
     vector_order: str
-    num_classes: Optional[int]
-    ignored_keys: List[str]
+    num_classes: int | None
+    ignored_keys: list[str]
 
 
 def convert_state_dict(
     state_dict: Mapping[str, Any],
     name: str,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     *,
     backbone_only: bool = False,
-    convention: Optional[str] = None,
-    vector_order: Optional[str] = None,
+    convention: str | None = None,
+    vector_order: str | None = None,
     **options,
 ) -> ConversionResult:
     """`from_torch` with the details (detected convention, ignored keys) returned too."""
@@ -420,7 +451,7 @@ def convert_state_dict(
         raise ValueError(f"vector_order must be 'lower' (i >= j) or 'upper' (i <= j), got {vector_order!r}.")
 
     stripped = _strip_wrappers(list(state_dict))
-    source: Dict[str, Tuple[str, Any]] = {}  # canonical key -> (original key, value)
+    source: dict[str, tuple[str, Any]] = {}  # canonical key -> (original key, value)
     ignored = []
     for orig, key in stripped.items():
         if key.endswith("num_batches_tracked"):
@@ -446,7 +477,7 @@ def convert_state_dict(
     expected = {e.key for e in entries}
 
     missing, wrong_shape = [], []
-    values: Dict[str, np.ndarray] = {}
+    values: dict[str, np.ndarray] = {}
     for e in entries:
         ext = _to_convention(e.key, convention)
         if e.key not in source:
@@ -468,22 +499,32 @@ def convert_state_dict(
             unexpected.append(orig)
 
     if missing or unexpected or wrong_shape:
-        lines = [f"The PyTorch state_dict does not match {name!r} (num_classes={num_classes}"
-                 + "".join(f", {k}={v!r}" for k, v in sorted(options.items()))
-                 + f"; key convention {convention!r}):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", wrong_shape)):
+        lines = [
+            f"The PyTorch state_dict does not match {name!r} (num_classes={num_classes}"
+            + "".join(f", {k}={v!r}" for k, v in sorted(options.items()))
+            + f"; key convention {convention!r}):"
+        ]
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", wrong_shape),
+        ):
             if items:
                 lines.append(f"  {title} ({len(items)}):")
                 lines.extend(f"    {k}" for k in items)
         hints = []
         if not backbone_only and convention == "torchvision" and models.parse_name(name)[1] != "gap":
-            hints.append("this looks like a torchvision ResNet (backbone + fc only): to fine-tune it, "
-                         "convert with backbone_only=True (CLI: --backbone_only) and merge it into a fresh "
-                         "model with merge_backbone")
+            hints.append(
+                "this looks like a torchvision ResNet (backbone + fc only): to fine-tune it, "
+                "convert with backbone_only=True (CLI: --backbone_only) and merge it into a fresh "
+                "model with merge_backbone"
+            )
         blocks = {int(m.group(1)) for k in source for m in [re.match(r"AtMp(\d+)\.", k)] if m}
-        if blocks and "num_blocks" not in options and len(blocks) != sum(
-                1 for e in entries if e.key.endswith(".map1.weight")):
+        if (
+            blocks
+            and "num_blocks" not in options
+            and len(blocks) != sum(1 for e in entries if e.key.endswith(".map1.weight"))
+        ):
             hints.append(f"the checkpoint has {len(blocks)} re-weighting blocks: pass num_blocks={len(blocks)}")
         if any(k.startswith("fc.") for k in (w.split(":")[0] for w in wrong_shape)):
             hints.append("num_classes is read from fc.weight unless you pass it")
@@ -491,7 +532,7 @@ def convert_state_dict(
             lines.append("Hints: " + "; ".join(hints) + ".")
         raise CheckpointMismatchError("\n".join(lines))
 
-    by_path: Dict[Tuple[str, Tuple[str, ...]], List[Tuple[Optional[int], np.ndarray]]] = {}
+    by_path: dict[tuple[str, tuple[str, ...]], list[tuple[int | None, np.ndarray]]] = {}
     for e in entries:
         arr = values[e.key]
         if e.kind == "conv":
@@ -500,7 +541,7 @@ def convert_state_dict(
             arr = arr.T
         by_path.setdefault((e.collection, e.path), []).append((e.scan_index, arr))
 
-    flat: Dict[str, Dict[Tuple[str, ...], np.ndarray]] = {"params": {}, "batch_stats": {}}
+    flat: dict[str, dict[tuple[str, ...], np.ndarray]] = {"params": {}, "batch_stats": {}}
     for (col, path), items in by_path.items():
         if items[0][0] is None:
             arr = items[0][1]
@@ -529,13 +570,13 @@ def convert_state_dict(
 def from_torch(
     state_dict: Mapping[str, Any],
     name: str,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     *,
     backbone_only: bool = False,
-    convention: Optional[str] = None,
-    vector_order: Optional[str] = None,
+    convention: str | None = None,
+    vector_order: str | None = None,
     **options,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Convert a PyTorch state_dict into variables for `gg_jax.models.create(name, ...)`.
 
     Args:
@@ -559,11 +600,18 @@ def from_torch(
       CheckpointMismatchError (a ValueError) listing every missing, unexpected and
       mis-shaped key by name.
     """
-    return convert_state_dict(state_dict, name, num_classes, backbone_only=backbone_only,
-                              convention=convention, vector_order=vector_order, **options).variables
+    return convert_state_dict(
+        state_dict,
+        name,
+        num_classes,
+        backbone_only=backbone_only,
+        convention=convention,
+        vector_order=vector_order,
+        **options,
+    ).variables
 
 
-def merge_backbone(variables: Mapping[str, Any], backbone: Mapping[str, Any]) -> Dict[str, Any]:
+def merge_backbone(variables: Mapping[str, Any], backbone: Mapping[str, Any]) -> dict[str, Any]:
     """`variables` with the backbone entries (`from_torch(..., backbone_only=True)`) replaced.
 
     Everything else (head, classifier) keeps its value. Every entry of `backbone` must
@@ -577,8 +625,9 @@ def merge_backbone(variables: Mapping[str, Any], backbone: Mapping[str, Any]) ->
             if old is None:
                 problems.append(f"{col}/{'/'.join(path)}: not in the model")
             elif tuple(np.shape(old)) != tuple(np.shape(value)):
-                problems.append(f"{col}/{'/'.join(path)}: backbone {tuple(np.shape(value))}, "
-                                f"model {tuple(np.shape(old))}")
+                problems.append(
+                    f"{col}/{'/'.join(path)}: backbone {tuple(np.shape(value))}, model {tuple(np.shape(old))}"
+                )
             else:
                 out[col][path] = value
     if problems:
@@ -593,8 +642,9 @@ def _num_classes_of(variables) -> int:
         raise ValueError("variables have no params/fc/kernel; pass the variables of a gg_jax model.") from e
 
 
-def torch_layout(name: str, num_classes: int = 1000, *, convention: Optional[str] = None,
-                 **options) -> List[Tuple[str, Tuple[int, ...]]]:
+def torch_layout(
+    name: str, num_classes: int = 1000, *, convention: str | None = None, **options
+) -> list[tuple[str, tuple[int, ...]]]:
     """`[(key, shape), ...]` of the PyTorch state_dict `to_torch` writes, in PyTorch's order.
 
     For "*_3g" this is the released 3G-Net's layout (`layout.json`).
@@ -614,8 +664,14 @@ def torch_layout(name: str, num_classes: int = 1000, *, convention: Optional[str
     return out
 
 
-def to_torch(variables: Mapping[str, Any], name: str, *, convention: Optional[str] = None,
-             vector_order: Optional[str] = None, **options) -> Dict[str, np.ndarray]:
+def to_torch(
+    variables: Mapping[str, Any],
+    name: str,
+    *,
+    convention: str | None = None,
+    vector_order: str | None = None,
+    **options,
+) -> dict[str, np.ndarray]:
     """Inverse of `from_torch`: an ordered `{key: NumPy array}` PyTorch state_dict.
 
     `convention` defaults to the model's original: "3gnet" for *_3g (the released
@@ -639,8 +695,10 @@ def to_torch(variables: Mapping[str, Any], name: str, *, convention: Optional[st
     extra = [f"{c}/{'/'.join(p)}" for c in flat for p in flat[c] if (c, p) not in expected]
     if missing or extra:
         raise CheckpointMismatchError(
-            f"variables do not match {name!r}:" + (f"\n  missing: {', '.join(missing)}" if missing else "")
-            + (f"\n  unexpected: {', '.join(extra)}" if extra else ""))
+            f"variables do not match {name!r}:"
+            + (f"\n  missing: {', '.join(missing)}" if missing else "")
+            + (f"\n  unexpected: {', '.join(extra)}" if extra else "")
+        )
     fc_kernel = None
     if _vector_head(name):
         source = "lower" if options.get("lower_triangle", True) else "upper"
@@ -648,7 +706,7 @@ def to_torch(variables: Mapping[str, Any], name: str, *, convention: Optional[st
             k = np.asarray(flat["params"][("fc", "kernel")])
             perm = _upper_to_lower(_tri_size(k.shape[0]))
             fc_kernel = k[np.argsort(perm)] if source == "lower" else k[perm]
-    out: Dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray] = {}
     for e in entries:
         arr = np.asarray(flat[e.collection][e.path])
         if e.path == ("fc", "kernel") and fc_kernel is not None:
@@ -662,7 +720,8 @@ def to_torch(variables: Mapping[str, Any], name: str, *, convention: Optional[st
         if tuple(arr.shape) != e.torch_shape:
             raise CheckpointMismatchError(
                 f"{e.collection}/{'/'.join(e.path)} has shape {np.shape(flat[e.collection][e.path])}, "
-                f"expected the PyTorch shape {e.torch_shape} after transposing.")
+                f"expected the PyTorch shape {e.torch_shape} after transposing."
+            )
         out[_to_convention(e.key, convention)] = np.ascontiguousarray(arr, dtype=np.float32)
         if e.key.endswith(".running_var"):
             counter = e.key[: -len("running_var")] + "num_batches_tracked"
@@ -707,8 +766,16 @@ def _safe_numpy_globals():
 
 def _unpickler_detail(msg: str) -> str:
     """The informative line(s) of torch's weights_only error message."""
-    boiler = ("Weights only load failed", "In PyTorch 2.6", "Re-running", "Please file an issue",
-              "Check the documentation", "This file can still be loaded", "(1)", "(2)")
+    boiler = (
+        "Weights only load failed",
+        "In PyTorch 2.6",
+        "Re-running",
+        "Please file an issue",
+        "Check the documentation",
+        "This file can still be loaded",
+        "(1)",
+        "(2)",
+    )
     lines = [ln.strip() for ln in msg.splitlines()]
     keep = [ln for ln in lines if ln and not ln.startswith(boiler)]
     return " ".join(keep).replace("WeightsUnpickler error: ", "") or msg
@@ -724,7 +791,8 @@ def _read_pth(path: str):
     except ImportError as e:
         raise ImportError(
             f"Reading {path!r} needs PyTorch (pip install torch; the CPU build is enough). "
-            "gg_jax itself does not need it: from_torch also accepts a dict of NumPy arrays.") from e
+            "gg_jax itself does not need it: from_torch also accepts a dict of NumPy arrays."
+        ) from e
     import pickle
 
     try:
@@ -741,12 +809,15 @@ def _read_pth(path: str):
                 "tensors, numbers and dicts (torch.load(..., weights_only=True)). If you trust the "
                 "file, re-save its state_dict only, e.g.\n" + _RESAVE_SNIPPET.replace("PATH", repr(path))
             ) from None
-        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint: torch.load(..., weights_only=True) "
-                         "failed (the file is corrupt or truncated, was not written by torch.save, or uses "
-                         f"pickle features the safe loader refuses): {_unpickler_detail(msg)}") from None
+        raise ValueError(
+            f"{path!r} is not a readable PyTorch checkpoint: torch.load(..., weights_only=True) "
+            "failed (the file is corrupt or truncated, was not written by torch.save, or uses "
+            f"pickle features the safe loader refuses): {_unpickler_detail(msg)}"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint (corrupt, truncated or not "
-                         f"written by torch.save): {e}") from None
+        raise ValueError(
+            f"{path!r} is not a readable PyTorch checkpoint (corrupt, truncated or not written by torch.save): {e}"
+        ) from None
 
 
 def _is_tensor_like(v) -> bool:
@@ -763,12 +834,15 @@ def _extract_state_dict(obj, path: str):
             return obj[key], {k: v for k, v in meta.items() if v is not None}
     if obj and all(_is_tensor_like(v) for v in obj.values()):
         return obj, {}
-    raise ValueError(f"{path!r} has no 'state_dict' entry and is not a state_dict itself "
-                     f"(top-level keys: {', '.join(map(str, list(obj)[:20]))}).")
+    raise ValueError(
+        f"{path!r} has no 'state_dict' entry and is not a state_dict itself "
+        f"(top-level keys: {', '.join(map(str, list(obj)[:20]))})."
+    )
 
 
-def load_torch_checkpoint(path: str, name: str, num_classes: Optional[int] = None, *,
-                          backbone_only: bool = False, **kwargs) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def load_torch_checkpoint(
+    path: str, name: str, num_classes: int | None = None, *, backbone_only: bool = False, **kwargs
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read a `.pth` / `.pth.tar` checkpoint and convert it for `create(name, ...)`.
 
     The file may be a released-style dict (`state_dict`, `epoch`, `arch`, `best_prec1`,
@@ -787,8 +861,13 @@ def load_torch_checkpoint(path: str, name: str, num_classes: Optional[int] = Non
     path = os.fspath(path)
     state_dict, file_meta = _extract_state_dict(_read_pth(path), path)
     res = convert_state_dict(state_dict, name, num_classes, backbone_only=backbone_only, **kwargs)
-    meta = {"model": name, "num_classes": res.num_classes, "source": os.path.abspath(path),
-            "convention": res.convention, "vector_order": res.vector_order}
+    meta = {
+        "model": name,
+        "num_classes": res.num_classes,
+        "source": os.path.abspath(path),
+        "convention": res.convention,
+        "vector_order": res.vector_order,
+    }
     meta.update(file_meta)
     return res.variables, meta
 
@@ -798,26 +877,38 @@ def _count(tree) -> int:
     return int(sum(np.size(v) for v in _flatten(dict(tree)).values()))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from gg_jax import models, variables_io
 
     p = argparse.ArgumentParser(
         prog="python -m gg_jax.convert",
         description="Convert a PyTorch checkpoint (3G-Net, fast-MPN-COV iSQRT-COV, torchvision ResNet) "
-                    "into a gg_jax variables directory (read by gg_jax.variables_io.load_variables).")
+        "into a gg_jax variables directory (read by gg_jax.variables_io.load_variables).",
+    )
     p.add_argument("--arch", required=True, help=f"model name, one of: {', '.join(models.names())}")
     p.add_argument("--torch_checkpoint", required=True, help=".pth / .pth.tar file (read with weights_only=True)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
-    p.add_argument("--num_classes", type=int, default=None,
-                   help="classes (default: from the checkpoint's classifier; required with --backbone_only)")
-    p.add_argument("--backbone_only", action="store_true",
-                   help="take only conv1/bn1/layer1..4 from the checkpoint (e.g. torchvision ImageNet "
-                        "weights); the head and classifier are freshly initialised with --seed")
+    p.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help="classes (default: from the checkpoint's classifier; required with --backbone_only)",
+    )
+    p.add_argument(
+        "--backbone_only",
+        action="store_true",
+        help="take only conv1/bn1/layer1..4 from the checkpoint (e.g. torchvision ImageNet "
+        "weights); the head and classifier are freshly initialised with --seed",
+    )
     p.add_argument("--seed", type=int, default=0, help="init seed of the head/classifier with --backbone_only")
     p.add_argument("--convention", choices=CONVENTIONS, default=None, help="force the key convention")
-    p.add_argument("--vector_order", choices=("lower", "upper"), default=None,
-                   help="order of the checkpoint's covariance vector (default: upper for fast-MPN-COV)")
+    p.add_argument(
+        "--vector_order",
+        choices=("lower", "upper"),
+        default=None,
+        help="order of the checkpoint's covariance vector (default: upper for fast-MPN-COV)",
+    )
     args = p.parse_args(argv)
     try:
         models.parse_name(args.arch)
@@ -828,8 +919,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         state_dict, file_meta = _extract_state_dict(_read_pth(args.torch_checkpoint), args.torch_checkpoint)
-        res = convert_state_dict(state_dict, args.arch, args.num_classes, backbone_only=args.backbone_only,
-                                 convention=args.convention, vector_order=args.vector_order)
+        res = convert_state_dict(
+            state_dict,
+            args.arch,
+            args.num_classes,
+            backbone_only=args.backbone_only,
+            convention=args.convention,
+            vector_order=args.vector_order,
+        )
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -842,10 +939,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         num_classes = args.num_classes
         model = models.create(args.arch, num_classes=num_classes)
         init = jax.jit(functools.partial(model.init, train=False))(
-            jax.random.PRNGKey(args.seed), jnp.zeros((1, 64, 64, 3), jnp.float32))
+            jax.random.PRNGKey(args.seed), jnp.zeros((1, 64, 64, 3), jnp.float32)
+        )
         variables = merge_backbone(jax.tree.map(np.asarray, init), variables)
-    meta = {"model": args.arch, "num_classes": num_classes, "source": os.path.abspath(args.torch_checkpoint),
-            "convention": res.convention, "vector_order": res.vector_order, "backbone_only": args.backbone_only}
+    meta = {
+        "model": args.arch,
+        "num_classes": num_classes,
+        "source": os.path.abspath(args.torch_checkpoint),
+        "convention": res.convention,
+        "vector_order": res.vector_order,
+        "backbone_only": args.backbone_only,
+    }
     if args.backbone_only:
         meta["init_seed"] = args.seed
     meta.update(file_meta)
@@ -856,10 +960,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     n_params = _count(variables["params"])
     print(f"Converted {args.torch_checkpoint} -> {os.path.abspath(args.out)}")
-    print(f"  model {args.arch}, {num_classes} classes, {n_params:,} parameters "
-          f"({_count(variables.get('batch_stats', {})):,} batch statistics)")
-    print(f"  key convention {res.convention}, vector order {res.vector_order}"
-          + (f", backbone only (head/classifier freshly initialised, seed {args.seed})" if args.backbone_only else ""))
+    print(
+        f"  model {args.arch}, {num_classes} classes, {n_params:,} parameters "
+        f"({_count(variables.get('batch_stats', {})):,} batch statistics)"
+    )
+    print(
+        f"  key convention {res.convention}, vector order {res.vector_order}"
+        + (f", backbone only (head/classifier freshly initialised, seed {args.seed})" if args.backbone_only else "")
+    )
     src = ", ".join(f"{k} {file_meta[k]}" for k in ("arch", "epoch", "best_prec1", "best_acc1") if k in file_meta)
     print(f"  source: {src or 'bare state_dict'}")
     if res.ignored_keys:

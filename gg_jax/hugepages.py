@@ -21,6 +21,7 @@ on CPU get from jemalloc or tcmalloc. `train.py` does not set it: gg_jax's step 
 faster with it (about 2 % slower on the 2-core VM), every thread's allocations, the input
 pipeline's included, go to one arena, and memory is never returned to the system.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,7 @@ import sys
 TUNABLE = "glibc.malloc.hugetlb=1"
 # One arena: other threads' arenas mmap large blocks whatever mmap_max says; no mmap;
 # never trim the heap (64 GiB threshold).
-KEEP_FREED_MEMORY = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
-                     "glibc.malloc.trim_threshold=68719476736")
+KEEP_FREED_MEMORY = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=68719476736")
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 

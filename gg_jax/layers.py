@@ -12,11 +12,12 @@ BatchNorm follows the reference (PyTorch defaults): epsilon 1e-5, running averag
 variance with the *biased* batch variance, PyTorch with the unbiased one; eval-mode
 outputs are unaffected (see the README).
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -30,7 +31,7 @@ Dtype = Any
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def batch_norm(train: bool, dtype: Dtype, name: Optional[str] = None, scale_init=nn.initializers.ones):
+def batch_norm(train: bool, dtype: Dtype, name: str | None = None, scale_init=nn.initializers.ones):
     """BatchNorm with the reference's (PyTorch's) epsilon and momentum."""
     return nn.BatchNorm(
         use_running_average=not train,
@@ -65,8 +66,9 @@ def conv1x1_xla(x, kernel, stride: int = 1):
 
     x: `[B, H, W, C]`; kernel: `[1, 1, C, O]`. Returns `[B, ceil(H/stride), ceil(W/stride), O]`.
     """
-    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def conv1x1_by_platform(x, kernel, stride: int = 1):
@@ -81,8 +83,12 @@ def conv1x1_by_platform(x, kernel, stride: int = 1):
     """
     if x.ndim != 4:
         return conv1x1_matmul(x, kernel, stride)
-    return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(conv1x1_matmul, stride=stride),
-                                      default=functools.partial(conv1x1_xla, stride=stride))
+    return jax.lax.platform_dependent(
+        x,
+        kernel,
+        cpu=functools.partial(conv1x1_matmul, stride=stride),
+        default=functools.partial(conv1x1_xla, stride=stride),
+    )
 
 
 class Conv1x1(nn.Module):
@@ -106,12 +112,12 @@ class Conv1x1(nn.Module):
         return conv1x1_by_platform(x, kernel, self.stride)
 
 
-def conv1x1(features: int, dtype: Dtype, name: Optional[str] = None):
+def conv1x1(features: int, dtype: Dtype, name: str | None = None):
     """Bias-free 1x1 convolution with the reference's He-normal fan-out init (`Conv1x1`)."""
     return Conv1x1(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)
 
 
-def check_feature_map(x, layer: str, in_features: Optional[int] = None):
+def check_feature_map(x, layer: str, in_features: int | None = None):
     """Raise a ValueError unless `x` is an NHWC map `[B, H, W, C]` (with C == in_features)."""
     if x.ndim != 4:
         raise ValueError(
@@ -329,8 +335,8 @@ class GeneralizedGaussianCovariance(_HeadBase):
     estimator: bool = True
     sqrt_method: SqrtMethod = "newton_schulz"
     cov_eps: float = 1e-7
-    reduction_dim: Optional[int] = None
-    in_features: Optional[int] = None
+    reduction_dim: int | None = None
+    in_features: int | None = None
     lower_triangle: bool = True
     dtype: Dtype = jnp.float32
 
@@ -363,8 +369,8 @@ class CovariancePooling(_HeadBase):
     num_iters: int = 5
     power: float = 0.5
     cov_eps: float = 1e-7
-    reduction_dim: Optional[int] = None
-    in_features: Optional[int] = None
+    reduction_dim: int | None = None
+    in_features: int | None = None
     lower_triangle: bool = True
     dtype: Dtype = jnp.float32
 
@@ -392,8 +398,8 @@ class BilinearPooling(_HeadBase):
     """
 
     batch_norm: bool = True
-    reduction_dim: Optional[int] = None
-    in_features: Optional[int] = None
+    reduction_dim: int | None = None
+    in_features: int | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -428,8 +434,8 @@ class GaussianEmbedding(_HeadBase):
     sqrt_method: SqrtMethod = "eigh"
     num_iters: int = 5
     cov_eps: float = 1e-7
-    reduction_dim: Optional[int] = None
-    in_features: Optional[int] = None
+    reduction_dim: int | None = None
+    in_features: int | None = None
     lower_triangle: bool = True
     dtype: Dtype = jnp.float32
 
@@ -446,8 +452,8 @@ class GlobalAveragePooling(_HeadBase):
     Call: `head(x, train=...)` with `[B, H, W, C]` -> `[B, C]` float32.
     """
 
-    reduction_dim: Optional[int] = None
-    in_features: Optional[int] = None
+    reduction_dim: int | None = None
+    in_features: int | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact

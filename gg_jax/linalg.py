@@ -13,6 +13,7 @@ Equation numbers refer to Wang et al., "Deep Global Generalized Gaussian Network
 CVPR 2019 ("the paper"); "reference" means the released PyTorch implementation as
 described in the project's reference notes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -284,7 +285,7 @@ def regularized_sqrtm(
 # Vectorisation.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triu_indices(c: int, lower: bool = True) -> np.ndarray:
     """Flat indices into a `C x C` matrix of the C(C+1)/2 vectorised entries.
 

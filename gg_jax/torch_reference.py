@@ -91,9 +91,8 @@ as the golden files) ``layer4``, ``reduced``, ``reweighted1..T`` (3g only),
 ``head_fp32=True`` runs the covariance head (from the covariance on) in float32 with
 autocast disabled; the default (False) is what the reference does under autocast.
 """
-from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from __future__ import annotations
 
 import numpy as np
 import torch
@@ -121,7 +120,7 @@ __all__ = [
 ]
 
 # arch -> (block kind, blocks per stage)
-ARCHS: Dict[str, Tuple[str, Tuple[int, int, int, int]]] = {
+ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet23": ("bottleneck", (1, 2, 2, 2)),
@@ -232,8 +231,7 @@ class AtMp(nn.Module):
 # ---------------------------------------------------------------------- covariance head
 def _centering_matrix(m: int, device, dtype) -> torch.Tensor:
     """I_hat = (1/M) (I - (1/M) 1 1^T), M x M."""
-    return ((-1.0 / m / m) * torch.ones(m, m, device=device)
-            + (1.0 / m) * torch.eye(m, m, device=device)).to(dtype)
+    return ((-1.0 / m / m) * torch.ones(m, m, device=device) + (1.0 / m) * torch.eye(m, m, device=device)).to(dtype)
 
 
 def cov_pool(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -339,11 +337,11 @@ class SqrtNewtonSchulzFunction(torch.autograd.Function):
         k = ctx.num_iters
         saved = ctx.saved_tensors
         s, norm = saved[0], saved[1]
-        ys = saved[2:3 + k]
+        ys = saved[2 : 3 + k]
         b, d, _ = s.shape
         eye = torch.eye(d, device=s.device, dtype=s.dtype).unsqueeze(0).expand(b, d, d)
-        zs = (eye,) + tuple(saved[3 + k:3 + 2 * k])
-        ts = saved[3 + 2 * k:3 + 3 * k]
+        zs = (eye,) + tuple(saved[3 + k : 3 + 2 * k])
+        ts = saved[3 + 2 * k : 3 + 3 * k]
         g = g.to(s.dtype)
         sq = torch.sqrt(norm).view(b, 1, 1)
         g_norm = (g * ys[k]).sum(dim=(1, 2)) / (2.0 * sq.view(b))
@@ -380,8 +378,7 @@ def tril_vec_per_sample(x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(b, d * d)
     idx = _tril_index(d, x.device)
     # The reference fills a default-dtype (float32) buffer; keep float64 as float64.
-    out = torch.zeros(b, idx.numel(), device=x.device,
-                      dtype=torch.promote_types(x.dtype, torch.float32))
+    out = torch.zeros(b, idx.numel(), device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
     for i in range(b):
         out[i, :] = flat[i, idx]
     return out
@@ -426,10 +423,21 @@ class ReferenceResNet3G(nn.Module):
       dim: reduced channel count (256).
     """
 
-    def __init__(self, arch: str = "resnet50", num_classes: int = 1000, num_blocks: int = 3,
-                 num_iters: int = 5, head: str = "3g", *, cov_eps: Optional[float] = None,
-                 sqrt_impl: Optional[str] = None, isqrt_keys: str = "newmodel",
-                 dropout: float = 0.0, head_fp32: bool = False, dim: int = 256):
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        num_classes: int = 1000,
+        num_blocks: int = 3,
+        num_iters: int = 5,
+        head: str = "3g",
+        *,
+        cov_eps: float | None = None,
+        sqrt_impl: str | None = None,
+        isqrt_keys: str = "newmodel",
+        dropout: float = 0.0,
+        head_fp32: bool = False,
+        dim: int = 256,
+    ):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; valid: {sorted(ARCHS)}")
@@ -455,8 +463,7 @@ class ReferenceResNet3G(nn.Module):
         maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         inplanes = 64
         stages = []
-        for planes, n, stride in zip((64, 128, 256, 512), counts,
-                                     (1, 2, 2, 2 if head == "gap" else 1)):
+        for planes, n, stride in zip((64, 128, 256, 512), counts, (1, 2, 2, 2 if head == "gap" else 1)):
             stage, inplanes = _make_stage(block, inplanes, planes, n, stride)
             stages.append(stage)
         backbone = [conv1, bn1, relu, maxpool] + stages
@@ -465,8 +472,7 @@ class ReferenceResNet3G(nn.Module):
         h = {"backbone": backbone}
 
         if head == "gap":
-            for name, mod in zip(("conv1", "bn1", "relu", "maxpool",
-                                  "layer1", "layer2", "layer3", "layer4"), backbone):
+            for name, mod in zip(("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), backbone):
                 self.add_module(name, mod)
             self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
             self.fc = nn.Linear(inplanes, num_classes)
@@ -478,8 +484,9 @@ class ReferenceResNet3G(nn.Module):
                 reduce_bn = nn.BatchNorm2d(dim)
                 reduce_relu = nn.ReLU(inplace=True)
             if head == "3g":
-                for name, mod in zip(("conv1", "bn1", "relu", "maxpool",
-                                      "layer1", "layer2", "layer3", "layer4"), backbone):
+                for name, mod in zip(
+                    ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), backbone
+                ):
                     self.add_module(name, mod)
                 self.layer_reduce, self.layer_reduce_bn = reduce_conv, reduce_bn
                 self.layer_reduce_relu = reduce_relu
@@ -491,8 +498,9 @@ class ReferenceResNet3G(nn.Module):
                 h["atmp"] = [getattr(self, f"AtMp{t}") for t in range(1, num_blocks + 1)]
                 h["fc"] = self.fc
             elif isqrt_keys == "mpncovresnet":
-                for name, mod in zip(("conv1", "bn1", "relu", "maxpool",
-                                      "layer1", "layer2", "layer3", "layer4"), backbone):
+                for name, mod in zip(
+                    ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"), backbone
+                ):
                     self.add_module(name, mod)
                 self.layer_reduce, self.layer_reduce_bn = reduce_conv, reduce_bn
                 self.layer_reduce_relu = reduce_relu
@@ -553,7 +561,7 @@ class ReferenceResNet3G(nn.Module):
 
     def forward(self, x: torch.Tensor, return_intermediates: bool = False):
         h = self._h
-        inter: Dict[str, torch.Tensor] = {}
+        inter: dict[str, torch.Tensor] = {}
         for mod in h["backbone"]:
             x = mod(x)
         inter["layer4"] = x
@@ -574,7 +582,7 @@ class ReferenceResNet3G(nn.Module):
         for ``head='gap'``, ``layer4``. Returns logits (and the dict of intermediates).
         """
         h = self._h
-        inter: Dict[str, torch.Tensor] = {}
+        inter: dict[str, torch.Tensor] = {}
         if self.head == "gap":
             v = torch.flatten(self.avgpool(x), 1)
             inter["pooled"] = v
@@ -607,23 +615,21 @@ class ReferenceResNet3G(nn.Module):
 
 
 # ------------------------------------------------------------------------ state dicts
-def make_torch_state_dict(arch_key: Optional[str] = None, seed: int = 0, layout=None
-                          ) -> Dict[str, torch.Tensor]:
+def make_torch_state_dict(arch_key: str | None = None, seed: int = 0, layout=None) -> dict[str, torch.Tensor]:
     """``make_state_dict`` as torch tensors, ready for ``load_state_dict``."""
     return {k: torch.from_numpy(v) for k, v in make_state_dict(arch_key, seed, layout).items()}
 
 
-def layout_of(module: nn.Module) -> List[Tuple[str, Tuple[int, ...]]]:
+def layout_of(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     """The ``(key, shape)`` list of a module's state_dict (layout.json style)."""
     return [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
 
 
-def random_state_dict(module: nn.Module, seed: int = 0) -> Dict[str, torch.Tensor]:
+def random_state_dict(module: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     """The deterministic recipe applied to any module's own layout (isqrt, gap, ...)."""
     return make_torch_state_dict(None, seed, layout=layout_of(module))
 
 
-def load_numpy_state_dict(module: nn.Module, state: Dict[str, np.ndarray], strict=True):
+def load_numpy_state_dict(module: nn.Module, state: dict[str, np.ndarray], strict=True):
     """``module.load_state_dict`` from NumPy arrays (copies)."""
-    return module.load_state_dict(
-        {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}, strict=strict)
+    return module.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}, strict=strict)

@@ -12,12 +12,13 @@ tiny model's and not the classifier weight: a resnet50_3g step at batch 4, two c
 versions alternating in one process, 1.095 -> 1.061 s and 1.039 -> 1.011 s (3 %). The new
 state is bitwise the same (tests/test_training_unit.py).
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 
-def train_step_options(platform: str) -> Dict[str, Any]:
+def train_step_options(platform: str) -> dict[str, Any]:
     """Compiler options for a train step compiled for `platform` ('cpu', 'gpu', 'tpu', ...)."""
     if platform == "cpu":
         return {"xla_cpu_copy_insertion_use_region_analysis": True}

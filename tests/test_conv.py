@@ -1,4 +1,5 @@
 """gg_jax.models.conv: the GEMM kernel gradient against XLA's, and the module against nn.Conv."""
+
 import os
 import subprocess
 import sys
@@ -56,8 +57,12 @@ def test_kernel_grad_gemm_float64_is_exact_sum(channels, stride):
 
 @pytest.mark.parametrize(
     "shape,out,k,pad",
-    [((2, 14, 14, 32), 16, 3, (1, 1)), ((2, 9, 7, 8), 4, 3, (0, 0)), ((1, 8, 8, 4), 6, 5, (2, 1)),
-     ((2, 7, 7, 4), 6, 2, (0, 1))],
+    [
+        ((2, 14, 14, 32), 16, 3, (1, 1)),
+        ((2, 9, 7, 8), 4, 3, (0, 0)),
+        ((1, 8, 8, 4), 6, 5, (2, 1)),
+        ((2, 7, 7, 4), 6, 2, (0, 1)),
+    ],
 )
 def test_kernel_grad_im2col_equals_xla(shape, out, k, pad):
     """Stride 1, odd sizes, no or uneven padding, even kernels: the same sum as XLA's (float64)."""
@@ -98,8 +103,15 @@ def test_conv_module_matches_nn_conv(stride, channels):
 
 @pytest.mark.parametrize(
     "channels,size,stride,gemm",
-    [(8, 10, 1, True), (3, 10, 2, True), (conv.MIN_IM2COL_GRAD_CHANNELS, 10, 1, True), (128, 10, 1, False),
-     (128, 56, 1, True), (128, 56, 2, False), (8, 10, 2, False)],
+    [
+        (8, 10, 1, True),
+        (3, 10, 2, True),
+        (conv.MIN_IM2COL_GRAD_CHANNELS, 10, 1, True),
+        (128, 10, 1, False),
+        (128, 56, 1, True),
+        (128, 56, 2, False),
+        (8, 10, 2, False),
+    ],
 )
 def test_cpu_kernel_gradient_rule(channels, size, stride, gemm):
     """On CPU the kernel gradient is a GEMM (no convolution in the compiled backward) for
@@ -121,9 +133,13 @@ def test_hugepages_reexec_sets_the_tunable():
         "print(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])"
     )
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    out = subprocess.run([sys.executable, "-c", code, "a", "--b=1"], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, "a", "--b=1"], env=env, capture_output=True, text=True, check=True
+    )
     applies = (
-        sys.platform.startswith("linux") and hugepages._thp_mode() == "madvise" and hugepages._glibc_has_hugetlb_tunable()
+        sys.platform.startswith("linux")
+        and hugepages._thp_mode() == "madvise"
+        and hugepages._glibc_has_hugetlb_tunable()
     )
     assert out.stdout.split()[0:1] == (["glibc.malloc.hugetlb=1"] if applies else [])
     assert "['a', '--b=1']" in out.stdout

@@ -4,6 +4,7 @@ The PyTorch side is the project's reference implementation (`gg_jax.torch_refere
 whose state_dict keys are those of the real checkpoints (test_torch_reference.py checks
 it against the golden files and layout.json).
 """
+
 import functools
 import json
 import os
@@ -53,7 +54,7 @@ def torch_logits(model, x_nchw):
         return model(torch.from_numpy(x_nchw)).numpy()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _eval_fn(name, num_classes, options):
     model = models.create(name, num_classes=num_classes, **dict(options))
     return jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))
@@ -119,8 +120,11 @@ def test_fast_mpn_cov_isqrt_resnet50_matches_torch_reference(x64):
 
     # The other fast-MPN-COV layouts: the key names of the PyTorch reference, and the same
     # variables back.
-    for keys, convention in (("mpncovresnet", "fast_mpn_cov"), ("newmodel", "fast_mpn_cov_newmodel"),
-                             ("newmodel_pretrained", "fast_mpn_cov_newmodel_pretrained")):
+    for keys, convention in (
+        ("mpncovresnet", "fast_mpn_cov"),
+        ("newmodel", "fast_mpn_cov_newmodel"),
+        ("newmodel_pretrained", "fast_mpn_cov_newmodel_pretrained"),
+    ):
         with torch.device("meta"):
             oracle = layout_of(ReferenceResNet3G("resnet50", 100, head="isqrt", isqrt_keys=keys))
         exported = convert.to_torch(variables, "resnet50_isqrt", convention=convention)
@@ -130,7 +134,8 @@ def test_fast_mpn_cov_isqrt_resnet50_matches_torch_reference(x64):
         assert_trees_equal(again.variables, variables)
     # to_torch's default for *_isqrt is MPNCOVResNet (the released mpncovresnet50 files).
     assert list(convert.to_torch(variables, "resnet50_isqrt")) == list(
-        convert.to_torch(variables, "resnet50_isqrt", convention="fast_mpn_cov"))
+        convert.to_torch(variables, "resnet50_isqrt", convention="fast_mpn_cov")
+    )
 
 
 # -------------------------------------------------------------------------- torchvision
@@ -178,8 +183,9 @@ def test_torchvision_backbone_into_resnet50_3g(torchvision_resnet50):
             else:
                 assert_trees_equal(tree, full[col][module])  # = the torchvision weights
     # A backbone of another depth does not fit: named in the error.
-    small = convert.from_torch(random_state_dict(ReferenceResNet3G("resnet18", head="gap"), 0), "resnet18_3g",
-                               backbone_only=True)
+    small = convert.from_torch(
+        random_state_dict(ReferenceResNet3G("resnet18", head="gap"), 0), "resnet18_3g", backbone_only=True
+    )
     with pytest.raises(convert.CheckpointMismatchError, match="layer1_0/conv1/kernel"):
         convert.merge_backbone(init, small)
 
@@ -191,8 +197,22 @@ def test_cli_backbone_only_from_torchvision_resnet18(tmp_path, capsys):
     path = tmp_path / "resnet18-torchvision.pth"
     torch.save(state, path)  # a bare state_dict, as torchvision's model zoo files
     out = tmp_path / "converted"
-    assert convert.main(["--arch", "resnet18_3g", "--torch_checkpoint", str(path), "--out", str(out),
-                         "--backbone_only", "--num_classes", "10"]) == 0
+    assert (
+        convert.main(
+            [
+                "--arch",
+                "resnet18_3g",
+                "--torch_checkpoint",
+                str(path),
+                "--out",
+                str(out),
+                "--backbone_only",
+                "--num_classes",
+                "10",
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     assert "torchvision" in stdout and "fc.weight" in stdout  # convention; ignored keys
     variables, meta = variables_io.load_variables(str(out))
@@ -200,8 +220,9 @@ def test_cli_backbone_only_from_torchvision_resnet18(tmp_path, capsys):
 
     # The backbone computes what the PyTorch 3G-Net computes with these backbone weights.
     ref3g = ReferenceResNet3G("resnet18", num_classes=10)
-    missing, unexpected = ref3g.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")},
-                                                strict=False)
+    missing, unexpected = ref3g.load_state_dict(
+        {k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False
+    )
     assert not unexpected and all(k.startswith(("layer_reduce", "AtMp", "fc")) for k in missing)
     x = np.random.default_rng(1).standard_normal((2, 3, 64, 64)).astype(np.float32)
     ref3g.eval()
@@ -225,8 +246,10 @@ def _released_style(state_dict, epoch=17, arch="resnet18_3g"):
         "arch": arch,
         "state_dict": tensors,
         "best_prec1": torch.tensor(78.5),
-        "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(3)}},
-                      "param_groups": [{"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "params": [0]}]},
+        "optimizer": {
+            "state": {0: {"momentum_buffer": torch.zeros(3)}},
+            "param_groups": [{"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "params": [0]}],
+        },
     }
 
 
@@ -271,11 +294,13 @@ def test_load_bare_state_dict_with_numpy_scalars_and_bf16_tensors(tmp_path):
     torch.save(ckpt, path)
     assert convert.load_torch_checkpoint(path, arch)[1]["best_prec1"] == ckpt["best_prec1"]
     # bf16 torch tensors are accepted (widened to float32).
-    bf16 = {k: torch.from_numpy(v).bfloat16() if v.dtype == np.float32 else torch.from_numpy(v)
-            for k, v in state.items()}
+    bf16 = {
+        k: torch.from_numpy(v).bfloat16() if v.dtype == np.float32 else torch.from_numpy(v) for k, v in state.items()
+    }
     got = convert.from_torch(bf16, arch)
-    want = convert.from_torch({k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in bf16.items()},
-                              arch)
+    want = convert.from_torch(
+        {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in bf16.items()}, arch
+    )
     assert_trees_equal(got, want)
 
 
@@ -310,8 +335,10 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="evil_plain.pkl"):
         convert.load_torch_checkpoint(plain_file, "resnet18_3g")
     assert not marker.exists()
-    assert convert.main(["--arch", "resnet18_3g", "--torch_checkpoint", str(zip_file),
-                         "--out", str(tmp_path / "out")]) == 1
+    assert (
+        convert.main(["--arch", "resnet18_3g", "--torch_checkpoint", str(zip_file), "--out", str(tmp_path / "out")])
+        == 1
+    )
     assert "arbitrary Python objects" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -389,9 +416,15 @@ print("ok")
 
 
 def test_module_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "gg_jax.convert", "--help"], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gg_jax.convert", "--help"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert proc.returncode == 0 and "--torch_checkpoint" in proc.stdout and "resnet50_3g" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "gg_jax.convert", "--arch", "resnet50_3x", "--torch_checkpoint",
-                           "x.pth", "--out", "y"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gg_jax.convert", "--arch", "resnet50_3x", "--torch_checkpoint", "x.pth", "--out", "y"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "resnet50_3g" in proc.stderr  # unknown name: lists the valid ones

@@ -1,4 +1,5 @@
 """Global batches over several (fake CPU) devices: sharding and exactly-once evaluation."""
+
 import os
 import subprocess
 import sys
@@ -78,15 +79,19 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def fake_tfds(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("tfds_md"))
-  return testing.write_tfds_dataset(data_dir, train=40, validation=13, num_shards=3), data_dir
+    data_dir = str(tmp_path_factory.mktemp("tfds_md"))
+    return testing.write_tfds_dataset(data_dir, train=40, validation=13, num_shards=3), data_dir
 
 
 @pytest.mark.parametrize("num_devices", [2, 8])
 def test_global_batches_and_exactly_once_eval(fake_tfds, num_devices):
-  name, data_dir = fake_tfds
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(num_devices), name, data_dir],
-                        env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    name, data_dir = fake_tfds
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(num_devices), name, data_dir],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]

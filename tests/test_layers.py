@@ -6,6 +6,7 @@ the golden `reduced` features, with the `AtMp1..3` weights mapped into the layer
 helper of this file (tests/test_models.py checks the whole model through gg_jax.convert).
 Everything else uses small shapes and NumPy references of the documented computation.
 """
+
 import functools
 import pathlib
 
@@ -39,7 +40,8 @@ def nhwc(x):
 
 def leaves_equal(a, b):
     return jax.tree.structure(a) == jax.tree.structure(b) and all(
-        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 # ------------------------------------------------------------------------- golden head
@@ -49,7 +51,7 @@ def block_variables(state_dict, t):
     OIHW conv weights -> HWIO kernels; BN weight/bias -> scale/bias;
     running_mean/var -> batch_stats mean/var.
     """
-    sd = {k[len(f"AtMp{t}."):]: v for k, v in state_dict.items() if k.startswith(f"AtMp{t}.")}
+    sd = {k[len(f"AtMp{t}.") :]: v for k, v in state_dict.items() if k.startswith(f"AtMp{t}.")}
     params = {c: {"kernel": sd[f"{c}.weight"].transpose(2, 3, 1, 0)} for c in CONVS}
     stats = {}
     for b in BNS:
@@ -73,8 +75,10 @@ def golden():
 
 def head_variables(blocks):
     s = stacked(blocks)
-    return {"params": {"reweighting": {"blocks": {"block": s["params"]}}},
-            "batch_stats": {"reweighting": {"blocks": {"block": s["batch_stats"]}}}}
+    return {
+        "params": {"reweighting": {"blocks": {"block": s["params"]}}},
+        "batch_stats": {"reweighting": {"blocks": {"block": s["batch_stats"]}}},
+    }
 
 
 def test_golden_head_reproduces_reference_intermediates(golden):
@@ -88,11 +92,17 @@ def test_golden_head_reproduces_reference_intermediates(golden):
     assert leaves_equal(variables["batch_stats"]["reweighting"], converted["batch_stats"]["head"]["reweighting"])
 
     head = layers.GeneralizedGaussianCovariance()  # T=3, K=5, lam=1: the released head
-    assert jax.tree.map(np.shape, jax.eval_shape(
-        functools.partial(head.init, train=False), jax.random.PRNGKey(0),
-        jax.ShapeDtypeStruct((2, 7, 7, 256), jnp.float32))) == jax.tree.map(np.shape, variables)
+    assert jax.tree.map(
+        np.shape,
+        jax.eval_shape(
+            functools.partial(head.init, train=False),
+            jax.random.PRNGKey(0),
+            jax.ShapeDtypeStruct((2, 7, 7, 256), jnp.float32),
+        ),
+    ) == jax.tree.map(np.shape, variables)
     vector, state = jax.jit(lambda v, x: head.apply(v, x, train=False, mutable=["intermediates"]))(
-        variables, nhwc(z["reduced"]))
+        variables, nhwc(z["reduced"])
+    )
     it = state["intermediates"]
     reweighted = it["reweighting"]["reweighted"][0]
     assert reweighted.shape == (3, 2, 7, 7, 256)
@@ -193,8 +203,11 @@ def test_unrolled_reweighting_variants_match_numpy(variant):
         assert_close(per_block[t], xh, rtol=1e-5, name=f"{variant} block {t}")
     assert_close(out, xh, rtol=1e-5, name=variant)
     # The variants own exactly the convolutions they use.
-    expected = {"3g": set(CONVS) | set(BNS), "urm_v1": {"atmap1", "bnat1", "atmap2"},
-                "urm_v2": {"map1", "bn1", "map2", "bn2", "atmap1", "bnat1", "atmap2"}}[variant]
+    expected = {
+        "3g": set(CONVS) | set(BNS),
+        "urm_v1": {"atmap1", "bnat1", "atmap2"},
+        "urm_v2": {"map1", "bn1", "map2", "bn2", "atmap1", "bnat1", "atmap2"},
+    }[variant]
     assert set(p) == expected
 
 
@@ -220,11 +233,14 @@ def test_unrolled_reweighting_stacks_blocks_on_a_leading_axis():
     xh = x
     apply_block = jax.jit(functools.partial(block.apply, train=False))
     for t in range(3):
-        xh = apply_block(jax.tree.map(lambda a: a[t], {c: variables[c]["blocks"]["block"] for c in variables}), xh, x)
+        xh = apply_block(
+            jax.tree.map(lambda a, t=t: a[t], {c: variables[c]["blocks"]["block"] for c in variables}), xh, x
+        )
     assert_close(out, xh, rtol=1e-5)
     # A rolled loop computes the same.
-    rolled = jax.jit(functools.partial(layers.UnrolledReweighting(num_blocks=3, hidden=HIDDEN, unroll=False).apply,
-                                       train=False))(variables, x)
+    rolled = jax.jit(
+        functools.partial(layers.UnrolledReweighting(num_blocks=3, hidden=HIDDEN, unroll=False).apply, train=False)
+    )(variables, x)
     assert_close(rolled, out, rtol=1e-5)
 
 
@@ -273,13 +289,15 @@ HEADS = {
 def test_head_output_shapes_and_parameters(name):
     factory, width, children = HEADS[name]
     x = jax.ShapeDtypeStruct((3, 5, 6, C), jnp.float32)
-    for head, in_c, params in ((factory(), C, children),
-                               (factory(reduction_dim=C), 2 * C, children | {"reduce"}),
-                               (factory(in_features=C), C, children)):
+    for head, in_c, params in (
+        (factory(), C, children),
+        (factory(reduction_dim=C), 2 * C, children | {"reduce"}),
+        (factory(in_features=C), C, children),
+    ):
         xin = jax.ShapeDtypeStruct(x.shape[:-1] + (in_c,), jnp.float32)
         variables = jax.eval_shape(functools.partial(head.init, train=False), jax.random.PRNGKey(0), xin)
         assert set(variables.get("params", {})) == params, name
-        out = jax.eval_shape(lambda v, x: head.apply(v, x, train=False), variables, xin)
+        out = jax.eval_shape(functools.partial(head.apply, train=False), variables, xin)
         assert out.shape == (3, width) and out.dtype == jnp.float32, (name, out)
     if name.startswith("3g_T") or name in ("3g", "urm_v1"):
         t = {"3g": 3, "3g_T0": 0, "3g_T1": 1, "3g_T5": 5, "urm_v1": 1}[name]
@@ -301,25 +319,38 @@ def test_head_values_against_linalg_pipelines():
 
     (v_t0, _), _ = _apply(layers.GeneralizedGaussianCovariance(num_blocks=0), x)
     isqrt = layers.CovariancePooling(method="isqrt").apply({}, x, train=False)
-    np.testing.assert_array_equal(v_t0, isqrt)  # T = 0 is iSQRT-COV
+    # T = 0 is iSQRT-COV; two differently compiled programs agree to float32 rounding, not bitwise.
+    assert_close(v_t0, isqrt, rtol=1e-6)
     assert_close(isqrt, tri(linalg.sqrtm_newton_schulz(cov, 5)), rtol=1e-6)
-    assert_close(layers.CovariancePooling(method="isqrt", num_iters=3).apply({}, x, train=False),
-                 tri(linalg.sqrtm_newton_schulz(cov, 3)), rtol=1e-6)
-    assert_close(layers.CovariancePooling(method="mpncov").apply({}, x, train=False), tri(linalg.sqrtm_eigh(cov)),
-                 rtol=1e-6)
-    assert_close(layers.CovariancePooling(method="mpncov", power=0.25).apply({}, x, train=False),
-                 tri(linalg.sqrtm_eigh(cov, 0.25)), rtol=1e-6)
+    assert_close(
+        layers.CovariancePooling(method="isqrt", num_iters=3).apply({}, x, train=False),
+        tri(linalg.sqrtm_newton_schulz(cov, 3)),
+        rtol=1e-6,
+    )
+    assert_close(
+        layers.CovariancePooling(method="mpncov").apply({}, x, train=False), tri(linalg.sqrtm_eigh(cov)), rtol=1e-6
+    )
+    assert_close(
+        layers.CovariancePooling(method="mpncov", power=0.25).apply({}, x, train=False),
+        tri(linalg.sqrtm_eigh(cov, 0.25)),
+        rtol=1e-6,
+    )
     assert_close(layers.CovariancePooling(method="plain").apply({}, x, train=False), tri(cov), rtol=1e-6)
-    assert_close(layers.CovariancePooling(method="plain", lower_triangle=False).apply({}, x, train=False),
-                 tri(cov, False), rtol=1e-6)
+    assert_close(
+        layers.CovariancePooling(method="plain", lower_triangle=False).apply({}, x, train=False),
+        tri(cov, False),
+        rtol=1e-6,
+    )
 
     # 3G variants: the estimator applied to the covariance of the re-weighted features.
-    for kw, root in (({}, lambda s: linalg.sqrtm_newton_schulz(s, 5)),
-                     ({"estimator": False}, lambda s: s),
-                     ({"lam": 0.5}, lambda s: linalg.regularized_sqrtm(s, 0.5)),
-                     ({"lam": 0.5, "sqrt_method": "eigh"}, lambda s: linalg.regularized_sqrtm(s, 0.5, "eigh")),
-                     ({"sqrt_method": "eigh"}, linalg.sqrtm_eigh),
-                     ({"num_iters": 2, "lower_triangle": False}, lambda s: linalg.sqrtm_newton_schulz(s, 2))):
+    for kw, root in (
+        ({}, lambda s: linalg.sqrtm_newton_schulz(s, 5)),
+        ({"estimator": False}, lambda s: s),
+        ({"lam": 0.5}, lambda s: linalg.regularized_sqrtm(s, 0.5)),
+        ({"lam": 0.5, "sqrt_method": "eigh"}, lambda s: linalg.regularized_sqrtm(s, 0.5, "eigh")),
+        ({"sqrt_method": "eigh"}, linalg.sqrtm_eigh),
+        ({"num_iters": 2, "lower_triangle": False}, lambda s: linalg.sqrtm_newton_schulz(s, 2)),
+    ):
         head = layers.GeneralizedGaussianCovariance(num_blocks=1, hidden=HIDDEN, **kw)
         (out, state), _ = _apply(head, x)
         it = state["intermediates"]
@@ -332,8 +363,11 @@ def test_head_values_against_linalg_pipelines():
     # G2DeNet: root of [[S + mu mu^T, mu], [mu^T, 1]].
     m = linalg.gaussian_embedding_matrix(x.reshape(2, -1, C))
     assert_close(layers.GaussianEmbedding().apply({}, x, train=False), tri(linalg.sqrtm_eigh(m)), rtol=1e-6)
-    assert_close(layers.GaussianEmbedding(sqrt_method="newton_schulz").apply({}, x, train=False),
-                 tri(linalg.sqrtm_newton_schulz(m, 5)), rtol=1e-6)
+    assert_close(
+        layers.GaussianEmbedding(sqrt_method="newton_schulz").apply({}, x, train=False),
+        tri(linalg.sqrtm_newton_schulz(m, 5)),
+        rtol=1e-6,
+    )
     # B-CNN: X^T X / N (no centring), signed sqrt, l2; BatchNorm (eval, fresh stats) after it.
     gram = np.swapaxes(f, 1, 2) @ f / f.shape[1]
     ss = np.sign(gram) * np.sqrt(np.abs(gram) + 1e-8)
@@ -353,8 +387,9 @@ def test_reduction_dim_is_a_channel_reduction_first():
     out = head.apply(variables, x, train=False)
     reduced = layers.ChannelReduction(C).apply({c: variables[c]["reduce"] for c in variables}, x, train=False)
     p, s = variables["params"]["reduce"], variables["batch_stats"]["reduce"]
-    expected = np.maximum(np_bn(x.astype(np.float64) @ p["layer_reduce"]["kernel"][0, 0], p["layer_reduce_bn"],
-                                s["layer_reduce_bn"]), 0.0)
+    expected = np.maximum(
+        np_bn(x.astype(np.float64) @ p["layer_reduce"]["kernel"][0, 0], p["layer_reduce_bn"], s["layer_reduce_bn"]), 0.0
+    )
     assert_close(reduced, expected, rtol=1e-5)
     rest = layers.GeneralizedGaussianCovariance(num_blocks=1, hidden=HIDDEN)
     rest_vars = {c: {k: v for k, v in variables[c].items() if k != "reduce"} for c in variables}
@@ -364,7 +399,7 @@ def test_reduction_dim_is_a_channel_reduction_first():
 # ----------------------------------------------------------------------------- errors
 def test_wrong_rank_or_channels_raise_value_errors():
     key = jax.random.PRNGKey(0)
-    for name, (factory, _, _) in HEADS.items():
+    for factory, _, _ in HEADS.values():
         head = factory()
         with pytest.raises(ValueError, match=r"NHWC.*\[batch, height, width, channels\].*rank 3"):
             head.init(key, jnp.ones((2, 16, C)), train=False)
@@ -375,11 +410,12 @@ def test_wrong_rank_or_channels_raise_value_errors():
             module.init(key, jnp.ones((1, 2, 3, 3, 8)), train=False)
     # Variables of one width applied to another: a ValueError saying what was expected.
     x = small_features(9)
-    for head, label in ((layers.GeneralizedGaussianCovariance(num_blocks=1, hidden=HIDDEN), "ReweightingBlock"),
-                        (layers.GeneralizedGaussianCovariance(num_blocks=1, hidden=HIDDEN, reweighting="urm_v1"),
-                         "ReweightingBlock"),
-                        (layers.CovariancePooling(reduction_dim=4), "ChannelReduction"),
-                        (layers.BilinearPooling(), "BilinearPooling")):
+    for head, label in (
+        (layers.GeneralizedGaussianCovariance(num_blocks=1, hidden=HIDDEN), "ReweightingBlock"),
+        (layers.GeneralizedGaussianCovariance(num_blocks=1, hidden=HIDDEN, reweighting="urm_v1"), "ReweightingBlock"),
+        (layers.CovariancePooling(reduction_dim=4), "ChannelReduction"),
+        (layers.BilinearPooling(), "BilinearPooling"),
+    ):
         variables = jax.eval_shape(functools.partial(head.init, train=False), key, x)
         with pytest.raises(ValueError, match=rf"{label} has parameters for {C} input channels but got {C - 2}"):
             jax.eval_shape(functools.partial(head.apply, train=False), variables, x[..., :-2])
@@ -519,8 +555,10 @@ def test_conv1x1_gpu_form_equals_cpu_form_with_gradients(stride, size):
     for form in (layers.conv1x1_matmul, layers.conv1x1_xla, layers.conv1x1_by_platform):
         assert_close(form(x, k, stride), want, rtol=1e-5, name=form.__name__)
     g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
-    grads = [jax.grad(lambda x, k, f=f: jnp.vdot(f(x, k, stride), g), argnums=(0, 1))(x, k)
-             for f in (layers.conv1x1_matmul, layers.conv1x1_xla)]
+    grads = [
+        jax.grad(lambda x, k, f=f: jnp.vdot(f(x, k, stride), g), argnums=(0, 1))(x, k)
+        for f in (layers.conv1x1_matmul, layers.conv1x1_xla)
+    ]
     for a, b, name in zip(grads[0], grads[1], ("dx", "dk")):
         assert_close(a, b, rtol=1e-5, name=name)
 

@@ -9,12 +9,12 @@ The closed-form backward of the square-root covariance layer (paper Eqns. 15-18,
 iSQRT-COV backward) is implemented here in NumPy float64 as an oracle independent of
 JAX's autodiff.
 """
-import numpy as np
-import pytest
-import scipy.linalg
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
 from jax.test_util import check_grads
 
 from gg_jax import linalg
@@ -232,7 +232,7 @@ def test_sqrtm_eigh_gradient_finite_for_repeated_eigenvalues(x64):
     g = rng.standard_normal((5, 5))
     for p in (0.5, -0.5):
         # At a multiple of I, d(A^p)[E] = p * c^(p-1) * sym(E): the exact gradient is known.
-        grad = jax.grad(lambda a: jnp.sum(linalg.sqrtm_eigh(a, p) * g))(2.0 * jnp.eye(5))
+        grad = jax.grad(lambda a, p=p: jnp.sum(linalg.sqrtm_eigh(a, p) * g))(2.0 * jnp.eye(5))
         assert rel_err(grad, p * 2.0 ** (p - 1) * 0.5 * (g + g.T)) < 1e-12
     # A triple eigenvalue: the gradient matches finite differences and the derivative of
     # a converged Newton-Schulz iteration (which never forms eigenvectors).
@@ -377,12 +377,11 @@ def test_check_grads_float64(x64):
     check_grads(jit(lambda a: linalg.regularized_sqrtm(a, 0.5)), (a,), order=1)
     check_grads(jit(lambda a: linalg.regularized_sqrtm(a, 0.5, method="eigh")), (a,), order=1, modes=("rev",))
     for p in (0.5, -0.5, 1.5):
-        check_grads(jit(lambda a: linalg.sqrtm_eigh(a, p)), (a,), order=1, modes=("rev",))
+        check_grads(jit(lambda a, p=p: linalg.sqrtm_eigh(a, p)), (a,), order=1, modes=("rev",))
     check_grads(jit(lambda x: linalg.gaussian_embedding_matrix(x)), (x,), order=1)
     check_grads(jit(lambda x: linalg.signed_sqrt(x)), (x + np.sign(x),), order=1)  # away from 0
     check_grads(jit(lambda x: linalg.l2_normalize(x)), (x,), order=1)
-    check_grads(jit(lambda x: linalg.triu_vector(linalg.sqrtm_newton_schulz(linalg.covariance(x), 5))), (x,),
-                order=1)
+    check_grads(jit(lambda x: linalg.triu_vector(linalg.sqrtm_newton_schulz(linalg.covariance(x), 5))), (x,), order=1)
 
 
 def paper_sqrt_backward(s, grad_out, num_iters):
@@ -516,7 +515,7 @@ def test_all_zero_features_give_finite_output_and_gradient():
     assert np.isfinite(linalg.sqrtm_newton_schulz(linalg.gaussian_embedding_matrix(x))).all()
     assert np.isfinite(linalg.l2_normalize(linalg.signed_sqrt(s.reshape(2, -1)))).all()
     for root in (linalg.sqrtm_newton_schulz, linalg.sqrtm_eigh):
-        g = jax.grad(lambda x: jnp.sum(linalg.triu_vector(root(linalg.covariance(x)))))(x)
+        g = jax.grad(lambda x, root=root: jnp.sum(linalg.triu_vector(root(linalg.covariance(x)))))(x)
         assert np.isfinite(g).all()
 
 
@@ -529,8 +528,13 @@ def test_nan_input_propagates():
     nan_mask = np.zeros((2, 6, 6), bool)
     nan_mask[0, 2, :] = nan_mask[0, :, 2] = True
     np.testing.assert_array_equal(np.isnan(s), nan_mask)
-    for root in (linalg.sqrtm_newton_schulz, linalg.inv_sqrtm_newton_schulz, linalg.sqrtm_eigh,
-                 lambda a: linalg.regularized_sqrtm(a, 0.5), lambda a: linalg.regularized_sqrtm(a, 0.5, method="eigh")):
+    for root in (
+        linalg.sqrtm_newton_schulz,
+        linalg.inv_sqrtm_newton_schulz,
+        linalg.sqrtm_eigh,
+        lambda a: linalg.regularized_sqrtm(a, 0.5),
+        lambda a: linalg.regularized_sqrtm(a, 0.5, method="eigh"),
+    ):
         out = np.asarray(root(s))
         assert np.isnan(out[0]).any(), root  # reported, not turned into numbers
         assert np.isfinite(out[1]).all()
@@ -575,12 +579,14 @@ def test_jit_and_vmap_agree_with_batched_calls():
 
     def pipeline(x):
         s = linalg.covariance(x)
-        return (linalg.triu_vector(linalg.sqrtm_newton_schulz(s, 5)),
-                linalg.inv_sqrtm_newton_schulz(s, 5),
-                linalg.triu_vector(linalg.sqrtm_eigh(s), lower=False),
-                linalg.regularized_sqrtm(s, 0.7),
-                linalg.l2_normalize(linalg.signed_sqrt(s.reshape(s.shape[:-2] + (-1,)))),
-                linalg.gaussian_embedding_matrix(x))
+        return (
+            linalg.triu_vector(linalg.sqrtm_newton_schulz(s, 5)),
+            linalg.inv_sqrtm_newton_schulz(s, 5),
+            linalg.triu_vector(linalg.sqrtm_eigh(s), lower=False),
+            linalg.regularized_sqrtm(s, 0.7),
+            linalg.l2_normalize(linalg.signed_sqrt(s.reshape(s.shape[:-2] + (-1,)))),
+            linalg.gaussian_embedding_matrix(x),
+        )
 
     batched = jax.jit(pipeline)(x)
     mapped = jax.jit(jax.vmap(pipeline))(x)

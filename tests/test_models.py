@@ -7,6 +7,7 @@ Golden tensors (tests/data/*_golden.npz) come from the released PyTorch 3G-Net l
 project's PyTorch reference (`gg_jax.torch_reference`, itself checked against the golden
 files in test_torch_reference.py).
 """
+
 import functools
 import json
 import math
@@ -49,11 +50,12 @@ def _capture_head(module, method_name):
     return method_name == "__call__" and module.name in ("head", "reduce")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _eval_with_intermediates(name, num_classes, dtype=jnp.float32):
     model = models.create(name, num_classes=num_classes, dtype=dtype)
-    return jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"],
-                                            capture_intermediates=_capture_head))
+    return jax.jit(
+        lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"], capture_intermediates=_capture_head)
+    )
 
 
 def intermediates_nchw(name, variables, x_nhwc, dtype=jnp.float32):
@@ -149,8 +151,11 @@ def test_golden_conversion_is_exact(golden):
 # ------------------------------------------------------------------------ parameter counts
 def _our_param_count(name, num_classes=1000):
     model = models.create(name, num_classes=num_classes)
-    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    shapes = jax.eval_shape(
+        functools.partial(model.init, train=False),
+        jax.random.PRNGKey(0),
+        jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
+    )
     return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes["params"]))
 
 
@@ -176,8 +181,14 @@ def _torch_counts(backbone, num_classes=1000):
         reduction = count(tnn.Conv2d(channels, dim, 1, bias=False)) + count(tnn.BatchNorm2d(dim))
         g2de = backbone_only + reduction + count(tnn.Linear((dim + 1) * (dim + 2) // 2, num_classes))
         bcnn = backbone_only + reduction + count(tnn.BatchNorm1d(dim * dim)) + count(tnn.Linear(dim * dim, num_classes))
-    return {"isqrt": count(isqrt), "mpncov": count(isqrt), "cov": count(isqrt),
-            "gap": count(gap), "g2de": g2de, "bcnn": bcnn}
+    return {
+        "isqrt": count(isqrt),
+        "mpncov": count(isqrt),
+        "cov": count(isqrt),
+        "gap": count(gap),
+        "g2de": g2de,
+        "bcnn": bcnn,
+    }
 
 
 @pytest.mark.parametrize("backbone", sorted(models.BACKBONES))
@@ -219,8 +230,11 @@ def test_bf16_compute_close_to_float32_with_float32_head():
     m16 = models.create(arch, num_classes=1000, dtype=jnp.bfloat16)
 
     # Parameters of a bf16 model are float32.
-    shapes = jax.eval_shape(functools.partial(m16.init, train=False), jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    shapes = jax.eval_shape(
+        functools.partial(m16.init, train=False),
+        jax.random.PRNGKey(0),
+        jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+    )
     assert {s.dtype for s in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
 
     logits32, _, _ = intermediates_nchw(arch, variables, x)
@@ -251,9 +265,11 @@ def test_bf16_compute_close_to_float32_with_float32_head():
 
 # ----------------------------------------------------------------------------- errors
 def test_unknown_model_name_lists_valid_names():
-    for fn in (lambda: models.create("resnet50_3gg", num_classes=10),
-               lambda: convert.from_torch({}, "resnet51_3g"),
-               lambda: convert.to_torch({}, "vgg16_3g")):
+    for fn in (
+        lambda: models.create("resnet50_3gg", num_classes=10),
+        lambda: convert.from_torch({}, "resnet51_3g"),
+        lambda: convert.to_torch({}, "vgg16_3g"),
+    ):
         with pytest.raises(ValueError) as e:
             fn()
         for valid in models.names():

@@ -5,6 +5,7 @@ loaded with make_state_dict(arch, seed=0) on a 2x3x112x112 input. Once these pas
 reference can serve as an oracle for architectures with no golden file (resnet50/101,
 the iSQRT-COV and GAP baselines).
 """
+
 import functools
 import json
 import pathlib
@@ -45,7 +46,7 @@ def assert_close(actual, expected, rtol=RTOL, name=""):
     assert err <= rtol * scale, f"{name}: max abs err {err:.3g} > {rtol:g} * {scale:.3g}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def seed0_state_dict(arch_key):
     """make_state_dict(arch_key, seed=0) as torch tensors (cached: ~2 s per call)."""
     return make_torch_state_dict(arch_key, seed=0, layout=LAYOUT)
@@ -66,8 +67,7 @@ def test_golden_eval_intermediates(golden):
     model.eval()
     with torch.no_grad():
         logits, inter = model(torch.from_numpy(z["input_nchw"]), return_intermediates=True)
-    keys = ["layer4", "reduced", "reweighted1", "reweighted2", "reweighted3",
-            "covariance", "sqrt", "vector"]
+    keys = ["layer4", "reduced", "reweighted1", "reweighted2", "reweighted3", "covariance", "sqrt", "vector"]
     for k in keys:
         assert_close(inter[k].numpy(), z[k], name=f"{arch}:{k}")
     assert_close(logits.numpy(), z["logits_eval"], name=f"{arch}:logits_eval")
@@ -156,8 +156,7 @@ def test_isqrt_key_names():
     assert d["classifier.weight"] == (1000, 32896) and d["classifier.bias"] == (1000,)
     assert [k for k, _ in nm_keys][-8:-6] == ["classifier.weight", "classifier.bias"]
     # The released mpncovresnet files: the 3G-Net layout without the AtMp blocks.
-    ref = [(k, tuple(s)) for k, s in json.loads(LAYOUT.read_text())["resnet50_3g"]
-           if not k.startswith("AtMp")]
+    ref = [(k, tuple(s)) for k, s in json.loads(LAYOUT.read_text())["resnet50_3g"] if not k.startswith("AtMp")]
     assert mp_keys == ref
     # Same tensors in all three namings, in the same order.
     assert [s for _, s in layout_of(pre)] == [s for _, s in mp_keys]
@@ -288,8 +287,7 @@ def test_options():
 def test_bf16_autocast_train_step_runs(head, head_fp32):
     """The benchmark's GPU setting (bf16 autocast), exercised on CPU at a tiny size."""
     torch.manual_seed(0)
-    m = ReferenceResNet3G("resnet18", num_classes=5, num_blocks=1, head=head,
-                          head_fp32=head_fp32)
+    m = ReferenceResNet3G("resnet18", num_classes=5, num_blocks=1, head=head, head_fp32=head_fp32)
     m.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, inter = m(torch.randn(2, 3, 32, 32), return_intermediates=True)

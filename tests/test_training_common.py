@@ -6,6 +6,7 @@ cheaper: XLA:CPU is pathologically slow on the 2x2 maps of 32x32 inputs). Subpro
 run the real entry points (`train.py`, `evaluate.py`) from the repository root and
 share a persistent XLA compilation cache, so the same step is compiled once per session.
 """
+
 import json
 import os
 import pathlib
@@ -18,7 +19,7 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `configs` is a directory of the repository, not a package of gg_jax.
-  sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO))
 
 # The tiny demo: overrides of configs/demo.py (as --config.FIELD=VALUE flags or config fields).
 TINY = {
@@ -34,115 +35,117 @@ TINY = {
 
 
 def flags(overrides: dict) -> list:
-  """{'a.b': v} -> ['--config.a.b=v']."""
-  return [f"--config.{k}={v}" for k, v in overrides.items()]
+    """{'a.b': v} -> ['--config.a.b=v']."""
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
 def tiny_config(name: str = "demo", **overrides):
-  """configs/NAME.py with TINY and `overrides` ('a__b' or 'a.b' keys) applied."""
-  import importlib
+    """configs/NAME.py with TINY and `overrides` ('a__b' or 'a.b' keys) applied."""
+    import importlib
 
-  config = importlib.import_module(f"configs.{name}").get_config()
-  for key, value in {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
-    node, *rest = key.split(".")
-    target = config
-    while rest:
-      target, node, rest = target[node], rest[0], rest[1:]
-    target[node] = value
-  return config
+    config = importlib.import_module(f"configs.{name}").get_config()
+    for key, value in {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
+        node, *rest = key.split(".")
+        target = config
+        while rest:
+            target, node, rest = target[node], rest[0], rest[1:]
+        target[node] = value
+    return config
 
 
 def subprocess_env(tmp_path, devices: int = 1, **extra) -> dict:
-  """CPU-only JAX with `devices` fake devices and a compilation cache shared by the tests
-  of this pytest worker (in its base temporary directory, the parent of `tmp_path`)."""
-  cache = pathlib.Path(tmp_path).parent / "jax_cache"
-  env = dict(
-      os.environ,
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-      JAX_COMPILATION_CACHE_DIR=str(cache),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-      TF_CPP_MIN_LOG_LEVEL="2",
-      PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]
-                                 + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-  )
-  env.update({k: str(v) for k, v in extra.items()})
-  return env
+    """CPU-only JAX with `devices` fake devices and a compilation cache shared by the tests
+    of this pytest worker (in its base temporary directory, the parent of `tmp_path`)."""
+    cache = pathlib.Path(tmp_path).parent / "jax_cache"
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=os.pathsep.join(
+            [str(REPO), str(REPO / "tests")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
 
 
 def run(args, env, timeout=300, check=True) -> subprocess.CompletedProcess:
-  """Runs `python ARGS...` in the repository root; asserts success if `check`."""
-  proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=timeout)
-  if check:
-    assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{tail(proc)}"
-  return proc
+    """Runs `python ARGS...` in the repository root; asserts success if `check`."""
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check:
+        assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{tail(proc)}"
+    return proc
 
 
 def tail(proc, n=6000) -> str:
-  return f"--- stdout\n{proc.stdout[-n:]}\n--- stderr\n{proc.stderr[-n:]}"
+    return f"--- stdout\n{proc.stdout[-n:]}\n--- stderr\n{proc.stderr[-n:]}"
 
 
 def last_json(text: str) -> dict:
-  """The last line of `text` that is a JSON object (what evaluate.py prints)."""
-  for line in reversed(text.strip().splitlines()):
-    if line.startswith("{"):
-      return json.loads(line)
-  raise AssertionError(f"no JSON line in output:\n{text[-3000:]}")
+    """The last line of `text` that is a JSON object (what evaluate.py prints)."""
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(f"no JSON line in output:\n{text[-3000:]}")
 
 
 def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 def checkpoint_steps(workdir) -> list:
-  """Finished checkpoint steps in WORKDIR/checkpoints (Orbax names them by step)."""
-  d = pathlib.Path(workdir) / "checkpoints"
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+    """Finished checkpoint steps in WORKDIR/checkpoints (Orbax names them by step)."""
+    d = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
 def load_params(workdir, step=None) -> dict:
-  """Flat {'a/b/kernel': array} of the params of a training checkpoint (host arrays)."""
-  import orbax.checkpoint as ocp
-  from flax import traverse_util
+    """Flat {'a/b/kernel': array} of the params of a training checkpoint (host arrays)."""
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
 
-  step = max(checkpoint_steps(workdir)) if step is None else step
-  path = pathlib.Path(workdir) / "checkpoints" / str(step) / "variables"
-  with ocp.PyTreeCheckpointer() as ckptr:
-    # NumPy arrays, whatever devices saved them.
-    meta = ckptr.metadata(path).item_metadata.tree
-    tree = ckptr.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree["params"], sep="/").items()}
+    step = max(checkpoint_steps(workdir)) if step is None else step
+    path = pathlib.Path(workdir) / "checkpoints" / str(step) / "variables"
+    with ocp.PyTreeCheckpointer() as ckptr:
+        # NumPy arrays, whatever devices saved them.
+        meta = ckptr.metadata(path).item_metadata.tree
+        tree = ckptr.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree["params"], sep="/").items()}
 
 
 def assert_trees_close(a: dict, b: dict, atol, rtol=0.0):
-  assert sorted(a) == sorted(b)
-  worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
-  for k in a:
-    np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=rtol, err_msg=f"{k} (worst abs diff {worst})")
+    assert sorted(a) == sorted(b)
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=rtol, err_msg=f"{k} (worst abs diff {worst})")
 
 
 def read_scalars(workdir) -> dict:
-  """{tag: {step: value}} from the TensorBoard event files of `workdir`."""
-  from tensorboard.backend.event_processing import event_accumulator
+    """{tag: {step: value}} from the TensorBoard event files of `workdir`."""
+    from tensorboard.backend.event_processing import event_accumulator
 
-  out = {}
-  for path in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
-    acc = event_accumulator.EventAccumulator(str(path), size_guidance={event_accumulator.TENSORS: 0})
-    acc.Reload()
-    for tag in acc.Tags().get("tensors", []):
-      for ev in acc.Tensors(tag):
-        out.setdefault(tag, {})[ev.step] = float(np.asarray(_tensor_value(ev.tensor_proto)).reshape(-1)[0])
-    for tag in acc.Tags().get("scalars", []):
-      for ev in acc.Scalars(tag):
-        out.setdefault(tag, {})[ev.step] = float(ev.value)
-  return out
+    out = {}
+    for path in sorted(pathlib.Path(workdir).glob("events.out.tfevents.*")):
+        acc = event_accumulator.EventAccumulator(str(path), size_guidance={event_accumulator.TENSORS: 0})
+        acc.Reload()
+        for tag in acc.Tags().get("tensors", []):
+            for ev in acc.Tensors(tag):
+                out.setdefault(tag, {})[ev.step] = float(np.asarray(_tensor_value(ev.tensor_proto)).reshape(-1)[0])
+        for tag in acc.Tags().get("scalars", []):
+            for ev in acc.Scalars(tag):
+                out.setdefault(tag, {})[ev.step] = float(ev.value)
+    return out
 
 
 def _tensor_value(proto):
-  from tensorboard.util import tensor_util
+    from tensorboard.util import tensor_util
 
-  return tensor_util.make_ndarray(proto)
+    return tensor_util.make_ndarray(proto)

@@ -1,76 +1,95 @@
 """The ImageNet and Places365 configs end to end on mocked TFDS data, with a small backbone."""
+
 import numpy as np
 import pytest
-
 import test_training_common as common
+
 from gg_jax.training import trainer
 
 pytest.importorskip("tensorflow")
 
 
-@pytest.mark.parametrize("config_name, dataset, num_classes, ten_crop", [
-    ("imagenet_r50", "imagenet2012", 1000, False),
-    ("places365_r50", "places365_small", 365, True),
-])
+@pytest.mark.parametrize(
+    "config_name, dataset, num_classes, ten_crop",
+    [
+        ("imagenet_r50", "imagenet2012", 1000, False),
+        ("places365_r50", "places365_small", 365, True),
+    ],
+)
 def test_reference_config_runs_on_mock_tfds(tmp_path, config_name, dataset, num_classes, ten_crop):
-  from gg_jax.data import testing
+    from gg_jax.data import testing
 
-  data_dir = tmp_path / "tfds"
-  # The recipe as it is, but ResNet-18 (--config.model.name=resnet18_3g), small images and batches.
-  config = common.tiny_config(
-      config_name, model__name="resnet18_3g", num_train_steps=3, batch_size=8, image_size=48,
-      eval__batch_size=4, eval__resize_size=56, checkpoint_every_steps=2, dataset__data_dir=str(data_dir),
-      # tfds.testing.mock_data swaps the whole file system for a fake one while a pipeline
-      # is built; a background save running at that moment would write into the fake one.
-      async_checkpoints=False,
-  )
-  assert config.eval.ten_crop == ten_crop and config.dataset.name == dataset
-  workdir = tmp_path / "w"
-  with testing.mock_tfds(dataset, data_dir, image_size=(60, 72), train=24, validation=7):
-    result = trainer.train_and_evaluate(config, str(workdir))
-  assert result.step == 3 and not result.preempted
-  # Every one of the 7 validation images once (two padded batches of 4).
-  assert result.eval_metrics["num_examples"] == 7
-  assert 0.0 <= result.eval_metrics["top1_error"] <= 1.0 and np.isfinite(result.eval_metrics["loss"])
-  assert common.checkpoint_steps(workdir) == [2, 3]
-  params = common.load_params(workdir)
-  assert params["fc/kernel"].shape == (16 * 17 // 2, num_classes)
-  assert all(np.isfinite(v).all() for v in params.values())
+    data_dir = tmp_path / "tfds"
+    # The recipe as it is, but ResNet-18 (--config.model.name=resnet18_3g), small images and batches.
+    config = common.tiny_config(
+        config_name,
+        model__name="resnet18_3g",
+        num_train_steps=3,
+        batch_size=8,
+        image_size=48,
+        eval__batch_size=4,
+        eval__resize_size=56,
+        checkpoint_every_steps=2,
+        dataset__data_dir=str(data_dir),
+        # tfds.testing.mock_data swaps the whole file system for a fake one while a pipeline
+        # is built; a background save running at that moment would write into the fake one.
+        async_checkpoints=False,
+    )
+    assert config.eval.ten_crop == ten_crop and config.dataset.name == dataset
+    workdir = tmp_path / "w"
+    with testing.mock_tfds(dataset, data_dir, image_size=(60, 72), train=24, validation=7):
+        result = trainer.train_and_evaluate(config, str(workdir))
+    assert result.step == 3 and not result.preempted
+    # Every one of the 7 validation images once (two padded batches of 4).
+    assert result.eval_metrics["num_examples"] == 7
+    assert 0.0 <= result.eval_metrics["top1_error"] <= 1.0 and np.isfinite(result.eval_metrics["loss"])
+    assert common.checkpoint_steps(workdir) == [2, 3]
+    params = common.load_params(workdir)
+    assert params["fc/kernel"].shape == (16 * 17 // 2, num_classes)
+    assert all(np.isfinite(v).all() for v in params.values())
 
-  scalars = common.read_scalars(workdir)
-  for tag in ("train/loss", "train/top1_error", "train/learning_rate", "train/images_per_sec"):
-    assert sorted(scalars[tag]) == [1, 2, 3], tag
-  for tag in ("eval/top1_error", "eval/top5_error"):
-    assert list(scalars[tag]) == [3] and 0.0 <= scalars[tag][3] <= 1.0
-  # Reference schedule (no decay within 3 steps), linearly scaled: 0.1 * 8 / 256.
-  assert all(abs(v - 0.1 * 8 / 256) < 1e-9 for v in scalars["train/learning_rate"].values())
+    scalars = common.read_scalars(workdir)
+    for tag in ("train/loss", "train/top1_error", "train/learning_rate", "train/images_per_sec"):
+        assert sorted(scalars[tag]) == [1, 2, 3], tag
+    for tag in ("eval/top1_error", "eval/top5_error"):
+        assert list(scalars[tag]) == [3] and 0.0 <= scalars[tag][3] <= 1.0
+    # Reference schedule (no decay within 3 steps), linearly scaled: 0.1 * 8 / 256.
+    assert all(abs(v - 0.1 * 8 / 256) < 1e-9 for v in scalars["train/learning_rate"].values())
 
 
 def test_finetune_folder_config_starts_from_pretrained_variables(tmp_path):
-  """configs/finetune_folder.py: every variable from `init_from` but the classifier, which
-  is re-initialised for the folder's 3 classes (learning rate 0: the step changes nothing)."""
-  import jax
-  import jax.numpy as jnp
-  from flax import traverse_util
+    """configs/finetune_folder.py: every variable from `init_from` but the classifier, which
+    is re-initialised for the folder's 3 classes (learning rate 0: the step changes nothing)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
 
-  from gg_jax import models, variables_io
-  from gg_jax.data import testing
+    from gg_jax import models, variables_io
+    from gg_jax.data import testing
 
-  model = models.create("resnet18_3g", num_classes=10, reduction_dim=16, num_blocks=1)
-  pretrained = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(123), jnp.zeros((1, 48, 48, 3))))
-  variables_io.save_variables(str(tmp_path / "pretrained"), pretrained, {"model": "resnet18_3g", "num_classes": 10})
-  folder = testing.write_image_folder(tmp_path / "images", train_per_class=4, val_per_class=2)["root"]
+    model = models.create("resnet18_3g", num_classes=10, reduction_dim=16, num_blocks=1)
+    pretrained = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(123), jnp.zeros((1, 48, 48, 3))))
+    variables_io.save_variables(str(tmp_path / "pretrained"), pretrained, {"model": "resnet18_3g", "num_classes": 10})
+    folder = testing.write_image_folder(tmp_path / "images", train_per_class=4, val_per_class=2)["root"]
 
-  config = common.tiny_config(
-      "finetune_folder", model__name="resnet18_3g", model__num_blocks=1, image_size=48, batch_size=6,
-      eval__batch_size=6, eval__resize_size=56, num_train_steps=1, learning_rate=0.0,
-      dataset__data_dir=folder, init_from=str(tmp_path / "pretrained"),
-  )
-  result = trainer.train_and_evaluate(config, str(tmp_path / "w"))
-  assert result.step == 1 and result.eval_metrics["num_examples"] == 6
-  params = common.load_params(tmp_path / "w")
-  expected = traverse_util.flatten_dict(pretrained["params"], sep="/")
-  assert params["fc/kernel"].shape == (136, 3) and expected["fc/kernel"].shape == (136, 10)
-  for key, value in params.items():
-    if not key.startswith("fc/"):
-      np.testing.assert_array_equal(value, expected[key], err_msg=key)
+    config = common.tiny_config(
+        "finetune_folder",
+        model__name="resnet18_3g",
+        model__num_blocks=1,
+        image_size=48,
+        batch_size=6,
+        eval__batch_size=6,
+        eval__resize_size=56,
+        num_train_steps=1,
+        learning_rate=0.0,
+        dataset__data_dir=folder,
+        init_from=str(tmp_path / "pretrained"),
+    )
+    result = trainer.train_and_evaluate(config, str(tmp_path / "w"))
+    assert result.step == 1 and result.eval_metrics["num_examples"] == 6
+    params = common.load_params(tmp_path / "w")
+    expected = traverse_util.flatten_dict(pretrained["params"], sep="/")
+    assert params["fc/kernel"].shape == (136, 3) and expected["fc/kernel"].shape == (136, 10)
+    for key, value in params.items():
+        if not key.startswith("fc/"):
+            np.testing.assert_array_equal(value, expected[key], err_msg=key)

@@ -1,4 +1,5 @@
 """Sharded training: 8 fake CPU devices vs 1, restore onto another device count, two processes."""
+
 import json
 import subprocess
 import sys
@@ -6,7 +7,6 @@ import textwrap
 
 import numpy as np
 import pytest
-
 import test_training_common as common
 
 pytest.importorskip("tensorflow")
@@ -46,33 +46,33 @@ _DEVICES_SCRIPT = textwrap.dedent(
 
 
 def _run_devices(tmp_path, n, workdir, source=""):
-  proc = common.run(["-c", _DEVICES_SCRIPT, n, workdir, source], common.subprocess_env(tmp_path, devices=n))
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):]), proc
+    proc = common.run(["-c", _DEVICES_SCRIPT, n, workdir, source], common.subprocess_env(tmp_path, devices=n))
+    line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :]), proc
 
 
 def test_8_devices_match_1_device_and_checkpoints_restore_onto_another_device_count(tmp_path):
-  w8, w1 = tmp_path / "w8", tmp_path / "w1"
-  out8, _ = _run_devices(tmp_path, 8, w8)
-  out1, proc1 = _run_devices(tmp_path, 1, w1, source=w8)
-  assert "config.batch_size=12 is not divisible by the number of devices, 8" in out8["batch_error"]
+    w8, w1 = tmp_path / "w8", tmp_path / "w1"
+    out8, _ = _run_devices(tmp_path, 8, w8)
+    out1, proc1 = _run_devices(tmp_path, 1, w1, source=w8)
+    assert "config.batch_size=12 is not divisible by the number of devices, 8" in out8["batch_error"]
 
-  # One step on the same global batch (BatchNorm statistics over the global batch) gives
-  # the same parameters. (Later steps drift apart faster than rounding suggests: the
-  # 16x16 covariance of a 3x3 map is singular, and its square root's gradient amplifies
-  # the 1e-7 differences of the reduction order.)
-  common.assert_trees_close(common.load_params(w8, 1), common.load_params(w1, 1), atol=1e-5, rtol=1e-5)
-  # 360 test digits in 8 batches of 48 (the last one padded): every example counted once.
-  assert out8["eval"]["num_examples"] == out1["eval"]["num_examples"] == 360
-  # The same (8-device) checkpoint evaluated on 8 devices and restored onto 1 device.
-  e8, e1 = out8["eval_step1"], out1["eval_step1"]
-  assert e8["num_examples"] == e1["num_examples"] == 360 and e8["step"] == e1["step"] == 1
-  assert (e8["top1_error"], e8["top5_error"]) == (e1["top1_error"], e1["top5_error"]), (e8, e1)
-  assert abs(e8["loss"] - e1["loss"]) <= 1e-5 * abs(e1["loss"]), (e8, e1)
-  # The 8-device run continues on 1 device.
-  assert "Restored the checkpoint of step 2" in proc1.stderr
-  assert out1["resumed"]["step"] == 3 and out1["resumed"]["eval"]["num_examples"] == 360
-  assert common.checkpoint_steps(str(w1) + "_resumed") == [2, 3]
+    # One step on the same global batch (BatchNorm statistics over the global batch) gives
+    # the same parameters. (Later steps drift apart faster than rounding suggests: the
+    # 16x16 covariance of a 3x3 map is singular, and its square root's gradient amplifies
+    # the 1e-7 differences of the reduction order.)
+    common.assert_trees_close(common.load_params(w8, 1), common.load_params(w1, 1), atol=1e-5, rtol=1e-5)
+    # 360 test digits in 8 batches of 48 (the last one padded): every example counted once.
+    assert out8["eval"]["num_examples"] == out1["eval"]["num_examples"] == 360
+    # The same (8-device) checkpoint evaluated on 8 devices and restored onto 1 device.
+    e8, e1 = out8["eval_step1"], out1["eval_step1"]
+    assert e8["num_examples"] == e1["num_examples"] == 360 and e8["step"] == e1["step"] == 1
+    assert (e8["top1_error"], e8["top5_error"]) == (e1["top1_error"], e1["top5_error"]), (e8, e1)
+    assert abs(e8["loss"] - e1["loss"]) <= 1e-5 * abs(e1["loss"]), (e8, e1)
+    # The 8-device run continues on 1 device.
+    assert "Restored the checkpoint of step 2" in proc1.stderr
+    assert out1["resumed"]["step"] == 3 and out1["resumed"]["eval"]["num_examples"] == 360
+    assert common.checkpoint_steps(str(w1) + "_resumed") == [2, 3]
 
 
 _PROCESS_SCRIPT = textwrap.dedent(
@@ -99,26 +99,34 @@ _PROCESS_SCRIPT = textwrap.dedent(
 
 
 def test_two_processes_train_the_demo_and_agree(tmp_path):
-  workdir = tmp_path / "w"
-  workdir.mkdir()
-  port = common.free_port()
-  env = common.subprocess_env(tmp_path, devices=1)
-  procs = [subprocess.Popen([sys.executable, "-c", _PROCESS_SCRIPT, str(pid), str(port), str(workdir)],
-                            cwd=common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for pid in (0, 1)]
-  outs = []
-  try:
-    for p in procs:
-      out, err = p.communicate(timeout=400)
-      assert p.returncode == 0, f"process exited {p.returncode}\n{out[-3000:]}\n{err[-8000:]}"
-      outs.append(json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):]))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert outs[0] == outs[1] and outs[0]["step"] == 3 and outs[0]["eval"]["num_examples"] == 360, outs
-  p0, p1 = (dict(np.load(workdir / f"params_{i}.npz")) for i in (0, 1))
-  common.assert_trees_close(p0, p1, atol=0)
-  # One checkpoint for both processes, with those parameters.
-  assert common.checkpoint_steps(workdir) == [2, 3]
-  common.assert_trees_close(common.load_params(workdir, 3), p0, atol=0)
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    port = common.free_port()
+    env = common.subprocess_env(tmp_path, devices=1)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PROCESS_SCRIPT, str(pid), str(port), str(workdir)],
+            cwd=common.REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=400)
+            assert p.returncode == 0, f"process exited {p.returncode}\n{out[-3000:]}\n{err[-8000:]}"
+            outs.append(json.loads([s for s in out.splitlines() if s.startswith("RESULT ")][-1][len("RESULT ") :]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert outs[0] == outs[1] and outs[0]["step"] == 3 and outs[0]["eval"]["num_examples"] == 360, outs
+    p0, p1 = (dict(np.load(workdir / f"params_{i}.npz")) for i in (0, 1))
+    common.assert_trees_close(p0, p1, atol=0)
+    # One checkpoint for both processes, with those parameters.
+    assert common.checkpoint_steps(workdir) == [2, 3]
+    common.assert_trees_close(common.load_params(workdir, 3), p0, atol=0)

@@ -1,4 +1,5 @@
 """Training building blocks: optimizer vs torch.optim.SGD, schedules, recipes, steps, errors."""
+
 import math
 
 import flax.linen as nn
@@ -7,241 +8,272 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 import test_training_common as common
+
 from gg_jax import data
 from gg_jax.training import checkpointing, optim, steps, trainer
 from gg_jax.training import state as state_lib
-
 
 # ----------------------------------------------------------------------------- optimizer
 
 
 def test_sgd_matches_torch_sgd_with_weight_decay_on_every_parameter():
-  torch = pytest.importorskip("torch")
-  rng = np.random.default_rng(0)
-  params = {"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
-  grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()} for _ in range(4)]
-  lrs = [0.1, 0.1, 0.01, 0.01]  # A step decay between steps 2 and 3.
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()} for _ in range(4)]
+    lrs = [0.1, 0.1, 0.01, 0.01]  # A step decay between steps 2 and 3.
 
-  tparams = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
-  topt = torch.optim.SGD(list(tparams.values()), lr=lrs[0], momentum=0.9, weight_decay=1e-4)
-  schedule = optax.piecewise_constant_schedule(0.1, {2: 0.1})
-  tx = optim.create_optimizer(schedule, momentum=0.9, weight_decay=1e-4)
-  jparams = jax.tree.map(jnp.asarray, params)
-  opt_state = tx.init(jparams)
-  for lr, g in zip(lrs, grads):
-    for group in topt.param_groups:
-      group["lr"] = lr
-    for k, p in tparams.items():
-      p.grad = torch.tensor(g[k])
-    topt.step()
-    updates, opt_state = tx.update(jax.tree.map(jnp.asarray, g), opt_state, jparams)
-    jparams = optax.apply_updates(jparams, updates)
-  for k in params:
-    np.testing.assert_allclose(np.asarray(jparams[k]), tparams[k].detach().numpy(), rtol=1e-6, atol=1e-7)
+    tparams = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
+    topt = torch.optim.SGD(list(tparams.values()), lr=lrs[0], momentum=0.9, weight_decay=1e-4)
+    schedule = optax.piecewise_constant_schedule(0.1, {2: 0.1})
+    tx = optim.create_optimizer(schedule, momentum=0.9, weight_decay=1e-4)
+    jparams = jax.tree.map(jnp.asarray, params)
+    opt_state = tx.init(jparams)
+    for lr, g in zip(lrs, grads):
+        for group in topt.param_groups:
+            group["lr"] = lr
+        for k, p in tparams.items():
+            p.grad = torch.tensor(g[k])
+        topt.step()
+        updates, opt_state = tx.update(jax.tree.map(jnp.asarray, g), opt_state, jparams)
+        jparams = optax.apply_updates(jparams, updates)
+    for k in params:
+        np.testing.assert_allclose(np.asarray(jparams[k]), tparams[k].detach().numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_step_schedule_is_the_reference_one_and_scales_with_the_batch():
-  spe = 10
-  fn = optim.create_learning_rate_schedule(base_learning_rate=0.1, batch_size=512, steps_per_epoch=spe,
-                                           num_train_steps=115 * spe, schedule="step")
-  # lr * 0.1 ** (epoch // 30), at twice the reference batch.
-  for epoch in (0, 29, 30, 59, 60, 89, 90, 114):
-    assert math.isclose(float(fn(epoch * spe)), 0.2 * 0.1 ** min(epoch // 30, 3), rel_tol=1e-5), epoch
-  assert math.isclose(float(fn(30 * spe - 1)), 0.2, rel_tol=1e-6)
+    spe = 10
+    fn = optim.create_learning_rate_schedule(
+        base_learning_rate=0.1, batch_size=512, steps_per_epoch=spe, num_train_steps=115 * spe, schedule="step"
+    )
+    # lr * 0.1 ** (epoch // 30), at twice the reference batch.
+    for epoch in (0, 29, 30, 59, 60, 89, 90, 114):
+        assert math.isclose(float(fn(epoch * spe)), 0.2 * 0.1 ** min(epoch // 30, 3), rel_tol=1e-5), epoch
+    assert math.isclose(float(fn(30 * spe - 1)), 0.2, rel_tol=1e-6)
 
-  warm = optim.create_learning_rate_schedule(base_learning_rate=0.4, batch_size=64, steps_per_epoch=spe,
-                                             num_train_steps=100, schedule="cosine", warmup_epochs=1)
-  assert float(warm(0)) == 0.0 and math.isclose(float(warm(spe)), 0.1, rel_tol=1e-6)
-  assert float(warm(100)) < 1e-6 and 0.0 < float(warm(50)) < 0.1
-  with pytest.raises(ValueError, match="lr_schedule"):
-    optim.create_learning_rate_schedule(base_learning_rate=0.1, batch_size=256, steps_per_epoch=1,
-                                        num_train_steps=1, schedule="linear")
+    warm = optim.create_learning_rate_schedule(
+        base_learning_rate=0.4,
+        batch_size=64,
+        steps_per_epoch=spe,
+        num_train_steps=100,
+        schedule="cosine",
+        warmup_epochs=1,
+    )
+    assert float(warm(0)) == 0.0 and math.isclose(float(warm(spe)), 0.1, rel_tol=1e-6)
+    assert float(warm(100)) < 1e-6 and 0.0 < float(warm(50)) < 0.1
+    with pytest.raises(ValueError, match="lr_schedule"):
+        optim.create_learning_rate_schedule(
+            base_learning_rate=0.1, batch_size=256, steps_per_epoch=1, num_train_steps=1, schedule="linear"
+        )
 
 
 # ----------------------------------------------------------------------------- configs
 
 
 def _epochs_of_decays(config):
-  return tuple(config.lr_boundaries_epochs)
+    return tuple(config.lr_boundaries_epochs)
 
 
-@pytest.mark.parametrize("name, model, dataset, epochs, ten_crop", [
-    ("imagenet_r50", "resnet50_3g", "imagenet2012", 115, False),
-    ("imagenet_r101", "resnet101_3g", "imagenet2012", 115, False),
-    ("places365_r50", "resnet50_3g", "places365_small", 55, True),
-    ("places365_r101", "resnet101_3g", "places365_small", 55, True),
-])
+@pytest.mark.parametrize(
+    "name, model, dataset, epochs, ten_crop",
+    [
+        ("imagenet_r50", "resnet50_3g", "imagenet2012", 115, False),
+        ("imagenet_r101", "resnet101_3g", "imagenet2012", 115, False),
+        ("places365_r50", "resnet50_3g", "places365_small", 55, True),
+        ("places365_r101", "resnet101_3g", "places365_small", 55, True),
+    ],
+)
 def test_reference_recipes(name, model, dataset, epochs, ten_crop):
-  import importlib
+    import importlib
 
-  c = importlib.import_module(f"configs.{name}").get_config()
-  assert (c.model.name, c.dataset.name, c.num_epochs, c.eval.ten_crop) == (model, dataset, epochs, ten_crop)
-  assert (c.batch_size, c.learning_rate, c.momentum, c.weight_decay) == (256, 0.1, 0.9, 1e-4)
-  assert (c.lr_schedule, c.lr_decay_factor, c.warmup_epochs, c.nesterov) == ("step", 0.1, 0.0, False)
-  assert _epochs_of_decays(c) == (30, 60, 90)  # "/10 every 30 epochs"; 90 is past 55 for Places365.
-  assert c.dataset.augment == "inception_crop" and c.image_size == 224 and c.eval.resize_size == 256
-  assert c.num_train_steps <= 0 and not c.half_precision
-  assert not c.model.get("dropout_rate")  # The reference notes train without dropout.
+    c = importlib.import_module(f"configs.{name}").get_config()
+    assert (c.model.name, c.dataset.name, c.num_epochs, c.eval.ten_crop) == (model, dataset, epochs, ten_crop)
+    assert (c.batch_size, c.learning_rate, c.momentum, c.weight_decay) == (256, 0.1, 0.9, 1e-4)
+    assert (c.lr_schedule, c.lr_decay_factor, c.warmup_epochs, c.nesterov) == ("step", 0.1, 0.0, False)
+    assert _epochs_of_decays(c) == (30, 60, 90)  # "/10 every 30 epochs"; 90 is past 55 for Places365.
+    assert c.dataset.augment == "inception_crop" and c.image_size == 224 and c.eval.resize_size == 256
+    assert c.num_train_steps <= 0 and not c.half_precision
+    assert not c.model.get("dropout_rate")  # The reference notes train without dropout.
 
 
-@pytest.mark.parametrize("name", ["default", "demo", "finetune_folder", "imagenet_r50", "imagenet_r101",
-                                  "places365_r50", "places365_r101"])
+@pytest.mark.parametrize(
+    "name", ["default", "demo", "finetune_folder", "imagenet_r50", "imagenet_r101", "places365_r50", "places365_r101"]
+)
 def test_configs_have_the_contract_fields(name):
-  import importlib
+    import importlib
 
-  c = importlib.import_module(f"configs.{name}").get_config()
-  for field in ("model.name", "dataset.name", "dataset.data_dir", "batch_size", "num_epochs", "num_train_steps",
-                "learning_rate", "half_precision", "seed"):
-    node = c
-    for part in field.split("."):
-      assert part in node, f"{name}: no config field {field}"
-      node = node[part]
+    c = importlib.import_module(f"configs.{name}").get_config()
+    for field in (
+        "model.name",
+        "dataset.name",
+        "dataset.data_dir",
+        "batch_size",
+        "num_epochs",
+        "num_train_steps",
+        "learning_rate",
+        "half_precision",
+        "seed",
+    ):
+        node = c
+        for part in field.split("."):
+            assert part in node, f"{name}: no config field {field}"
+            node = node[part]
 
 
 def test_num_train_steps_overrides_epochs():
-  info = data.get_dataset_info("digits")
-  c = common.tiny_config(batch_size=64, num_epochs=2.0, num_train_steps=-1)
-  assert trainer.num_train_steps(c, info) == 2 * (1437 // 64)
-  c.num_train_steps = 7
-  assert trainer.num_train_steps(c, info) == 7
+    info = data.get_dataset_info("digits")
+    c = common.tiny_config(batch_size=64, num_epochs=2.0, num_train_steps=-1)
+    assert trainer.num_train_steps(c, info) == 2 * (1437 // 64)
+    c.num_train_steps = 7
+    assert trainer.num_train_steps(c, info) == 7
 
 
 # ----------------------------------------------------------------------------- steps
 
 
 class _Linear(nn.Module):
-  """A tiny 'model' with the linen interface of gg_jax.models."""
+    """A tiny 'model' with the linen interface of gg_jax.models."""
 
-  num_classes: int = 7
+    num_classes: int = 7
 
-  @nn.compact
-  def __call__(self, x, *, train: bool = False):
-    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
 def test_eval_step_counts_masked_examples_once_and_averages_ten_crops():
-  model = _Linear()
-  rng = np.random.default_rng(0)
-  images = rng.standard_normal((6, 10, 2, 2, 3)).astype(np.float32)
-  labels = np.array([0, 1, 2, 3, 4, 5], np.int32)
-  mask = np.array([True, True, True, True, False, False])
-  variables = model.init(jax.random.PRNGKey(0), images[:, 0])
-  out = steps.eval_step(variables, {"image": images, "label": labels, "mask": mask}, model=model)
+    model = _Linear()
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((6, 10, 2, 2, 3)).astype(np.float32)
+    labels = np.array([0, 1, 2, 3, 4, 5], np.int32)
+    mask = np.array([True, True, True, True, False, False])
+    variables = model.init(jax.random.PRNGKey(0), images[:, 0])
+    out = steps.eval_step(variables, {"image": images, "label": labels, "mask": mask}, model=model)
 
-  logits = np.stack([np.asarray(model.apply(variables, images[:, k])) for k in range(10)], 1).mean(1)
-  top5 = np.argsort(-logits, -1)[:, :5]
-  expect_top1 = ((logits.argmax(-1) == labels) & mask).sum()
-  expect_top5 = ((top5 == labels[:, None]).any(-1) & mask).sum()
-  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  expect_loss = -log_probs[np.arange(6), labels][mask].sum()
-  assert float(out["count"]) == 4
-  assert float(out["top1_correct"]) == expect_top1 and float(out["top5_correct"]) == expect_top5
-  np.testing.assert_allclose(float(out["loss_sum"]), expect_loss, rtol=1e-5)
+    logits = np.stack([np.asarray(model.apply(variables, images[:, k])) for k in range(10)], 1).mean(1)
+    top5 = np.argsort(-logits, -1)[:, :5]
+    expect_top1 = ((logits.argmax(-1) == labels) & mask).sum()
+    expect_top5 = ((top5 == labels[:, None]).any(-1) & mask).sum()
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expect_loss = -log_probs[np.arange(6), labels][mask].sum()
+    assert float(out["count"]) == 4
+    assert float(out["top1_correct"]) == expect_top1 and float(out["top5_correct"]) == expect_top5
+    np.testing.assert_allclose(float(out["loss_sum"]), expect_loss, rtol=1e-5)
 
 
 def test_train_step_half_precision_with_dropout():
-  """bf16 compute keeps float32 parameters; dropout draws a new mask per step (needs the rng)."""
-  config = common.tiny_config(half_precision=True, model__dropout_rate=0.5, batch_size=8)
-  model = trainer.create_model(config, 10)
-  assert model.dtype == jnp.bfloat16 and steps.needs_dropout_rng(model)
-  tx = optim.create_optimizer(0.1)
-  mesh = steps.make_mesh()
-  abstract = state_lib.abstract_train_state(model, tx, image_size=48)
-  sharding = state_lib.replicated_sharding(abstract, mesh)
-  step_fn = steps.jit_train_step(model, tx, mesh, sharding, seed=0)
-  batch = next(data.create_train_iterator("digits", global_batch_size=8, image_size=48, dtype=jnp.bfloat16))
-  assert batch["image"].dtype == jnp.bfloat16
+    """bf16 compute keeps float32 parameters; dropout draws a new mask per step (needs the rng)."""
+    config = common.tiny_config(half_precision=True, model__dropout_rate=0.5, batch_size=8)
+    model = trainer.create_model(config, 10)
+    assert model.dtype == jnp.bfloat16 and steps.needs_dropout_rng(model)
+    tx = optim.create_optimizer(0.1)
+    mesh = steps.make_mesh()
+    abstract = state_lib.abstract_train_state(model, tx, image_size=48)
+    sharding = state_lib.replicated_sharding(abstract, mesh)
+    step_fn = steps.jit_train_step(model, tx, mesh, sharding, seed=0)
+    batch = next(data.create_train_iterator("digits", global_batch_size=8, image_size=48, dtype=jnp.bfloat16))
+    assert batch["image"].dtype == jnp.bfloat16
 
-  def fresh(step):
-    s = state_lib.create_train_state(model, tx, rng=jax.random.PRNGKey(0), image_size=48, sharding=sharding)
-    return s.replace(step=jnp.asarray(step, jnp.int32))
+    def fresh(step):
+        s = state_lib.create_train_state(model, tx, rng=jax.random.PRNGKey(0), image_size=48, sharding=sharding)
+        return s.replace(step=jnp.asarray(step, jnp.int32))
 
-  new0, metrics = step_fn(fresh(0), batch)
-  new1, _ = step_fn(fresh(1), batch)
-  assert int(new0.step) == 1 and np.isfinite(float(metrics["loss"]))
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new0.params))
-  # Same state, same batch, only the step (hence the dropout mask) differs.
-  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(new0.params), jax.tree.leaves(new1.params)))
-  assert diff > 0.0
+    new0, metrics = step_fn(fresh(0), batch)
+    new1, _ = step_fn(fresh(1), batch)
+    assert int(new0.step) == 1 and np.isfinite(float(metrics["loss"]))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new0.params))
+    # Same state, same batch, only the step (hence the dropout mask) differs.
+    diff = max(
+        float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(new0.params), jax.tree.leaves(new1.params))
+    )
+    assert diff > 0.0
 
 
 def test_cpu_train_step_updates_parameters_without_copying_them():
-  """On CPU the step is compiled with region-analysis copy insertion (gg_jax/xla_options.py):
-  the classifier weight (and most other parameters) is updated in place without a copy
-  first, and the new state is bitwise the one the default copy insertion gives."""
-  if jax.default_backend() != "cpu":
-    pytest.skip("CPU compiler option")
-  config = common.tiny_config(batch_size=8)
-  model = trainer.create_model(config, 10)
-  tx = optim.create_optimizer(0.1)
-  mesh = steps.make_mesh()
-  sharding = state_lib.replicated_sharding(state_lib.abstract_train_state(model, tx, image_size=48), mesh)
-  step_fn = steps.jit_train_step(model, tx, mesh, sharding, seed=0)
-  batch = next(data.create_train_iterator("digits", global_batch_size=8, image_size=48))
+    """On CPU the step is compiled with region-analysis copy insertion (gg_jax/xla_options.py):
+    the classifier weight (and most other parameters) is updated in place without a copy
+    first, and the new state is bitwise the one the default copy insertion gives."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("CPU compiler option")
+    config = common.tiny_config(batch_size=8)
+    model = trainer.create_model(config, 10)
+    tx = optim.create_optimizer(0.1)
+    mesh = steps.make_mesh()
+    sharding = state_lib.replicated_sharding(state_lib.abstract_train_state(model, tx, image_size=48), mesh)
+    step_fn = steps.jit_train_step(model, tx, mesh, sharding, seed=0)
+    batch = next(data.create_train_iterator("digits", global_batch_size=8, image_size=48))
 
-  def fresh():
-    return state_lib.create_train_state(model, tx, rng=jax.random.PRNGKey(0), image_size=48, sharding=sharding)
+    def fresh():
+        return state_lib.create_train_state(model, tx, rng=jax.random.PRNGKey(0), image_size=48, sharding=sharding)
 
-  lowered = step_fn.lower(fresh(), batch)
-  ours = lowered.compile()
-  default = lowered.compile(compiler_options={"xla_cpu_copy_insertion_use_region_analysis": False})
+    lowered = step_fn.lower(fresh(), batch)
+    ours = lowered.compile()
+    default = lowered.compile(compiler_options={"xla_cpu_copy_insertion_use_region_analysis": False})
 
-  def copied_params(compiled):
-    entry = compiled.as_text().split("ENTRY", 1)[1]
-    return [line for line in entry.splitlines() if " copy(%state_params" in line]
+    def copied_params(compiled):
+        entry = compiled.as_text().split("ENTRY", 1)[1]
+        return [line for line in entry.splitlines() if " copy(%state_params" in line]
 
-  assert any("fc____kernel" in line for line in copied_params(default))
-  assert not any("fc____kernel" in line for line in copied_params(ours))
-  assert len(copied_params(ours)) < len(copied_params(default)) / 4
-  new_ours, m_ours = ours(fresh(), batch)
-  new_default, m_default = default(fresh(), batch)
-  for a, b in zip(jax.tree.leaves((new_ours, m_ours)), jax.tree.leaves((new_default, m_default))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any("fc____kernel" in line for line in copied_params(default))
+    assert not any("fc____kernel" in line for line in copied_params(ours))
+    assert len(copied_params(ours)) < len(copied_params(default)) / 4
+    new_ours, m_ours = ours(fresh(), batch)
+    new_default, m_default = default(fresh(), batch)
+    for a, b in zip(jax.tree.leaves((new_ours, m_ours)), jax.tree.leaves((new_default, m_default))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ----------------------------------------------------------------------------- checks and errors
 
 
 def test_config_errors_are_clear(tmp_path):
-  mesh = steps.make_mesh()
-  with pytest.raises(trainer.ConfigError, match="not divisible by the number of devices"):
-    trainer.check_batch_size(0, mesh)
-  with pytest.raises(trainer.ConfigError, match="Unknown model name 'resnet50_4g'.*resnet50_3g"):
-    trainer.train_and_evaluate(common.tiny_config(model__name="resnet50_4g"), str(tmp_path / "a"))
-  with pytest.raises(trainer.ConfigError, match=r"Unknown option\(s\) \['colour'\]"):
-    trainer.train_and_evaluate(common.tiny_config(model__colour=3), str(tmp_path / "b"))
-  # Options of other heads (the demo's num_blocks) do not stop a baseline.
-  assert state_lib.model_options(common.tiny_config(model__name="resnet18_isqrt").model) == {"reduction_dim": 16}
-  with pytest.raises(data.DatasetNotFoundError, match="tfds build imagenet2012"):
-    trainer.train_and_evaluate(common.tiny_config(dataset__name="imagenet2012", dataset__data_dir=str(tmp_path)),
-                               str(tmp_path / "c"))
-  with pytest.raises(data.DatasetNotFoundError, match="train/<class_name>"):
-    trainer.train_and_evaluate(common.tiny_config(dataset__name="image_folder", dataset__data_dir=str(tmp_path)),
-                               str(tmp_path / "d"))
-  assert not (tmp_path / "a" / "checkpoints").exists()
+    mesh = steps.make_mesh()
+    with pytest.raises(trainer.ConfigError, match="not divisible by the number of devices"):
+        trainer.check_batch_size(0, mesh)
+    with pytest.raises(trainer.ConfigError, match="Unknown model name 'resnet50_4g'.*resnet50_3g"):
+        trainer.train_and_evaluate(common.tiny_config(model__name="resnet50_4g"), str(tmp_path / "a"))
+    with pytest.raises(trainer.ConfigError, match=r"Unknown option\(s\) \['colour'\]"):
+        trainer.train_and_evaluate(common.tiny_config(model__colour=3), str(tmp_path / "b"))
+    # Options of other heads (the demo's num_blocks) do not stop a baseline.
+    assert state_lib.model_options(common.tiny_config(model__name="resnet18_isqrt").model) == {"reduction_dim": 16}
+    with pytest.raises(data.DatasetNotFoundError, match="tfds build imagenet2012"):
+        trainer.train_and_evaluate(
+            common.tiny_config(dataset__name="imagenet2012", dataset__data_dir=str(tmp_path)), str(tmp_path / "c")
+        )
+    with pytest.raises(data.DatasetNotFoundError, match="train/<class_name>"):
+        trainer.train_and_evaluate(
+            common.tiny_config(dataset__name="image_folder", dataset__data_dir=str(tmp_path)), str(tmp_path / "d")
+        )
+    assert not (tmp_path / "a" / "checkpoints").exists()
 
 
 def test_check_compatible_names_both_models():
-  saved = checkpointing.run_metadata(model="resnet18_3g", model_options={"reduction_dim": 16}, num_classes=10,
-                                     dataset="digits")
-  checkpointing.check_compatible(saved, dict(saved), "W")
-  other = checkpointing.run_metadata(model="resnet18_isqrt", model_options={}, num_classes=10, dataset="digits")
-  with pytest.raises(checkpointing.WorkdirMismatchError, match="resnet18_3g.*resnet18_isqrt.*new --workdir"):
-    checkpointing.check_compatible(saved, other, "W")
+    saved = checkpointing.run_metadata(
+        model="resnet18_3g", model_options={"reduction_dim": 16}, num_classes=10, dataset="digits"
+    )
+    checkpointing.check_compatible(saved, dict(saved), "W")
+    other = checkpointing.run_metadata(model="resnet18_isqrt", model_options={}, num_classes=10, dataset="digits")
+    with pytest.raises(checkpointing.WorkdirMismatchError, match="resnet18_3g.*resnet18_isqrt.*new --workdir"):
+        checkpointing.check_compatible(saved, other, "W")
 
 
 def test_merge_pretrained_reinitialises_the_classifier_and_lists_mismatches():
-  target = {"params": {"conv": {"kernel": np.zeros((3, 3))}, "fc": {"kernel": np.zeros((4, 5)), "bias": np.zeros(5)}},
-            "batch_stats": {"bn": {"mean": np.zeros(3)}}}
-  source = {"params": {"conv": {"kernel": np.ones((3, 3))}, "fc": {"kernel": np.ones((4, 9)), "bias": np.ones(9)}},
-            "batch_stats": {"bn": {"mean": np.ones(3)}}}
-  merged, fresh = state_lib.merge_pretrained(target, source)
-  assert (merged["params"]["conv"]["kernel"] == 1).all() and (merged["batch_stats"]["bn"]["mean"] == 1).all()
-  assert (merged["params"]["fc"]["kernel"] == 0).all() and sorted(fresh) == ["params/fc/bias", "params/fc/kernel"]
-  source["params"]["conv"]["kernel"] = np.ones((2, 3))
-  del source["batch_stats"]["bn"]
-  with pytest.raises(ValueError, match="missing in the pretrained variables: batch_stats/bn/mean.*\n.*"
-                                       "shape mismatch: params/conv/kernel"):
-    state_lib.merge_pretrained(target, source)
+    target = {
+        "params": {"conv": {"kernel": np.zeros((3, 3))}, "fc": {"kernel": np.zeros((4, 5)), "bias": np.zeros(5)}},
+        "batch_stats": {"bn": {"mean": np.zeros(3)}},
+    }
+    source = {
+        "params": {"conv": {"kernel": np.ones((3, 3))}, "fc": {"kernel": np.ones((4, 9)), "bias": np.ones(9)}},
+        "batch_stats": {"bn": {"mean": np.ones(3)}},
+    }
+    merged, fresh = state_lib.merge_pretrained(target, source)
+    assert (merged["params"]["conv"]["kernel"] == 1).all() and (merged["batch_stats"]["bn"]["mean"] == 1).all()
+    assert (merged["params"]["fc"]["kernel"] == 0).all() and sorted(fresh) == ["params/fc/bias", "params/fc/kernel"]
+    source["params"]["conv"]["kernel"] = np.ones((2, 3))
+    del source["batch_stats"]["bn"]
+    with pytest.raises(
+        ValueError,
+        match="missing in the pretrained variables: batch_stats/bn/mean.*\n.*shape mismatch: params/conv/kernel",
+    ):
+        state_lib.merge_pretrained(target, source)

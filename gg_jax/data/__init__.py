@@ -10,22 +10,26 @@
 Importing this package does not import TensorFlow; building a pipeline does, and
 TensorFlow then runs on the CPU only (it never takes GPU memory).
 """
-from gg_jax.data.datasets import CorruptImageError
-from gg_jax.data.datasets import DatasetInfo
-from gg_jax.data.datasets import DatasetNotFoundError
-from gg_jax.data.datasets import DIGITS
-from gg_jax.data.datasets import get_dataset_info
-from gg_jax.data.datasets import IMAGE_FOLDER
-from gg_jax.data.datasets import shard_range
-from gg_jax.data.input_pipeline import AUGMENTATIONS
-from gg_jax.data.input_pipeline import create_eval_iterator
-from gg_jax.data.input_pipeline import create_train_iterator
-from gg_jax.data.input_pipeline import eval_batches
-from gg_jax.data.input_pipeline import num_eval_batches
-from gg_jax.data.input_pipeline import steps_per_epoch
-from gg_jax.data.input_pipeline import train_batches
-from gg_jax.data.preprocessing import MEAN_RGB
-from gg_jax.data.preprocessing import STDDEV_RGB
+
+from gg_jax.data.datasets import (
+    DIGITS,
+    IMAGE_FOLDER,
+    CorruptImageError,
+    DatasetInfo,
+    DatasetNotFoundError,
+    get_dataset_info,
+    shard_range,
+)
+from gg_jax.data.input_pipeline import (
+    AUGMENTATIONS,
+    create_eval_iterator,
+    create_train_iterator,
+    eval_batches,
+    num_eval_batches,
+    steps_per_epoch,
+    train_batches,
+)
+from gg_jax.data.preprocessing import MEAN_RGB, STDDEV_RGB
 
 __all__ = [
     "AUGMENTATIONS",

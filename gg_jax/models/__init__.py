@@ -15,11 +15,12 @@ Names are `resnet{18,34,23,50,101,152}_{head}` with head one of
 All covariance heads reduce the last feature map to 256 channels by 1x1 conv -> BN -> ReLU
 and use a stride-1 last stage, as the reference does.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -28,7 +29,7 @@ from gg_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 
 __all__ = ["create", "names", "parse_name", "ResNet", "BasicBlock", "Bottleneck"]
 
-BACKBONES: Dict[str, Tuple[Tuple[int, ...], Any]] = {
+BACKBONES: dict[str, tuple[tuple[int, ...], Any]] = {
     "resnet18": ((2, 2, 2, 2), BasicBlock),
     "resnet34": ((3, 4, 6, 3), BasicBlock),
     "resnet23": ((1, 2, 2, 2), Bottleneck),
@@ -38,7 +39,7 @@ BACKBONES: Dict[str, Tuple[Tuple[int, ...], Any]] = {
 }
 
 # head name -> (layer class, default options, default last-stage stride)
-HEADS: Dict[str, Tuple[Any, Dict[str, Any], int]] = {
+HEADS: dict[str, tuple[Any, dict[str, Any], int]] = {
     "3g": (layers.GeneralizedGaussianCovariance, dict(reduction_dim=256, num_blocks=3, num_iters=5), 1),
     "isqrt": (layers.CovariancePooling, dict(reduction_dim=256, method="isqrt", num_iters=5), 1),
     "mpncov": (layers.CovariancePooling, dict(reduction_dim=256, method="mpncov"), 1),
@@ -56,7 +57,7 @@ def names():
     return sorted(f"{b}_{h}" for b in BACKBONES for h in HEADS)
 
 
-def parse_name(name: str) -> Tuple[str, str]:
+def parse_name(name: str) -> tuple[str, str]:
     """`"resnet50_3g" -> ("resnet50", "3g")`; ValueError listing valid names otherwise."""
     backbone, _, head = name.partition("_")
     if backbone not in BACKBONES or head not in HEADS:

@@ -12,17 +12,18 @@ pass and the input gradient stay XLA's, and on GPU and TPU (`jax.lax.platform_de
 so does the kernel gradient. `python benchmarks/bench_ops.py --threads 2` times the
 convolutions of the step against PyTorch.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Tuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Dtype = Any
-Padding = Tuple[Tuple[int, int], Tuple[int, int]]
+Padding = tuple[tuple[int, int], tuple[int, int]]
 
 #: Stride-1 inputs with at most this many channels take the GEMM kernel gradient on CPU.
 #: Measured at batch 4 (kernel gradient alone, one-off timing of both functions): 64
@@ -96,11 +97,13 @@ def kernel_grad_gemm(x, g, kernel_size: int, stride: int, padding: Padding):
     acc = jnp.promote_types(x.dtype, jnp.float32)  # bf16 accumulates in float32; float64 stays
     if c <= MAX_PLANAR_CHANNELS:  # the per-image form of the docstring's last paragraph
         planes = xp.reshape(b, h2, s, w2, s, c).transpose(0, 5, 2, 4, 1, 3)  # [b, c, dy, dx, h2, w2]
-        taps = [planes[:, :, i % s, j % s, i // s : i // s + ho, j // s : j // s + wo]
-                for i in range(k) for j in range(k)]
+        taps = [
+            planes[:, :, i % s, j % s, i // s : i // s + ho, j // s : j // s + wo] for i in range(k) for j in range(k)
+        ]
         x_taps = jnp.stack(taps, axis=1).reshape(b, k * k * c, ho * wo)
-        per_image = jax.lax.dot_general(x_taps, g.reshape(b, ho * wo, o), (((2,), (1,)), ((0,), (0,))),
-                                        preferred_element_type=acc)
+        per_image = jax.lax.dot_general(
+            x_taps, g.reshape(b, ho * wo, o), (((2,), (1,)), ((0,), (0,))), preferred_element_type=acc
+        )
         return per_image.sum(axis=0).reshape(k, k, c, o).astype(x.dtype)
     if s > 1:
         xp = xp.reshape(b, h2, s, w2, s, c).transpose(0, 1, 3, 2, 4, 5)
@@ -144,8 +147,9 @@ def kernel_grad_im2col(x, g, kernel_size: int, padding: Padding):
     xp = jax.lax.pad(x, zero, ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
     cols = jnp.concatenate([xp[:, i : i + ho, j : j + wo] for i in range(k) for j in range(k)], axis=-1)
     acc = jnp.promote_types(x.dtype, jnp.float32)
-    dk = jax.lax.dot_general(cols.reshape(-1, k * k * c), g.reshape(-1, o), (((0,), (0,)), ((), ())),
-                             preferred_element_type=acc)
+    dk = jax.lax.dot_general(
+        cols.reshape(-1, k * k * c), g.reshape(-1, o), (((0,), (0,)), ((), ())), preferred_element_type=acc
+    )
     return dk.reshape(k, k, c, o).astype(x.dtype)
 
 
@@ -184,9 +188,11 @@ def _conv2d_bwd(stride, padding, residuals, g):
     positions = g.shape[0] * g.shape[1] * g.shape[2]
     large = channels >= MIN_IM2COL_GRAD_CHANNELS or positions >= MIN_IM2COL_GRAD_POSITIONS
     if stride == 1 and channels > MAX_GEMM_GRAD_CHANNELS and large:
+
         def cpu_grad(x, g):
             return kernel_grad_im2col(x, g, k, padding).astype(kernel.dtype)
     elif channels <= MAX_PLANAR_CHANNELS or (stride == 1 and channels <= MAX_GEMM_GRAD_CHANNELS):
+
         def cpu_grad(x, g):
             return kernel_grad_gemm(x, g, k, stride, padding).astype(kernel.dtype)
     else:

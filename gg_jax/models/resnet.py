@@ -5,9 +5,11 @@ Module names mirror the PyTorch state_dict of the reference / torchvision
 conversion (`gg_jax.convert`) is a renaming plus transposes. Convolutions use explicit
 PyTorch-style symmetric padding, which differs from 'SAME' for strided layers.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

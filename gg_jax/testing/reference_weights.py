@@ -18,19 +18,21 @@ reference PyTorch model loaded with ``make_state_dict(arch, seed=0)``.
 
 This module needs only NumPy, so torch-free tests can use it.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-from typing import Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Union
 
 import numpy as np
 
 # Source checkout layout: <repo>/gg_jax/testing/reference_weights.py -> <repo>/tests/data.
 DEFAULT_LAYOUT_PATH = pathlib.Path(__file__).resolve().parents[2] / "tests" / "data" / "layout.json"
 
-LayoutLike = Union[None, str, os.PathLike, Mapping, Sequence]
+LayoutLike = Union[None, str, os.PathLike, Mapping, Sequence]  # noqa: UP007 (a runtime alias)
 
 
 def load_layout(arch_key: str | None = None, layout: LayoutLike = None):
@@ -45,7 +47,8 @@ def load_layout(arch_key: str | None = None, layout: LayoutLike = None):
         if not layout.exists():
             raise FileNotFoundError(
                 f"{layout} not found: pass layout= (a path, a mapping or a list of "
-                "(key, shape) pairs) when not running from a source checkout")
+                "(key, shape) pairs) when not running from a source checkout"
+            )
     if isinstance(layout, (str, os.PathLike)):
         layout = json.loads(pathlib.Path(layout).read_text())
     if isinstance(layout, Mapping):
@@ -55,8 +58,7 @@ def load_layout(arch_key: str | None = None, layout: LayoutLike = None):
     return [(str(key), tuple(int(d) for d in shape)) for key, shape in layout]
 
 
-def make_state_dict(arch_key: str | None = None, seed: int = 0,
-                    layout: LayoutLike = None) -> dict[str, np.ndarray]:
+def make_state_dict(arch_key: str | None = None, seed: int = 0, layout: LayoutLike = None) -> dict[str, np.ndarray]:
     """Fills the layout of ``arch_key`` (e.g. ``'resnet18_3g'``) deterministically.
 
     Returns an ordered ``{key: np.ndarray}``; bit-identical to the reference recipe.

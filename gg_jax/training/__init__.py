@@ -9,13 +9,10 @@
 
 Entry points: `train.py` and `evaluate.py` at the repository root.
 """
+
 from gg_jax.training.checkpointing import WorkdirMismatchError
 from gg_jax.training.state import TrainState
-from gg_jax.training.trainer import ConfigError
-from gg_jax.training.trainer import NonFiniteLossError
-from gg_jax.training.trainer import TrainResult
-from gg_jax.training.trainer import evaluate
-from gg_jax.training.trainer import train_and_evaluate
+from gg_jax.training.trainer import ConfigError, NonFiniteLossError, TrainResult, evaluate, train_and_evaluate
 
 __all__ = [
     "ConfigError",

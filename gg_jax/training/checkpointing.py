@@ -10,12 +10,13 @@ run killed mid-save leaves a temporary directory that is ignored and cleaned up,
 half-written checkpoint. Restoring places every array with the shardings of the current
 mesh, so a run saved on 8 devices resumes on 1, 2 or 512.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -38,7 +39,7 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.fspath(workdir), CHECKPOINT_SUBDIR)
 
 
-def run_metadata(*, model: str, model_options: Dict[str, Any], num_classes: int, dataset: str) -> Dict[str, Any]:
+def run_metadata(*, model: str, model_options: dict[str, Any], num_classes: int, dataset: str) -> dict[str, Any]:
     return {
         "model": model,
         "model_options": dict(model_options),
@@ -48,8 +49,9 @@ def run_metadata(*, model: str, model_options: Dict[str, Any], num_classes: int,
     }
 
 
-def create_manager(directory: str, *, max_to_keep: Optional[int] = None, read_only: bool = False,
-                   asynchronous: bool = True) -> ocp.CheckpointManager:
+def create_manager(
+    directory: str, *, max_to_keep: int | None = None, read_only: bool = False, asynchronous: bool = True
+) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         create=not read_only,
@@ -60,15 +62,16 @@ def create_manager(directory: str, *, max_to_keep: Optional[int] = None, read_on
     return ocp.CheckpointManager(os.fspath(directory), options=options, item_names=ITEMS)
 
 
-def read_meta(manager: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(restored["meta"])
 
 
-def check_compatible(saved: Dict[str, Any], expected: Dict[str, Any], where: str) -> None:
+def check_compatible(saved: dict[str, Any], expected: dict[str, Any], where: str) -> None:
     """Raises `WorkdirMismatchError` if `saved` (a checkpoint's meta) is another model."""
     diffs = [f for f in IDENTITY_FIELDS if _normalise(saved.get(f)) != _normalise(expected.get(f))]
     if diffs:
+
         def describe(m):
             opts = m.get("model_options") or {}
             opts = f" with options {opts}" if opts else ""
@@ -85,7 +88,7 @@ def _normalise(value):
     return json.loads(json.dumps(value, sort_keys=True)) if value is not None else None
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: TrainState, meta: Dict[str, Any]) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state: TrainState, meta: dict[str, Any]) -> None:
     """Starts an (asynchronous) save of `state` at `step`; returns once arrays are on the host."""
     manager.save(
         step,
@@ -120,7 +123,7 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Tra
     )
 
 
-def locate(path: str) -> Tuple[str, Optional[int]]:
+def locate(path: str) -> tuple[str, int | None]:
     """(checkpoint directory, step or None for the latest) for a workdir, its
     `checkpoints/` directory or one step directory `.../checkpoints/<step>`."""
     path = os.fspath(path).rstrip("/")
@@ -137,7 +140,7 @@ def _isdir(path: str) -> bool:
     return epath.Path(path).is_dir()  # Local paths and gs:// alike.
 
 
-def restore_variables(path: str, abstract_fn, shardings_fn) -> Tuple[Dict[str, Any], Dict[str, Any], int]:
+def restore_variables(path: str, abstract_fn, shardings_fn) -> tuple[dict[str, Any], dict[str, Any], int]:
     """Model variables of a training checkpoint: (variables, meta, step).
 
     Args:

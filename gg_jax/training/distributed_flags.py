@@ -7,6 +7,7 @@
 Importing this module defines the flags; `initialize()` must run before anything
 touches the devices.
 """
+
 from absl import flags
 
 DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (one process per host).")
@@ -20,6 +21,8 @@ def initialize() -> None:
     from gg_jax.training import trainer
 
     trainer.initialize_distributed(
-        DISTRIBUTED.value, coordinator_address=COORDINATOR.value, num_processes=NUM_PROCESSES.value,
+        DISTRIBUTED.value,
+        coordinator_address=COORDINATOR.value,
+        num_processes=NUM_PROCESSES.value,
         process_id=PROCESS_ID.value,
     )

@@ -14,9 +14,10 @@ would not match. `tests/test_training_unit.py` checks this against `torch.optim.
 Learning rate: `config.learning_rate` is the rate for a global batch of 256 and is
 scaled linearly with the batch (Goyal et al., 2017): lr = learning_rate * batch_size / 256.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import optax
 
@@ -68,8 +69,9 @@ def create_learning_rate_schedule(
     return optax.join_schedules([warmup, main], [warmup_steps])
 
 
-def create_optimizer(learning_rate, *, momentum: float = 0.9, weight_decay: float = 1e-4,
-                     nesterov: bool = False) -> optax.GradientTransformation:
+def create_optimizer(
+    learning_rate, *, momentum: float = 0.9, weight_decay: float = 1e-4, nesterov: bool = False
+) -> optax.GradientTransformation:
     """PyTorch-style SGD: weight decay added to the gradient of every parameter, then momentum."""
     return optax.chain(
         optax.add_decayed_weights(weight_decay),

@@ -5,6 +5,7 @@ Several processes (`jax.distributed`): JAX's coordination service already catche
 SIGTERM on any host and runs a sync protocol; `reached_preemption_sync_point(step)` is
 True on every process at the same step, which is what a collective save needs.
 """
+
 from __future__ import annotations
 
 import logging

@@ -3,10 +3,12 @@
 The trainer knows models only through `gg_jax.models.create(name, num_classes=..., dtype=...,
 **options)` and the linen `init` / `apply` interface, so any registered model trains.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -28,7 +30,7 @@ class TrainState:
     opt_state: optax.OptState
 
     @property
-    def variables(self) -> Dict[str, Any]:
+    def variables(self) -> dict[str, Any]:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
@@ -36,7 +38,7 @@ def _all_model_options() -> frozenset:
     return frozenset(o for name in models.names() for o in models.head_options(name))
 
 
-def model_options(model_config) -> Dict[str, Any]:
+def model_options(model_config) -> dict[str, Any]:
     """`config.model` minus `name` and unset (None) placeholders: the **options of `create`.
 
     Options of other heads are dropped (with a log line), so that a baseline is a flag
@@ -123,7 +125,7 @@ def merge_pretrained(
     *,
     reinit: Sequence[str] = (),
     reinit_on_shape_mismatch: Sequence[str] = ("fc",),
-) -> Tuple[Dict[str, Any], Sequence[str]]:
+) -> tuple[dict[str, Any], Sequence[str]]:
     """Takes every variable of `target` from `source`, except the modules re-initialised.
 
     Args:

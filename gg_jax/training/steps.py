@@ -7,10 +7,12 @@ BatchNorm mean and variance, the mean loss, hence the gradients) is a reduction 
 the *global* batch, and XLA inserts the cross-device all-reduces. The result is the
 same as one device processing the whole batch (`tests/test_training_distributed.py`).
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +28,9 @@ def cross_entropy_loss(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
-def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model, tx,
-               dropout_rng: Optional[jax.Array] = None) -> tuple[TrainState, Dict[str, jax.Array]]:
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], *, model, tx, dropout_rng: jax.Array | None = None
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on `batch` = {'image': [B, H, W, 3] float32/bf16, 'label': [B] int32}.
 
     BatchNorm uses the statistics of the whole (global) batch. `dropout_rng` is the
@@ -58,7 +61,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *, model, tx,
     return new_state, metrics
 
 
-def eval_step(variables, batch: Dict[str, jax.Array], *, model) -> Dict[str, jax.Array]:
+def eval_step(variables, batch: dict[str, jax.Array], *, model) -> dict[str, jax.Array]:
     """Sums over the valid (mask) examples of the batch: count, top-1/top-5 correct, loss.
 
     `image` is [B, H, W, 3], or [B, K, H, W, 3] for K crops per example (ten-crop), whose
@@ -144,6 +147,6 @@ def jit_all_finite(mesh: Mesh) -> Callable:
     return jax.jit(all_finite, out_shardings=replicated(mesh))
 
 
-def host_scalars(metrics: Dict[str, Any]) -> Dict[str, float]:
+def host_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     """Replicated device scalars -> Python floats (works on every process)."""
     return {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -14,13 +14,13 @@ half_precision, seed, image_size, log_every_steps, eval_every_steps,
 checkpoint_every_steps, keep_checkpoints, async_checkpoints, eval.{batch_size, ten_crop, resize_size},
 init_from, init_from_backbone_only, profile.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ class NonFiniteLossError(FloatingPointError):
 class TrainResult:
     state: state_lib.TrainState
     step: int  # Steps done (the state's step).
-    eval_metrics: Optional[Dict[str, float]]  # Of the final evaluation, if one ran.
+    eval_metrics: dict[str, float] | None  # Of the final evaluation, if one ran.
     preempted: bool  # Stopped early by SIGTERM after saving a checkpoint.
 
 
@@ -57,8 +57,13 @@ class TrainResult:
 USER_ERRORS = (ConfigError, checkpointing.WorkdirMismatchError, data.DatasetNotFoundError, NonFiniteLossError)
 
 
-def initialize_distributed(enabled: bool = False, *, coordinator_address: Optional[str] = None,
-                           num_processes: Optional[int] = None, process_id: Optional[int] = None) -> None:
+def initialize_distributed(
+    enabled: bool = False,
+    *,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
     """`jax.distributed.initialize(...)` when `enabled` or a coordinator address is given.
 
     Must run before anything touches the devices. With no arguments JAX detects the
@@ -127,7 +132,7 @@ def num_train_steps(config, info: data.DatasetInfo) -> int:
     return int(round(config.num_epochs * data.steps_per_epoch(info, config.batch_size)))
 
 
-def _every(value: int, steps_per_epoch: int) -> Optional[int]:
+def _every(value: int, steps_per_epoch: int) -> int | None:
     """Period in steps: value > 0 as is, 0 = once per epoch, < 0 = never (only at the end)."""
     if value is None or value < 0:
         return None
@@ -137,7 +142,7 @@ def _every(value: int, steps_per_epoch: int) -> Optional[int]:
 # ----------------------------------------------------------------------------- building blocks
 
 
-def _model_meta(config, info: data.DatasetInfo) -> Dict[str, Any]:
+def _model_meta(config, info: data.DatasetInfo) -> dict[str, Any]:
     return checkpointing.run_metadata(
         model=config.model.name,
         model_options=state_lib.model_options(config.model),
@@ -150,7 +155,7 @@ def _data_dtype(config):
     return jnp.bfloat16 if config.half_precision else np.float32
 
 
-def _dataset_kwargs(config) -> Dict[str, Any]:
+def _dataset_kwargs(config) -> dict[str, Any]:
     ds = config.dataset
     out = {}
     for key in ("augment", "cache", "shuffle_buffer", "num_threads"):
@@ -198,7 +203,7 @@ def init_from_pretrained(train_state, config, tx, mesh, sharding) -> state_lib.T
     return train_state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
 
 
-def evaluate_variables(eval_step, variables, config, mesh) -> Dict[str, float]:
+def evaluate_variables(eval_step, variables, config, mesh) -> dict[str, float]:
     """Top-1/top-5 error and loss over the whole eval split, each example exactly once."""
     it = data.create_eval_iterator(
         config.dataset.name,
@@ -228,13 +233,13 @@ class _MetricBuffer:
     """Train metrics of the steps since the last summary (device arrays until read)."""
 
     def __init__(self):
-        self.metrics: List[Dict[str, jax.Array]] = []
+        self.metrics: list[dict[str, jax.Array]] = []
         self.start_time = time.time()
 
     def add(self, metrics):
         self.metrics.append(metrics)
 
-    def summary(self) -> Dict[str, float]:
+    def summary(self) -> dict[str, float]:
         stacked = jax.device_get(self.metrics)
         # In float64: the mean of float32 values cannot overflow, so it is finite exactly
         # when every value is.
@@ -248,7 +253,7 @@ class _MetricBuffer:
         self.metrics, self.start_time = [], time.time()
 
 
-def _diverged(step: int, last_good: Optional[int], workdir: str, config) -> NonFiniteLossError:
+def _diverged(step: int, last_good: int | None, workdir: str, config) -> NonFiniteLossError:
     kept = (
         f"The last good checkpoint, step {last_good}, in {checkpointing.checkpoint_dir(workdir)} was kept"
         if last_good is not None
@@ -302,7 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     # Restore (same workdir = continue) or initialise.
     manager = checkpointing.create_manager(
-        checkpointing.checkpoint_dir(workdir), max_to_keep=config.keep_checkpoints,
+        checkpointing.checkpoint_dir(workdir),
+        max_to_keep=config.keep_checkpoints,
         asynchronous=bool(config.get("async_checkpoints", True)),
     )
     latest = manager.latest_step()
@@ -323,7 +329,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if start_step >= total_steps:
         logging.info(
             "The run in %s is finished (step %d of %d); nothing to train. Evaluate it with evaluate.py.",
-            workdir, start_step, total_steps,
+            workdir,
+            start_step,
+            total_steps,
         )
         manager.close()
         return TrainResult(train_state, start_step, None, False)
@@ -333,8 +341,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info(
         "Training %s on %s (%d classes) for %d steps (%d per epoch), global batch %d over %d devices, "
         "learning rate %g, from step %d.",
-        config.model.name, info.name, info.num_classes, total_steps, steps_per_epoch,
-        config.batch_size, mesh.size, optim.scaled_learning_rate(config.learning_rate, config.batch_size),
+        config.model.name,
+        info.name,
+        info.num_classes,
+        total_steps,
+        steps_per_epoch,
+        config.batch_size,
+        mesh.size,
+        optim.scaled_learning_rate(config.learning_rate, config.batch_size),
         start_step,
     )
     train_iter = data.create_train_iterator(
@@ -359,8 +373,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=log_every)]
     if config.profile and jax.process_index() == 0:
         # One trace of 5 steps, after compilation and warm-up, into WORKDIR/plugins/profile.
-        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5, profile_duration_ms=None,
-                                              first_profile=start_step + 10, every_secs=None))
+        hooks.append(
+            periodic_actions.Profile(
+                logdir=workdir,
+                num_profile_steps=5,
+                profile_duration_ms=None,
+                first_profile=start_step + 10,
+                every_secs=None,
+            )
+        )
 
     last_saved = latest
     eval_metrics = None
@@ -385,12 +406,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     if not np.isfinite(summary["loss"]):  # The mean of the losses: NaN/inf if any is.
                         raise _diverged(step, last_saved, workdir, config)
                     seconds = time.time() - buffer.start_time
-                    writer.write_scalars(step, {
-                        "train/loss": summary["loss"],
-                        "train/top1_error": summary["top1_error"],
-                        "train/learning_rate": float(schedule(step - 1)),
-                        "train/images_per_sec": len(buffer.metrics) * config.batch_size / max(seconds, 1e-9),
-                    })
+                    writer.write_scalars(
+                        step,
+                        {
+                            "train/loss": summary["loss"],
+                            "train/top1_error": summary["top1_error"],
+                            "train/learning_rate": float(schedule(step - 1)),
+                            "train/images_per_sec": len(buffer.metrics) * config.batch_size / max(seconds, 1e-9),
+                        },
+                    )
                     buffer.reset()
 
                 if (checkpoint_every and step % checkpoint_every == 0) or last or preempted:
@@ -404,18 +428,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     if preempted:
                         logging.warning(
                             "Preempted: saved the checkpoint of step %d in %s; rerun the same command to resume.",
-                            step, workdir,
+                            step,
+                            workdir,
                         )
                         break
 
                 if (eval_every and step % eval_every == 0) or last:
                     with hooks[0].timed("eval"):
                         eval_metrics = evaluate_variables(eval_step, train_state.variables, config, mesh)
-                    writer.write_scalars(step, {
-                        "eval/top1_error": eval_metrics["top1_error"],
-                        "eval/top5_error": eval_metrics["top5_error"],
-                        "eval/loss": eval_metrics["loss"],
-                    })
+                    writer.write_scalars(
+                        step,
+                        {
+                            "eval/top1_error": eval_metrics["top1_error"],
+                            "eval/top5_error": eval_metrics["top5_error"],
+                            "eval/loss": eval_metrics["loss"],
+                        },
+                    )
                     buffer.start_time = time.time()  # Do not count the eval in images/s.
     finally:
         manager.wait_until_finished()  # Good checkpoints already started are completed.
@@ -428,8 +456,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
-             checkpoint: Optional[str] = None) -> Dict[str, float]:
+def evaluate(
+    config: ml_collections.ConfigDict, workdir: str | None = None, checkpoint: str | None = None
+) -> dict[str, float]:
     """Top-1/top-5 error over the whole eval split of `config.dataset`.
 
     checkpoint: a training workdir, its `checkpoints/<step>` directory, or a variables
@@ -461,6 +490,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
         variables = state_lib.put_replicated(merged, sharding)
         step = int(meta.get("step", 0))
     else:
+
         def abstract_fn(meta):
             checkpointing.check_compatible(meta, expected, path)
             return abstract
@@ -472,8 +502,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
     crops = "10 crops" if config.eval.ten_crop else "1 crop"
     logging.info(
         "%s on %s/%s (%d examples, %s): top-1 error %.4f, top-5 error %.4f, loss %.4f.",
-        path, info.name, info.eval_split, metrics["num_examples"], crops,
-        metrics["top1_error"], metrics["top5_error"], metrics["loss"],
+        path,
+        info.name,
+        info.eval_split,
+        metrics["num_examples"],
+        crops,
+        metrics["top1_error"],
+        metrics["top5_error"],
+        metrics["loss"],
     )
     if workdir:
         writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
