@@ -8,11 +8,12 @@ Layout of DIR:
 Training checkpoints (Orbax CheckpointManager in the workdir) are a different, richer
 format (optimizer state, step); `load_variables` reads only this one.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,7 +27,7 @@ def is_variables_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, META_FILE)) and os.path.isdir(os.path.join(path, VARIABLES_DIR))
 
 
-def save_variables(path: str, variables: Dict[str, Any], meta: Dict[str, Any], overwrite: bool = False) -> None:
+def save_variables(path: str, variables: dict[str, Any], meta: dict[str, Any], overwrite: bool = False) -> None:
     """Write `variables` (a pytree of arrays) and `meta` (JSON-serialisable) to `path`.
 
     Refuses to replace an existing checkpoint unless `overwrite`, so nothing saved is lost
@@ -46,7 +47,7 @@ def save_variables(path: str, variables: Dict[str, Any], meta: Dict[str, Any], o
         json.dump(meta, f, indent=2, sort_keys=True)
 
 
-def load_variables(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read `(variables, meta)` written by `save_variables`; NumPy arrays on the host."""
     import orbax.checkpoint as ocp
 
@@ -62,3 +63,62 @@ def load_variables(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         variables = ckptr.restore(os.path.join(path, VARIABLES_DIR))
     variables = jax.tree.map(np.asarray, variables)
     return variables, meta
+
+
+def load_model(path: str, *, dtype=None, image_size: int = 224):
+    """`(model, variables, meta)` of any gg_jax checkpoint, the model built from its metadata.
+
+    Args:
+      path: a variables directory (`python -m gg_jax.convert ... --out DIR`), or a training
+        workdir, its `checkpoints/` directory, or one `checkpoints/<step>` directory (the
+        latest step of a workdir is read).
+      dtype: compute dtype of the model (default float32); the variables stay float32.
+      image_size: only used to trace the model's variable shapes (any size the model takes).
+
+    Returns:
+      the linen model (`gg_jax.models.create(meta['model'], num_classes=..., **options)`),
+      `{'params', 'batch_stats'}` as host NumPy arrays, and the checkpoint's metadata
+      (`model`, `num_classes`, `model_options`, ... and `step` for training checkpoints).
+
+    Raises:
+      FileNotFoundError if `path` holds neither kind of checkpoint.
+    """
+    import jax.numpy as jnp
+
+    from gg_jax import models
+
+    dtype = jnp.float32 if dtype is None else dtype
+
+    def build(meta):
+        options = dict(meta.get("model_options") or {})
+        return models.create(meta["model"], num_classes=int(meta["num_classes"]), dtype=dtype, **options)
+
+    def abstract_variables(model):
+        images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+        shapes = jax.eval_shape(lambda rng: model.init(rng, images, train=False), jax.random.PRNGKey(0))
+        return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
+
+    if is_variables_dir(path):
+        variables, meta = load_variables(path)
+        return build(meta), variables, meta
+
+    from gg_jax.training import checkpointing
+
+    built = {}
+
+    def abstract_fn(meta):
+        built["model"] = build(meta)
+        return abstract_variables(built["model"])
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+        variables, meta, step = checkpointing.restore_variables(
+            path, abstract_fn, lambda abstract: jax.tree.map(lambda _: device, abstract)
+        )
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"{path} holds no gg_jax checkpoint: expected a variables directory ({META_FILE} and "
+            f"{VARIABLES_DIR}/ inside, as `python -m gg_jax.convert` writes) or a training workdir, its "
+            f"checkpoints/ directory or one checkpoints/<step> directory. ({e})"
+        ) from None
+    return built["model"], jax.tree.map(np.asarray, jax.device_get(variables)), {**meta, "step": int(step)}
