@@ -12,16 +12,10 @@ printed as one JSON line: top1_error, top5_error (fractions), loss, num_examples
 with --workdir it is also written to its TensorBoard summaries (eval/top1_error, ...).
 """
 
-if __name__ == "__main__":
-    # Before anything else (jax included) is loaded: see gg_jax/hugepages.py.
-    from gg_jax import hugepages
-
-    hugepages.reexec_with_hugepages()
-
 import json
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from gg_jax.training import distributed_flags
@@ -39,12 +33,18 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not (_WORKDIR.value or _CHECKPOINT.value):
         raise app.UsageError("Give --workdir (its latest checkpoint) or --checkpoint=PATH.")
-    from gg_jax.training import trainer
+    from gg_jax.cpu import malloc
 
-    distributed_flags.initialize()
+    # On a CPU-only host, re-executes this command with huge pages for malloc (never on GPU/TPU).
+    hugepages = malloc.tune_for_cpu_backend()
+    distributed_flags.initialize()  # Before anything touches the devices.
     import jax
 
+    from gg_jax.training import trainer
+
     trainer.quiet_library_logs()
+    if hugepages:
+        logging.info("malloc: transparent huge pages for XLA:CPU's buffers (gg_jax/cpu/malloc.py).")
     try:
         metrics = trainer.evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
     except (*trainer.USER_ERRORS, FileNotFoundError) as e:

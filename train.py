@@ -15,12 +15,6 @@ saving a checkpoint because of a preemption notice, 1 on a configuration error o
 diverged (NaN/inf) run, with the reason on stderr.
 """
 
-if __name__ == "__main__":
-    # Before anything else (jax included) is loaded: see gg_jax/hugepages.py.
-    from gg_jax import hugepages
-
-    hugepages.reexec_with_hugepages()
-
 import signal
 import sys
 
@@ -39,11 +33,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from gg_jax.training import trainer
+    from gg_jax.cpu import malloc
 
-    # Before anything touches the devices.
-    distributed_flags.initialize()
+    # On a CPU-only host, re-executes this command with huge pages for malloc (never on GPU/TPU).
+    hugepages = malloc.tune_for_cpu_backend()
+    distributed_flags.initialize()  # Before anything touches the devices.
     import jax
+
+    from gg_jax.training import trainer
 
     trainer.quiet_library_logs()
     logging.info(
@@ -54,6 +51,8 @@ def main(argv):
         jax.device_count(),
         jax.devices()[0].platform,
     )
+    if hugepages:
+        logging.info("malloc: transparent huge pages for XLA:CPU's buffers (gg_jax/cpu/malloc.py).")
     try:
         result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except trainer.USER_ERRORS as e:

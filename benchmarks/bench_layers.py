@@ -11,7 +11,7 @@ backbone below would need), loss `sum(out * g)` with a fixed random `g`. JAX ste
 `jax.jit`-compiled; times are medians over `--reps` runs after `--warmup` runs, each
 ended by `block_until_ready` (JAX) or `torch.cuda.synchronize` (PyTorch on GPU).
 
-The PyTorch reference 3G head is assembled from `gg_jax.torch_reference` (the project's
+The PyTorch reference 3G head is assembled from `tests/reference/torch_reference.py` (the project's
 implementation of the released code): three `AtMp` blocks, `cov_pool` (centring with the
 M x M matrix), `sqrt_newton_schulz` differentiated by autograd, and
 `tril_vec_per_sample` (vectorised one sample at a time). Our 3G head and the reference
@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
 
 import flax  # noqa: E402
 import jax  # noqa: E402
@@ -103,10 +104,9 @@ class JaxHead:
 
 
 def make_torch_reference(batch, height, width, channels, device, seed=0):
-    """The reference 3G head in PyTorch, built from `gg_jax.torch_reference`'s pieces."""
+    """The reference 3G head in PyTorch, built from `tests/reference/torch_reference.py`'s pieces."""
     import torch
-
-    from gg_jax import torch_reference as ref
+    from reference import torch_reference as ref
 
     class ReferenceHead3G(torch.nn.Module):
         """AtMp1..3 -> cov_pool -> sqrt_newton_schulz (autograd) -> tril_vec_per_sample."""

@@ -7,7 +7,7 @@ same device, with the same thread count, in the same process.
   python benchmarks/bench_ops.py --threads 2 --json ops.json
 
 Operations (batch 4 for the ResNet-50 layers, 32 for the head's matrices):
-- the 3x3 convolutions of ResNet-50's stages and the 7x7 stem (`gg_jax.models.conv.conv2d`,
+- the 3x3 convolutions of ResNet-50's stages and the 7x7 stem (`gg_jax.cpu.conv.conv2d`,
   NHWC, as the ResNet computes them), forward and forward+backward (input and kernel
   gradients; the stem's kernel gradient only, as in training);
 - a 1x1 convolution as gg_jax computes it (one matmul over all positions);
@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 from gg_jax import layers, linalg  # noqa: E402
-from gg_jax.models import conv  # noqa: E402
+from gg_jax.cpu import conv  # noqa: E402
 
 HIGHEST = jax.lax.Precision.HIGHEST
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,7 +4,7 @@ A train step is forward (train-mode BatchNorm), softmax cross-entropy, backward 
 SGD-momentum update with weight decay on every parameter (the reference recipe), on
 synthetic data already on the device. For each model, dtype and batch size it prints
 images/s and peak device memory of gg_jax next to the PyTorch reference model
-(`gg_jax.torch_reference`, written from the reference notes) run on the same device
+(`tests/reference/torch_reference.py`, written from the reference notes) run on the same device
 with its best settings there (GPU: bf16 autocast + channels_last + cudnn.benchmark; CPU:
 float32, glibc keeping freed memory for reuse, see --no_keep_freed_memory).
 
@@ -52,14 +52,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--no_hugepages",
         action="store_true",
-        help="do not re-execute with transparent huge pages for malloc (gg_jax/hugepages.py; "
+        help="do not re-execute with transparent huge pages for malloc (gg_jax/cpu/malloc.py; "
         "applies to both frameworks, which share the process)",
     )
     p.add_argument(
         "--no_keep_freed_memory",
         action="store_true",
         help="do not re-execute with glibc tunables that keep freed memory for reuse (one arena, no "
-        "mmap, no trim; gg_jax/hugepages.py KEEP_FREED_MEMORY). Kept by default, for both "
+        "mmap, no trim; gg_jax/cpu/malloc.py KEEP_FREED_MEMORY). Kept by default, for both "
         "frameworks: PyTorch's best CPU setting (what jemalloc or tcmalloc give), its step 2-15 %% "
         "faster so; gg_jax's about 2 %% slower",
     )
@@ -75,7 +75,8 @@ def parse_args(argv=None):
 
 ARGS = parse_args()
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from gg_jax import hugepages  # noqa: E402  (imports no jax)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from gg_jax.cpu import malloc as hugepages  # noqa: E402  (imports no jax)
 
 # Both re-execute this script before jax and torch are loaded; the second sees the first's.
 if not ARGS.no_keep_freed_memory:
@@ -94,7 +95,8 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from timing import call_times, median_seconds  # noqa: E402  (benchmarks/timing.py)
 
-from gg_jax import models, xla_options  # noqa: E402
+import gg_jax.cpu  # noqa: E402
+from gg_jax import models  # noqa: E402
 
 TORCH_HEADS = {"3g": "3g", "isqrt": "isqrt", "gap": "gap"}
 _device_peak_taken = False  # whether a configuration of this process has reported the device peak
@@ -122,9 +124,9 @@ def bench_jax(name, batch, dtype, args):
         u, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, u), updates["batch_stats"], opt_state), loss
 
-    # The options train.py compiles its step with (gg_jax/xla_options.py).
+    # The options train.py compiles its step with (gg_jax.cpu.compiler_options).
     step = jax.jit(
-        train_step, donate_argnums=(0,), compiler_options=xla_options.train_step_options(jax.devices()[0].platform)
+        train_step, donate_argnums=(0,), compiler_options=gg_jax.cpu.compiler_options(jax.devices()[0].platform)
     )
     t0 = time.perf_counter()
     compiled = step.lower(state, images, labels).compile()
@@ -202,8 +204,7 @@ def bench_jax_head(model, variables, images, batch, args):
 
 def bench_torch(name, batch, dtype, args):
     import torch
-
-    from gg_jax.torch_reference import ReferenceResNet3G
+    from reference.torch_reference import ReferenceResNet3G
 
     backbone, head = models.parse_name(name)
     if head not in TORCH_HEADS:

@@ -58,6 +58,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
+
+from gg_jax import variables_io
+from gg_jax.variables_io import CheckpointMismatchError
 
 __all__ = [
     "CONVENTIONS",
@@ -108,10 +112,6 @@ _BN_LEAVES = (
     ("batch_stats", "mean", "running_mean"),
     ("batch_stats", "var", "running_var"),
 )
-
-
-class CheckpointMismatchError(ValueError):
-    """The state_dict does not fit the model: lists missing, unexpected and mis-shaped keys."""
 
 
 class UnsafeCheckpointError(ValueError):
@@ -172,26 +172,6 @@ def _backbone_module(path: tuple[str, ...]) -> bool:
     return path[0] in ("conv1", "bn1") or re.fullmatch(r"layer\d+_\d+", path[0]) is not None
 
 
-def _flatten(tree, prefix=()):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat):
-    tree: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return tree
-
-
 def _freeze_options(options):
     return tuple(sorted(options.items()))
 
@@ -208,12 +188,26 @@ def _variable_shapes(name: str, num_classes: int, frozen_options) -> dict[str, d
     images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
     shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), images)
     return {
-        col: {p: tuple(s.shape) for p, s in _flatten(shapes.get(col, {})).items()} for col in ("params", "batch_stats")
+        col: {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(shapes.get(col, {})).items()}
+        for col in ("params", "batch_stats")
     }
+
+
+def _check_resnet(name: str) -> None:
+    """The PyTorch checkpoints converted here are ResNets; other backbones have no original."""
+    from gg_jax import models
+
+    backbone, _ = models.parse_name(name)
+    if not backbone.startswith("resnet"):
+        raise ValueError(
+            f"gg_jax.convert reads and writes ResNet checkpoints (the reference 3G-Net, fast-MPN-COV, "
+            f"torchvision); {name!r} has the {backbone} backbone, which has no PyTorch checkpoint layout here."
+        )
 
 
 @functools.lru_cache(maxsize=64)
 def _layout(name: str, num_classes: int, frozen_options) -> tuple[_Entry, ...]:
+    _check_resnet(name)
     shapes = _variable_shapes(name, num_classes, frozen_options)
     modules: dict[tuple[str, ...], dict[str, dict[str, tuple[int, ...]]]] = {}
     for col in ("params", "batch_stats"):
@@ -563,7 +557,7 @@ def convert_state_dict(
                 kernel = kernel[np.argsort(perm)]
             flat["params"][("fc", "kernel")] = np.ascontiguousarray(kernel)
 
-    variables = {col: _unflatten(f) for col, f in flat.items() if f}
+    variables = {col: traverse_util.unflatten_dict(f) for col, f in flat.items() if f}
     return ConversionResult(variables, convention, vector_order, None if backbone_only else num_classes, ignored)
 
 
@@ -615,24 +609,9 @@ def merge_backbone(variables: Mapping[str, Any], backbone: Mapping[str, Any]) ->
     """`variables` with the backbone entries (`from_torch(..., backbone_only=True)`) replaced.
 
     Everything else (head, classifier) keeps its value. Every entry of `backbone` must
-    exist in `variables` with the same shape.
+    exist in `variables` with the same shape (`CheckpointMismatchError` otherwise).
     """
-    out = {col: _flatten(dict(tree)) for col, tree in variables.items()}
-    problems = []
-    for col, tree in backbone.items():
-        for path, value in _flatten(dict(tree)).items():
-            old = out.get(col, {}).get(path)
-            if old is None:
-                problems.append(f"{col}/{'/'.join(path)}: not in the model")
-            elif tuple(np.shape(old)) != tuple(np.shape(value)):
-                problems.append(
-                    f"{col}/{'/'.join(path)}: backbone {tuple(np.shape(value))}, model {tuple(np.shape(old))}"
-                )
-            else:
-                out[col][path] = value
-    if problems:
-        raise CheckpointMismatchError("The backbone does not fit the variables:\n  " + "\n  ".join(problems))
-    return {col: _unflatten(f) for col, f in out.items()}
+    return variables_io.merge(variables, backbone, partial_source=True)[0]
 
 
 def _num_classes_of(variables) -> int:
@@ -689,7 +668,7 @@ def to_torch(
         vector_order = "upper" if convention in _UPPER_ORDER_CONVENTIONS else "lower"
     num_classes = _num_classes_of(variables)
     entries = _layout(name, num_classes, _freeze_options(options))
-    flat = {col: _flatten(dict(variables.get(col, {}))) for col in ("params", "batch_stats")}
+    flat = {col: traverse_util.flatten_dict(dict(variables.get(col, {}))) for col in ("params", "batch_stats")}
     expected = {(e.collection, e.path) for e in entries}
     missing = [f"{e.collection}/{'/'.join(e.path)}" for e in entries if e.path not in flat[e.collection]]
     extra = [f"{c}/{'/'.join(p)}" for c in flat for p in flat[c] if (c, p) not in expected]
@@ -874,11 +853,11 @@ def load_torch_checkpoint(
 
 # ----------------------------------------------------------------------------- CLI
 def _count(tree) -> int:
-    return int(sum(np.size(v) for v in _flatten(dict(tree)).values()))
+    return int(sum(np.size(v) for v in traverse_util.flatten_dict(dict(tree)).values()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from gg_jax import models, variables_io
+    from gg_jax import models
 
     p = argparse.ArgumentParser(
         prog="python -m gg_jax.convert",

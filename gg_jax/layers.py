@@ -15,106 +15,38 @@ outputs are unaffected (see the README).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Literal
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from gg_jax import linalg
+from gg_jax.backbones import blocks
 
 Dtype = Any
+ModuleDef = Any
 
-#: Kernel init of the reference: He-normal with fan-out (PyTorch kaiming_normal_ mode='fan_out').
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def batch_norm(train: bool, dtype: Dtype, name: str | None = None, scale_init=nn.initializers.ones):
-    """BatchNorm with the reference's (PyTorch's) epsilon and momentum."""
-    return nn.BatchNorm(
-        use_running_average=not train,
-        # Two-pass variance mean((x - mean)^2): E[x^2] - E[x]^2 loses digits to cancellation.
-        use_fast_variance=False,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        scale_init=scale_init,
-        name=name,
-    )
+# Building blocks of the backbones, used by the heads too (importable from here as before).
+conv_kernel_init = blocks.conv_kernel_init
+batch_norm = blocks.batch_norm
+Conv1x1 = blocks.Conv1x1
 
 
-def conv1x1_matmul(x, kernel, stride: int = 1):
-    """A bias-free 1x1 convolution as one matmul over all positions (the CPU form).
+class _ConvModule(nn.Module):
+    """Base of the modules with 1x1 convolutions: `conv` is the convolution module.
 
-    x: `[B, H, W, C]` (or any `[..., C]` when `stride == 1`); kernel: `[1, 1, C, O]`, both of
-    one dtype. Returns `[B, ceil(H/stride), ceil(W/stride), O]` (`[..., O]`): PyTorch's 1x1
-    convolution with padding 0, which reads exactly the pixels `x[:, ::stride, ::stride]`.
-    """
-    if stride != 1:
-        x = x[:, ::stride, ::stride, :]
-    # Flattened to [positions, C]: with one contracting dimension the kernel gradient
-    # (x^T dy) needs no transposed copy of dy on XLA:CPU.
-    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel[0, 0], (((1,), (0,)), ((), ())))
-    return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
-
-
-def conv1x1_xla(x, kernel, stride: int = 1):
-    """The same 1x1 convolution as `conv1x1_matmul`, as an XLA convolution (GPU and TPU form).
-
-    x: `[B, H, W, C]`; kernel: `[1, 1, C, O]`. Returns `[B, ceil(H/stride), ceil(W/stride), O]`.
-    """
-    return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-
-
-def conv1x1_by_platform(x, kernel, stride: int = 1):
-    """`conv1x1_matmul` on CPU, `conv1x1_xla` on GPU and TPU (`jax.lax.platform_dependent`).
-
-    XLA:CPU runs the convolution and its kernel gradient far slower than the matmul
-    (dramatically so inside the `nn.scan` of `UnrolledReweighting`). XLA:GPU (jax 0.11.2)
-    fails to compile the matmul form of a strided 1x1 convolution in a train step: its Triton
-    GEMM fusion aborts on the strided slice before the reshape ("triton_tiling_propagation.cc
-    Check failed: subdim_size_accumulator == dim_size (784 vs. 56)"); as a convolution it
-    goes to cuDNN. TPUs take the convolution too, the form XLA:TPU is built around.
-    """
-    if x.ndim != 4:
-        return conv1x1_matmul(x, kernel, stride)
-    return jax.lax.platform_dependent(
-        x,
-        kernel,
-        cpu=functools.partial(conv1x1_matmul, stride=stride),
-        default=functools.partial(conv1x1_xla, stride=stride),
-    )
-
-
-class Conv1x1(nn.Module):
-    """Bias-free 1x1 convolution with an optional stride (`conv1x1_by_platform`: a matmul on CPU).
-
-    Same parameter as `nn.Conv(features, (1, 1), strides=stride, use_bias=False)` with
-    PyTorch's padding 0: `kernel` of shape `[1, 1, in, features]`, initialised identically
-    (checkpoints and converters see no difference), and the same result.
+    The default is `nn.Conv` without bias and with the reference's init
+    (`gg_jax.backbones.blocks.Conv`); `gg_jax.models.create` passes the same module it gives
+    the backbone. Keyword-only, so that the heads' positional fields are unchanged.
     """
 
-    features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Any = conv_kernel_init
-    stride: int = 1
+    conv: ModuleDef = dataclasses.field(default=blocks.Conv, kw_only=True)
 
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), self.param_dtype)
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return conv1x1_by_platform(x, kernel, self.stride)
-
-
-def conv1x1(features: int, dtype: Dtype, name: str | None = None):
-    """Bias-free 1x1 convolution with the reference's He-normal fan-out init (`Conv1x1`)."""
-    return Conv1x1(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)
+    def conv1x1(self, features: int, dtype: Dtype, name: str):
+        return self.conv(features, (1, 1), padding="VALID", dtype=dtype, name=name)
 
 
 def check_feature_map(x, layer: str, in_features: int | None = None):
@@ -156,7 +88,7 @@ def flatten_positions(x):
     return x.reshape(b, h * w, c)
 
 
-class ChannelReduction(nn.Module):
+class ChannelReduction(_ConvModule):
     """1x1 conv -> BN -> ReLU to `features` channels (reference head step 1)."""
 
     features: int = 256
@@ -165,7 +97,7 @@ class ChannelReduction(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool):
         check_param_channels(self, x, "layer_reduce", "ChannelReduction")
-        x = conv1x1(self.features, self.dtype, name="layer_reduce")(x)
+        x = self.conv1x1(self.features, self.dtype, name="layer_reduce")(x)
         x = batch_norm(train, self.dtype, name="layer_reduce_bn")(x)
         return nn.relu(x)
 
@@ -173,7 +105,7 @@ class ChannelReduction(nn.Module):
 ReweightingVariant = Literal["3g", "urm_v1", "urm_v2"]
 
 
-class ReweightingBlock(nn.Module):
+class ReweightingBlock(_ConvModule):
     """One re-weighted block of the unrolling re-weighting module (paper Fig. 3, Eqns. 12-13).
 
     Approximates the generalized-Gaussian weights of Eqn. (9) with 1x1 convolutions,
@@ -205,7 +137,7 @@ class ReweightingBlock(nn.Module):
         check_param_channels(self, x_hat, "atmap1", "ReweightingBlock")  # atmap1: C -> hidden in every variant
         x = x_hat if x is None else x
         c = x_hat.shape[-1]
-        conv = functools.partial(conv1x1, dtype=self.dtype)
+        conv = functools.partial(self.conv1x1, dtype=self.dtype)
         bn = functools.partial(batch_norm, train, self.dtype)
         if self.variant == "3g":
             a = bn(name="bn1")(conv(c, name="map1")(x_hat)) * bn(name="bn2")(conv(c, name="map2")(x_hat))
@@ -224,7 +156,7 @@ class ReweightingBlock(nn.Module):
         return x_hat * w.astype(x_hat.dtype)
 
 
-class _ScannedReweightingBlock(nn.Module):
+class _ScannedReweightingBlock(_ConvModule):
     """`ReweightingBlock` as a scan body: carry `Xh`, broadcast `X`, emit each output."""
 
     hidden: int
@@ -234,11 +166,12 @@ class _ScannedReweightingBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_hat, x):
-        out = ReweightingBlock(self.hidden, self.variant, self.dtype, name="block")(x_hat, x, train=self.train)
+        block = ReweightingBlock(self.hidden, self.variant, self.dtype, conv=self.conv, name="block")
+        out = block(x_hat, x, train=self.train)
         return out, out
 
 
-class UnrolledReweighting(nn.Module):
+class UnrolledReweighting(_ConvModule):
     """Unrolling re-weighting module: `num_blocks` re-weighted blocks with separate weights.
 
     Block t maps `Xh_{t-1} -> Xh_t` (with `Xh_0 = X`) and always also reads `X`
@@ -250,8 +183,8 @@ class UnrolledReweighting(nn.Module):
     Call: `module(x, train=...)` -> `[B, H, W, C]` in `dtype`. `num_blocks=0` is the identity.
 
     `unroll=True` (default) unrolls the scan in the compiled program (the parameters stay
-    stacked): on XLA:CPU the rolled loop's dynamic slicing of stacked parameters and
-    residuals made the module about 1.7x slower. `unroll=False` keeps a compact loop.
+    stacked), which XLA schedules better than the rolled loop's dynamic slices (BENCHMARKS.md);
+    `unroll=False` keeps a compact loop.
     """
 
     num_blocks: int = 3
@@ -268,15 +201,15 @@ class UnrolledReweighting(nn.Module):
         if self.num_blocks == 0:
             return x
         x = x.astype(self.dtype)
-        blocks = nn.scan(
+        scanned = nn.scan(
             _ScannedReweightingBlock,
             variable_axes={"params": 0, "batch_stats": 0},
             split_rngs={"params": True},
             in_axes=nn.broadcast,
             length=self.num_blocks,
             unroll=self.num_blocks if self.unroll else 1,
-        )(self.hidden, self.variant, train, self.dtype, name="blocks")
-        out, per_block = blocks(x, x)
+        )(self.hidden, self.variant, train, self.dtype, conv=self.conv, name="blocks")
+        out, per_block = scanned(x, x)
         self.sow("intermediates", "reweighted", per_block)
         return out
 
@@ -294,13 +227,15 @@ def _matrix_root(s, method: SqrtMethod, num_iters: int, lam: float = 1.0):
     raise ValueError(f"Unknown square-root method {method!r}; choose 'newton_schulz' or 'eigh'.")
 
 
-class _HeadBase(nn.Module):
+class _HeadBase(_ConvModule):
     """Shared options: optional channel reduction and an input check."""
 
     def _prepare(self, x, train: bool, layer: str):
         check_feature_map(x, layer, getattr(self, "in_features", None))
         if getattr(self, "reduction_dim", None):
-            x = ChannelReduction(self.reduction_dim, self.dtype, name="reduce")(x.astype(self.dtype), train=train)
+            x = ChannelReduction(self.reduction_dim, self.dtype, conv=self.conv, name="reduce")(
+                x.astype(self.dtype), train=train
+            )
         return x
 
 

@@ -1,6 +1,6 @@
 """gg_jax.convert: PyTorch checkpoints (3G-Net, fast-MPN-COV, torchvision) -> gg_jax.
 
-The PyTorch side is the project's reference implementation (`gg_jax.torch_reference`),
+The PyTorch side is the project's reference implementation (`tests/reference/torch_reference.py`),
 whose state_dict keys are those of the real checkpoints (test_torch_reference.py checks
 it against the golden files and layout.json).
 """
@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference.reference_weights import make_state_dict
 
 from gg_jax import convert, models, variables_io
-from gg_jax.testing.reference_weights import make_state_dict
 
 torch = pytest.importorskip("torch")
-from gg_jax.torch_reference import ReferenceResNet3G, layout_of, random_state_dict  # noqa: E402
+from reference.torch_reference import ReferenceResNet3G, layout_of, random_state_dict  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -400,7 +400,8 @@ def test_torch_is_not_needed(tmp_path):
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
 import gg_jax, gg_jax.models, gg_jax.convert, gg_jax.layers, gg_jax.variables_io
-from gg_jax.testing.reference_weights import make_state_dict
+sys.path.insert(0, {str(REPO / "tests")!r})
+from reference.reference_weights import make_state_dict
 v = gg_jax.convert.from_torch(make_state_dict("resnet18_3g", 0, layout={str(LAYOUT)!r}), "resnet18_3g")
 assert v["params"]["fc"]["kernel"].shape == (32896, 1000)
 try:

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference.reference_weights import make_state_dict
 
 from gg_jax import convert, layers, linalg
-from gg_jax.testing.reference_weights import make_state_dict
 
 DATA = pathlib.Path(__file__).parent / "data"
 LAYOUT = DATA / "layout.json"
@@ -542,39 +542,3 @@ def test_all_zero_features_finite_and_nan_reported(name):
     out_bad = np.asarray(out_bad)
     assert np.isnan(out_bad[0]).any()  # NaN in, NaN out: not silently replaced
     assert np.isfinite(out_bad[1]).all()  # in eval mode samples are independent
-
-
-@pytest.mark.parametrize("stride,size", [(1, 7), (2, 7), (2, 8), (3, 10)])
-def test_conv1x1_gpu_form_equals_cpu_form_with_gradients(stride, size):
-    """`conv1x1_xla` (what GPUs and TPUs run) and `conv1x1_matmul` (CPU) are one function:
-    PyTorch's 1x1 convolution with padding 0, odd and even sizes, strides 1-3."""
-    rng = np.random.default_rng(stride * 100 + size)
-    x = jnp.asarray(rng.standard_normal((2, size, size + 1, 5)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((1, 1, 5, 3)), jnp.float32)
-    want = np.einsum("bhwc,co->bhwo", np.asarray(x, np.float64)[:, ::stride, ::stride], np.asarray(k, np.float64)[0, 0])
-    for form in (layers.conv1x1_matmul, layers.conv1x1_xla, layers.conv1x1_by_platform):
-        assert_close(form(x, k, stride), want, rtol=1e-5, name=form.__name__)
-    g = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
-    grads = [
-        jax.grad(lambda x, k, f=f: jnp.vdot(f(x, k, stride), g), argnums=(0, 1))(x, k)
-        for f in (layers.conv1x1_matmul, layers.conv1x1_xla)
-    ]
-    for a, b, name in zip(grads[0], grads[1], ("dx", "dk")):
-        assert_close(a, b, rtol=1e-5, name=name)
-
-
-def test_conv1x1_is_a_matmul_on_cpu_and_a_convolution_on_gpu():
-    """The module lowers to a dot on CPU (XLA:CPU's convolution is slow) and to a convolution
-    for CUDA (XLA:GPU's Triton GEMM fusion aborts on the matmul form of a strided 1x1
-    convolution, jax 0.11.2); lowered for CUDA with `jax.export`, no GPU needed."""
-    module = layers.Conv1x1(8, stride=2)
-    x = jnp.ones((2, 9, 9, 4), jnp.float32)
-    params = module.init(jax.random.PRNGKey(0), x)
-
-    def grad(p, x):
-        return jax.grad(lambda p: module.apply(p, x).sum())(p)
-
-    cpu = jax.export.export(jax.jit(grad), platforms=["cpu"])(params, x).mlir_module()
-    cuda = jax.export.export(jax.jit(grad), platforms=["cuda"])(params, x).mlir_module()
-    assert "stablehlo.dot_general" in cpu and "stablehlo.convolution" not in cpu
-    assert "stablehlo.convolution" in cuda and "stablehlo.dot_general" not in cuda

@@ -1,4 +1,4 @@
-"""The project's PyTorch reference (gg_jax.torch_reference) is exactly the released model.
+"""The project's PyTorch reference (tests/reference/torch_reference.py) is exactly the released model.
 
 Golden tensors (tests/data/*_golden.npz) come from the released 3G-Net PyTorch code
 loaded with make_state_dict(arch, seed=0) on a 2x3x112x112 input. Once these pass, the
@@ -15,8 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gg_jax.testing.reference_weights import load_layout, make_state_dict  # noqa: E402
-from gg_jax.torch_reference import (  # noqa: E402
+from reference.reference_weights import load_layout, make_state_dict  # noqa: E402
+from reference.torch_reference import (  # noqa: E402
     ARCHS,
     CovPoolFunction,
     ReferenceResNet3G,

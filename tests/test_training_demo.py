@@ -59,8 +59,9 @@ def test_evaluate_py_on_a_converted_pytorch_checkpoint(tmp_path):
     """PyTorch 3G-Net file -> `python -m gg_jax.convert` -> `evaluate.py --checkpoint`: the errors
     and loss of the PyTorch model itself on the same preprocessed test digits."""
     torch = pytest.importorskip("torch")
+    from reference.torch_reference import ReferenceResNet3G
+
     from gg_jax import data
-    from gg_jax.torch_reference import ReferenceResNet3G
 
     torch.manual_seed(0)
     model = ReferenceResNet3G("resnet18", num_classes=10).eval()  # The released layout: 256 channels, T = 3.

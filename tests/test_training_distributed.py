@@ -21,6 +21,7 @@ _DEVICES_SCRIPT = textwrap.dedent(
     import jax
     from absl import logging
     from test_training_common import tiny_config
+    from gg_jax import sharding
     from gg_jax.training import trainer
 
     logging.set_verbosity(logging.INFO)
@@ -31,7 +32,7 @@ _DEVICES_SCRIPT = textwrap.dedent(
     if n > 1:
       try:
         trainer.train_and_evaluate(tiny_config(batch_size=n + 4), workdir + "_bad")
-      except trainer.ConfigError as e:
+      except sharding.BatchSizeError as e:
         out["batch_error"] = str(e)
     r = trainer.train_and_evaluate(tiny_config(num_train_steps=2, checkpoint_every_steps=1), workdir)
     out["eval"] = r.eval_metrics
@@ -80,10 +81,10 @@ _PROCESS_SCRIPT = textwrap.dedent(
     import json, sys
     import numpy as np
     from flax import traverse_util
-    from gg_jax.training import trainer
+    from gg_jax.training import distributed_flags, trainer
 
     pid, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    trainer.initialize_distributed(True, coordinator_address=f"localhost:{port}", num_processes=2,
+    distributed_flags.initialize_distributed(True, coordinator_address=f"localhost:{port}", num_processes=2,
                                    process_id=pid)
     import jax
     from test_training_common import tiny_config

@@ -24,9 +24,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from gg_jax import sharding
 from gg_jax.data import datasets as datasets_lib
 from gg_jax.data import preprocessing as pp
-from gg_jax.data import sharding as sharding_lib
 from gg_jax.data._tf import tf as _tf
 
 AUGMENTATIONS = ("inception_crop", "scale_aug", "translate", "none")
@@ -104,12 +104,7 @@ def _epoch_seeds(seed: int, shard_index: int, shard_count: int, epoch: int):
 def _check_shard(shard_index, shard_count, global_batch_size):
     if shard_count <= 0 or not 0 <= shard_index < shard_count:
         raise ValueError(f"process_index {shard_index} must be in [0, process_count={shard_count})")
-    if global_batch_size <= 0 or global_batch_size % shard_count:
-        raise ValueError(
-            f"The global batch size {global_batch_size} is not divisible by the number of "
-            f"processes/data shards {shard_count}."
-        )
-    return global_batch_size // shard_count
+    return sharding.check_batch_size(global_batch_size, shard_count, "processes (data shards)")
 
 
 def _default_shard(process_index, process_count):
@@ -392,8 +387,8 @@ class GlobalIterator:
         self.local = local
         self.info = local.info
         self.mesh = mesh
-        self.sharding = sharding_lib.batch_sharding(mesh, data_axis)
-        self._it = sharding_lib.DevicePrefetcher(local, self.sharding, local.global_batch_size, prefetch)
+        self.sharding = sharding.batch_sharding(mesh, data_axis)
+        self._it = prefetch.DevicePrefetcher(local, self.sharding, local.global_batch_size, prefetch)
 
     def __iter__(self):
         return self
@@ -406,8 +401,8 @@ class GlobalIterator:
 
 
 def _mesh_shard(mesh, data_axis, global_batch_size):
-    mesh = mesh if mesh is not None else sharding_lib.default_mesh(data_axis)
-    index, count, _ = sharding_lib.data_shard(mesh, data_axis, global_batch_size)
+    mesh = mesh if mesh is not None else sharding.make_mesh(axis=data_axis)
+    index, count, _ = sharding.data_shard(mesh, data_axis, global_batch_size)
     return mesh, index, count
 
 

@@ -77,3 +77,26 @@ def create_optimizer(
         optax.add_decayed_weights(weight_decay),
         optax.sgd(learning_rate, momentum=momentum if momentum else None, nesterov=nesterov),
     )
+
+
+def create(config, *, steps_per_epoch: int, num_train_steps: int):
+    """`(optimizer, learning-rate schedule)` of a training config.
+
+    Reads `learning_rate` (for a batch of 256), `batch_size`, `lr_schedule`,
+    `lr_boundaries_epochs`, `lr_decay_factor`, `warmup_epochs`, `momentum`, `nesterov` and
+    `weight_decay` (see configs/default.py).
+    """
+    schedule = create_learning_rate_schedule(
+        base_learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        num_train_steps=num_train_steps,
+        schedule=config.lr_schedule,
+        boundaries_epochs=config.lr_boundaries_epochs,
+        decay_factor=config.lr_decay_factor,
+        warmup_epochs=config.warmup_epochs,
+    )
+    tx = create_optimizer(
+        schedule, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
+    )
+    return tx, schedule

@@ -1,11 +1,9 @@
 """The train and eval steps, and their jitted versions sharded over a mesh.
 
-Data parallelism by sharding (no pmap, no explicit collectives): the state is
-replicated on every device of the mesh, the batch is split along its first axis over
-the mesh axis `data`. Inside the jitted step every reduction over the batch (the
-BatchNorm mean and variance, the mean loss, hence the gradients) is a reduction over
-the *global* batch, and XLA inserts the cross-device all-reduces. The result is the
-same as one device processing the whole batch (`tests/test_training_distributed.py`).
+Data parallelism by sharding (`gg_jax.sharding`: no pmap, no explicit collectives): every
+reduction over the batch inside a step (the BatchNorm mean and variance, the mean loss,
+hence the gradients) is over the *global* batch, the same as one device processing the
+whole batch (`tests/test_training_distributed.py`).
 """
 
 from __future__ import annotations
@@ -18,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from gg_jax import xla_options
+from gg_jax import cpu, sharding
 from gg_jax.training.state import TrainState
 
 
@@ -90,19 +88,6 @@ def eval_step(variables, batch: dict[str, jax.Array], *, model) -> dict[str, jax
     }
 
 
-def make_mesh(devices=None, axis: str = "data") -> Mesh:
-    """A 1-axis mesh over `devices` (default: every device of every process)."""
-    return Mesh(np.asarray(jax.devices() if devices is None else devices), (axis,))
-
-
-def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(axis))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
 def needs_dropout_rng(model) -> bool:
     """Whether `model` draws random numbers in training (dropout before the classifier)."""
     return float(getattr(model, "dropout_rate", 0.0) or 0.0) > 0.0
@@ -121,18 +106,18 @@ def jit_train_step(model, tx, mesh: Mesh, state_sharding, *, seed: int = 0) -> C
     dropout_rng = dropout_rng if needs_dropout_rng(model) else None
     return jax.jit(
         functools.partial(train_step, model=model, tx=tx, dropout_rng=dropout_rng),
-        in_shardings=(state_sharding, batch_sharding(mesh)),
-        out_shardings=(state_sharding, replicated(mesh)),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
-        compiler_options=xla_options.train_step_options(mesh.devices.flat[0].platform),
+        compiler_options=cpu.compiler_options(mesh.devices.flat[0].platform),
     )
 
 
 def jit_eval_step(model, mesh: Mesh, variables_sharding) -> Callable:
     return jax.jit(
         functools.partial(eval_step, model=model),
-        in_shardings=(variables_sharding, batch_sharding(mesh)),
-        out_shardings=replicated(mesh),
+        in_shardings=(variables_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
     )
 
 
@@ -144,7 +129,7 @@ def all_finite(tree: Any) -> jax.Array:
 
 def jit_all_finite(mesh: Mesh) -> Callable:
     """`all_finite` jitted to a replicated scalar (readable on every process)."""
-    return jax.jit(all_finite, out_shardings=replicated(mesh))
+    return jax.jit(all_finite, out_shardings=sharding.replicated(mesh))
 
 
 def host_scalars(metrics: dict[str, Any]) -> dict[str, float]:

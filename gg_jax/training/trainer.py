@@ -4,15 +4,8 @@ Reads top to bottom like the Flax ImageNet example: check the config against the
 devices, build the dataset info, the model and the optimizer, restore or initialise
 the state, then loop: step, log, evaluate, checkpoint. The trainer knows models only
 through `gg_jax.models.create` (via `state.create_model`), so any registered model
-trains with any config.
-
-Config fields read here (see `configs/default.py` for their meaning and defaults):
-model.name (+ options), dataset.{name, data_dir, augment, cache, shuffle_buffer},
-batch_size, num_epochs, num_train_steps, learning_rate, lr_schedule,
-lr_boundaries_epochs, lr_decay_factor, warmup_epochs, momentum, nesterov, weight_decay,
-half_precision, seed, image_size, log_every_steps, eval_every_steps,
-checkpoint_every_steps, keep_checkpoints, async_checkpoints, eval.{batch_size, ten_crop, resize_size},
-init_from, init_from_backbone_only, profile.
+trains with any config; the optimizer and schedule come from `optim.create(config)`.
+`configs/default.py` documents every field.
 """
 
 from __future__ import annotations
@@ -30,7 +23,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from gg_jax import data, models, variables_io
+from gg_jax import data, models, sharding, variables_io
 from gg_jax.training import checkpointing, optim, preemption
 from gg_jax.training import state as state_lib
 from gg_jax.training import steps as steps_lib
@@ -54,29 +47,14 @@ class TrainResult:
 
 # Errors that mean "fix the config, the data or the workdir" rather than a bug: the
 # entry points print their message without a traceback.
-USER_ERRORS = (ConfigError, checkpointing.WorkdirMismatchError, data.DatasetNotFoundError, NonFiniteLossError)
-
-
-def initialize_distributed(
-    enabled: bool = False,
-    *,
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> None:
-    """`jax.distributed.initialize(...)` when `enabled` or a coordinator address is given.
-
-    Must run before anything touches the devices. With no arguments JAX detects the
-    cluster (Cloud TPU, SLURM, Open MPI, Kubernetes). CPU collectives go through gloo,
-    so several CPU-only processes (tests, CPU clusters) can run one sharded step; this
-    does not affect GPU or TPU devices.
-    """
-    if not (enabled or coordinator_address):
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-    )
+USER_ERRORS = (
+    ConfigError,
+    sharding.BatchSizeError,
+    variables_io.CheckpointMismatchError,
+    checkpointing.WorkdirMismatchError,
+    data.DatasetNotFoundError,
+    NonFiniteLossError,
+)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -100,16 +78,10 @@ def quiet_library_logs() -> None:
         handler.addFilter(_DropLibraryInfo())
 
 
-def check_batch_size(batch_size: int, mesh, field: str = "batch_size") -> None:
-    """Raises `ConfigError` unless `batch_size` splits evenly over the devices of `mesh`."""
-    n = mesh.size
-    if not isinstance(batch_size, int) or batch_size <= 0 or batch_size % n:
-        suggestion = max(n, (int(batch_size) // n) * n if isinstance(batch_size, int) else n)
-        raise ConfigError(
-            f"config.{field}={batch_size} is not divisible by the number of devices, {n} "
-            f"({jax.local_device_count()} per process x {jax.process_count()} processes). The global "
-            f"batch is split evenly over every device: use a multiple of {n}, e.g. --config.{field}={suggestion}."
-        )
+def check_batch_sizes(config, mesh) -> None:
+    """`sharding.BatchSizeError` unless the train and eval batches split over the devices."""
+    sharding.check_batch_size(config.batch_size, mesh.size)
+    sharding.check_batch_size(eval_batch_size(config), mesh.size, field="eval.batch_size")
 
 
 def create_model(config, num_classes: int):
@@ -176,7 +148,7 @@ def _load_pretrained(config, mesh, image_size: int):
 
     try:
         variables, meta, _ = checkpointing.restore_variables(
-            path, abstract_fn, lambda a: state_lib.replicated_sharding(a, mesh)
+            path, abstract_fn, lambda a: sharding.replicated_tree(a, mesh)
         )
     except FileNotFoundError as e:
         raise FileNotFoundError(
@@ -186,20 +158,28 @@ def _load_pretrained(config, mesh, image_size: int):
     return jax.device_get(variables), meta
 
 
-def init_from_pretrained(train_state, config, tx, mesh, sharding) -> state_lib.TrainState:
+def init_from_pretrained(train_state, config, tx, mesh, state_sharding) -> state_lib.TrainState:
     """Replaces the fresh variables by `config.init_from`'s; re-initialises the classifier
     (`config.init_from_classifier`, on a class-count mismatch) and, with
     `config.init_from_backbone_only`, the modules in `config.init_from_head_modules`."""
     source, meta = _load_pretrained(config, mesh, config.image_size)
     logging.info("Initialising from %s (%s).", config.init_from, meta.get("model"))
-    reinit = tuple(config.init_from_head_modules) if config.init_from_backbone_only else ()
+    keep = tuple(config.init_from_head_modules) if config.init_from_backbone_only else ()
     classifier = config.get("init_from_classifier") or "fc"
-    merged, _ = state_lib.merge_pretrained(
-        jax.device_get(train_state.variables), source, reinit=reinit, reinit_on_shape_mismatch=(classifier,)
-    )
-    params = state_lib.put_replicated(merged["params"], sharding.params)
-    batch_stats = state_lib.put_replicated(merged.get("batch_stats", {}), sharding.batch_stats)
-    opt_state = jax.jit(tx.init, out_shardings=sharding.opt_state)(params)
+    try:
+        merged, kept = variables_io.merge(
+            jax.device_get(train_state.variables), source, keep=keep, keep_on_shape_mismatch=(classifier,)
+        )
+    except variables_io.CheckpointMismatchError as e:
+        raise variables_io.CheckpointMismatchError(
+            f"config.init_from={config.init_from!r}: {e}\nCheck config.model (name and options) against the "
+            "checkpoint, or set config.init_from_backbone_only=True to load only the backbone."
+        ) from None
+    if kept:
+        logging.info("Re-initialised (not loaded from the pretrained variables): %s", ", ".join(kept))
+    params = sharding.put_replicated(merged["params"], state_sharding.params)
+    batch_stats = sharding.put_replicated(merged.get("batch_stats", {}), state_sharding.batch_stats)
+    opt_state = jax.jit(tx.init, out_shardings=state_sharding.opt_state)(params)
     return train_state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
 
 
@@ -281,9 +261,8 @@ def _write_config(config, workdir: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
     workdir = os.fspath(workdir)
-    mesh = steps_lib.make_mesh()
-    check_batch_size(config.batch_size, mesh)
-    check_batch_size(eval_batch_size(config), mesh, "eval.batch_size")
+    mesh = sharding.make_mesh()
+    check_batch_sizes(config, mesh)
     create_model(config, 10)  # Unknown name or option -> ConfigError, before reading any data.
     info = data.get_dataset_info(config.dataset.name, config.dataset.data_dir)  # Missing -> how to prepare.
     model = create_model(config, info.num_classes)
@@ -291,19 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
     total_steps = num_train_steps(config, info)
-    schedule = optim.create_learning_rate_schedule(
-        base_learning_rate=config.learning_rate,
-        batch_size=config.batch_size,
-        steps_per_epoch=steps_per_epoch,
-        num_train_steps=total_steps,
-        schedule=config.lr_schedule,
-        boundaries_epochs=config.lr_boundaries_epochs,
-        decay_factor=config.lr_decay_factor,
-        warmup_epochs=config.warmup_epochs,
-    )
-    tx = optim.create_optimizer(
-        schedule, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
-    )
+    tx, schedule = optim.create(config, steps_per_epoch=steps_per_epoch, num_train_steps=total_steps)
 
     # Restore (same workdir = continue) or initialise.
     manager = checkpointing.create_manager(
@@ -315,16 +282,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if latest is not None:
         checkpointing.check_compatible(checkpointing.read_meta(manager, latest), meta, workdir)
     abstract = state_lib.abstract_train_state(model, tx, image_size=config.image_size)
-    sharding = state_lib.replicated_sharding(abstract, mesh)
+    state_sharding = sharding.replicated_tree(abstract, mesh)
     if latest is not None:
-        train_state = checkpointing.restore_state(manager, latest, abstract, sharding)
+        train_state = checkpointing.restore_state(manager, latest, abstract, state_sharding)
         logging.info("Restored the checkpoint of step %d from %s.", latest, workdir)
     else:
         train_state = state_lib.create_train_state(
-            model, tx, rng=jax.random.PRNGKey(config.seed), image_size=config.image_size, sharding=sharding
+            model, tx, rng=jax.random.PRNGKey(config.seed), image_size=config.image_size, sharding=state_sharding
         )
         if config.init_from:
-            train_state = init_from_pretrained(train_state, config, tx, mesh, sharding)
+            train_state = init_from_pretrained(train_state, config, tx, mesh, state_sharding)
     start_step = int(latest or 0)
     if start_step >= total_steps:
         logging.info(
@@ -362,8 +329,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         dtype=_data_dtype(config),
         **_dataset_kwargs(config),
     )
-    train_step = steps_lib.jit_train_step(model, tx, mesh, sharding, seed=config.seed)
-    eval_step = steps_lib.jit_eval_step(model, mesh, {"params": sharding.params, "batch_stats": sharding.batch_stats})
+    train_step = steps_lib.jit_train_step(model, tx, mesh, state_sharding, seed=config.seed)
+    eval_step = steps_lib.jit_eval_step(
+        model, mesh, {"params": state_sharding.params, "batch_stats": state_sharding.batch_stats}
+    )
     state_is_finite = steps_lib.jit_all_finite(mesh)
 
     log_every = max(int(config.log_every_steps), 1)
@@ -469,14 +438,14 @@ def evaluate(
     path = checkpoint or workdir
     if not path:
         raise ConfigError("Give --workdir (evaluates its latest checkpoint) or --checkpoint=PATH.")
-    mesh = steps_lib.make_mesh()
-    check_batch_size(eval_batch_size(config), mesh, "eval.batch_size")
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(eval_batch_size(config), mesh.size, field="eval.batch_size")
     create_model(config, 10)
     info = data.get_dataset_info(config.dataset.name, config.dataset.data_dir)
     model = create_model(config, info.num_classes)
     expected = _model_meta(config, info)
     abstract = state_lib.abstract_variables(model, image_size=config.image_size)
-    sharding = state_lib.replicated_sharding(abstract, mesh)
+    variables_sharding = sharding.replicated_tree(abstract, mesh)
 
     if variables_io.is_variables_dir(path):
         host, meta = variables_io.load_variables(path)
@@ -486,8 +455,8 @@ def evaluate(
                 f"for {config.model.name} with {info.num_classes} classes ({info.name}). Pass "
                 f"--config.model.name={meta.get('model')} and a dataset with that many classes."
             )
-        merged, _ = state_lib.merge_pretrained(abstract, host, reinit_on_shape_mismatch=())
-        variables = state_lib.put_replicated(merged, sharding)
+        merged, _ = variables_io.merge(abstract, host)
+        variables = sharding.put_replicated(merged, variables_sharding)
         step = int(meta.get("step", 0))
     else:
 
@@ -495,9 +464,9 @@ def evaluate(
             checkpointing.check_compatible(meta, expected, path)
             return abstract
 
-        variables, meta, step = checkpointing.restore_variables(path, abstract_fn, lambda _: sharding)
+        variables, meta, step = checkpointing.restore_variables(path, abstract_fn, lambda _: variables_sharding)
 
-    eval_step = steps_lib.jit_eval_step(model, mesh, sharding)
+    eval_step = steps_lib.jit_eval_step(model, mesh, variables_sharding)
     metrics = evaluate_variables(eval_step, variables, config, mesh)
     crops = "10 crops" if config.eval.ten_crop else "1 crop"
     logging.info(

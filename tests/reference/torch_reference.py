@@ -1,8 +1,8 @@
 """The project's own PyTorch implementation of the reference 3G-Net and its baselines.
 
 Used as an oracle by the converter tests (``gg_jax.convert``) and as the PyTorch side
-of the benchmarks. It imports torch at module top; the core ``gg_jax`` package never
-imports this module. It was written from the project's reference notes (what the
+of the benchmarks. It imports torch at module top; it is not part of the installed
+``gg_jax`` package. It was written from the project's reference notes (what the
 released 3G-Net PyTorch code computes, number for number) and is validated against the
 golden tensors in ``tests/data/*_golden.npz`` (``tests/test_torch_reference.py``).
 
@@ -98,7 +98,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gg_jax.testing.reference_weights import load_layout, make_state_dict  # noqa: F401
+from reference.reference_weights import load_layout, make_state_dict  # noqa: F401
 
 __all__ = [
     "ARCHS",

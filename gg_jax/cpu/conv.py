@@ -1,56 +1,52 @@
-"""2-d convolution whose kernel gradient is a matrix product on CPU.
+"""Convolutions for XLA:CPU: 1x1 convolutions as matmuls, kernel gradients as GEMMs.
 
-XLA:CPU computes the kernel gradient of a convolution as another convolution in which
-the images of the batch are the contracted "features". For some shapes that convolution
-is slow: at batch 4 about 21 ms for one ResNet `layer1` 3x3 convolution (64 channels,
-where the forward pass takes about 6 ms), 26 ms for the 7x7/2 stem on RGB input and
-16.5-17.4 ms for a `layer4` 3x3 convolution (512 channels, 14x14 in 3G-Net), and it
-slows down abruptly with the batch (a `layer2` one: 5 ms at batch 4, 41 at batch 8).
-`conv2d` computes those gradients as GEMMs over shifted copies of the input instead
-(`kernel_grad_gemm`, `kernel_grad_im2col`): 8-10, 14-15, 13.7-13.9 and 29 ms. The forward
-pass and the input gradient stay XLA's, and on GPU and TPU (`jax.lax.platform_dependent`)
-so does the kernel gradient. `python benchmarks/bench_ops.py --threads 2` times the
-convolutions of the step against PyTorch.
+`Conv` takes the call and the parameter of `nn.Conv(..., use_bias=False)` (`kernel`
+`[kh, kw, in, out]`, same init, same result to float32 rounding), so `gg_jax.models.create`
+substitutes it on CPU without changing checkpoints. XLA:CPU runs a 1x1 convolution and some
+kernel-gradient convolutions several times slower than the equivalent matrix products;
+BENCHMARKS.md ("CPU convolutions") has the measurements behind every threshold here.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gg_jax.backbones import blocks
+
 Dtype = Any
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
-#: Stride-1 inputs with at most this many channels take the GEMM kernel gradient on CPU.
-#: Measured at batch 4 (kernel gradient alone, one-off timing of both functions): 64
-#: channels at 56x56 2.3x faster than XLA; 128 channels at 28x28 and 256 at 14x14 slower,
-#: so those stay with XLA.
+#: Stride-1 inputs with at most this many channels take the GEMM kernel gradient.
 MAX_GEMM_GRAD_CHANNELS = 64
-
-#: Stride-1 inputs with more than `MAX_GEMM_GRAD_CHANNELS` channels take the im2col
-#: kernel gradient on CPU when they have at least `MIN_IM2COL_GRAD_CHANNELS` channels or
-#: the output at least `MIN_IM2COL_GRAD_POSITIONS` positions (batch x height x width):
-#: XLA:CPU's kernel-gradient convolution slows down abruptly beyond a size. Measured 3x3
-#: kernel gradients (ms, XLA -> im2col; one-off timings of both functions):
-#:   512 ch: 7x7 batch 4 10.0-11.6 -> 5.0-6.7, batch 16 21.5 -> 18.5-19.3;
-#:           14x14 batch 4 16.5-17.4 -> 13.7-13.9, batch 32 299-306 -> 169-171
-#:   256 ch, 14x14: batch 4 4.6-4.8 -> 4.6-4.7, 8 11.0 -> 12.6-14.7, 16 23.5 -> 31-37,
-#:           32 74-76 -> 57-60
-#:   128 ch, 28x28: batch 4 4.7-5.7 -> 5.9-7.9, 8 41-43 -> 29, 16 101 -> 44-51,
-#:           32 170-178 -> 89-90; 56x56 batch 2 47-50 -> 24-26
+#: Stride-1 inputs with more channels take the im2col kernel gradient when they have at least
+#: this many channels or the output at least this many positions (batch x height x width).
 MIN_IM2COL_GRAD_CHANNELS = 512
 MIN_IM2COL_GRAD_POSITIONS = 6272
-
-#: Inputs with at most this many channels (RGB images), any stride, take the per-image
-#: "planar" GEMM kernel gradient on CPU: the 7x7/2 stem at batch 4, 26 ms in XLA:CPU,
-#: 14-15 ms (PyTorch/oneDNN: 3.4 ms). With 64 channels it is slower than the shifted form.
+#: Inputs with at most this many channels (RGB), any stride, take the per-image "planar" GEMM.
 MAX_PLANAR_CHANNELS = 4
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def conv1x1_matmul(x, kernel, stride: int = 1):
+    """A bias-free 1x1 convolution as one matmul over all positions.
+
+    x: `[B, H, W, C]` (or any `[..., C]` when `stride == 1`); kernel: `[1, 1, C, O]`, both of
+    one dtype. Returns `[B, ceil(H/stride), ceil(W/stride), O]` (`[..., O]`): PyTorch's 1x1
+    convolution with padding 0, which reads exactly the pixels `x[:, ::stride, ::stride]`.
+    """
+    if stride != 1:
+        x = x[:, ::stride, ::stride, :]
+    # Flattened to [positions, C]: one contracting dimension, so the kernel gradient x^T dy
+    # needs no transposed copy of dy.
+    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel[0, 0], (((1,), (0,)), ((), ())))
+    return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
 
 
 def _conv(x, kernel, stride: int, padding: Padding):
@@ -130,8 +126,7 @@ def kernel_grad_im2col(x, g, kernel_size: int, padding: Padding):
 
     `dk[i, j, c, o] = sum_{b,h,w} x_pad[b, h + i, w + j, c] * g[b, h, w, o]`: the k^2
     shifted copies of the input side by side (`[B*Ho*Wo, k*k*C]`) contracted with the
-    output gradient over all positions. With many channels each copy moves long
-    contiguous runs, and the one GEMM is what XLA:CPU runs fastest.
+    output gradient over all positions, one GEMM.
 
     Args:
       x: `[B, H, W, C]` input; g: `[B, Ho, Wo, O]` output gradient; kernel_size, padding:
@@ -153,20 +148,23 @@ def kernel_grad_im2col(x, g, kernel_size: int, padding: Padding):
     return dk.reshape(k, k, c, o).astype(x.dtype)
 
 
+def _kernel_grad_rule(kernel_size: int, stride: int, channels: int, positions: int):
+    """Which kernel gradient `conv2d` uses: 'im2col', 'gemm' or 'xla' (thresholds above)."""
+    large = channels >= MIN_IM2COL_GRAD_CHANNELS or positions >= MIN_IM2COL_GRAD_POSITIONS
+    if stride == 1 and channels > MAX_GEMM_GRAD_CHANNELS and large:
+        return "im2col"
+    if channels <= MAX_PLANAR_CHANNELS or (stride == 1 and channels <= MAX_GEMM_GRAD_CHANNELS):
+        return "gemm"
+    return "xla"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x, kernel, stride: int, padding: Padding):
     """`lax.conv_general_dilated` on NHWC `x` and an HWIO square `kernel`, no dilation.
 
-    Forward pass and input gradient are XLA's everywhere, and so is the kernel gradient
-    on GPU and TPU. On CPU, where XLA:CPU's kernel-gradient convolutions are slow for some
-    shapes, the kernel gradient is a matrix product instead:
-    - kernel gradient of stride-1 convolutions with at most `MAX_GEMM_GRAD_CHANNELS`
-      input channels, and of any convolution of an input with at most
-      `MAX_PLANAR_CHANNELS` channels: `kernel_grad_gemm`;
-    - kernel gradient of stride-1 convolutions with more input channels, when they have
-      at least `MIN_IM2COL_GRAD_CHANNELS` of them or at least `MIN_IM2COL_GRAD_POSITIONS`
-      output positions: `kernel_grad_im2col`.
-    Each agrees with XLA's convolution to float32 rounding (tests/test_conv.py).
+    Forward pass and input gradient are XLA's; the kernel gradient is `kernel_grad_gemm` or
+    `kernel_grad_im2col` where XLA:CPU's kernel-gradient convolution is slow for the shape
+    (`_kernel_grad_rule`), XLA's otherwise. Each agrees with XLA's to float32 rounding.
     """
     return _conv(x, kernel, stride, padding)
 
@@ -178,50 +176,54 @@ def _conv2d_fwd(x, kernel, stride, padding):
 def _conv2d_bwd(stride, padding, residuals, g):
     x, kernel = residuals
     dx = jax.vjp(lambda x_: _conv(x_, kernel, stride, padding), x)[1](g)[0]
-
-    def xla_grad(x, g):
-        return jax.vjp(lambda k_: _conv(x, k_, stride, padding), kernel)[1](g)[0]
-
     k, k_w, channels, _ = kernel.shape
-    if k != k_w:
-        return dx, xla_grad(x, g)
-    positions = g.shape[0] * g.shape[1] * g.shape[2]
-    large = channels >= MIN_IM2COL_GRAD_CHANNELS or positions >= MIN_IM2COL_GRAD_POSITIONS
-    if stride == 1 and channels > MAX_GEMM_GRAD_CHANNELS and large:
-
-        def cpu_grad(x, g):
-            return kernel_grad_im2col(x, g, k, padding).astype(kernel.dtype)
-    elif channels <= MAX_PLANAR_CHANNELS or (stride == 1 and channels <= MAX_GEMM_GRAD_CHANNELS):
-
-        def cpu_grad(x, g):
-            return kernel_grad_gemm(x, g, k, stride, padding).astype(kernel.dtype)
+    rule = "xla" if k != k_w else _kernel_grad_rule(k, stride, channels, g.shape[0] * g.shape[1] * g.shape[2])
+    if rule == "im2col":
+        dk = kernel_grad_im2col(x, g, k, padding)
+    elif rule == "gemm":
+        dk = kernel_grad_gemm(x, g, k, stride, padding)
     else:
-        return dx, xla_grad(x, g)
-    return dx, jax.lax.platform_dependent(x, g, cpu=cpu_grad, default=xla_grad)
+        dk = jax.vjp(lambda k_: _conv(x, k_, stride, padding), kernel)[1](g)[0]
+    return dx, dk.astype(kernel.dtype)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-class Conv(nn.Module):
-    """Bias-free square convolution with explicit padding, computed by `conv2d`.
+def _pairs(value, n: int = 2) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, Sequence) else (int(value),) * n
 
-    Same parameter as `nn.Conv(features, (k, k), strides=(s, s), padding=padding,
-    use_bias=False)`: `kernel` of shape `[k, k, in, features]`, initialised identically,
-    and the same forward result.
+
+class Conv(nn.Module):
+    """`nn.Conv(..., use_bias=False)` for XLA:CPU: same call, parameter and result.
+
+    1x1 kernels without padding run as `conv1x1_matmul`; square kernels with equal strides
+    as `conv2d` (GEMM kernel gradients); anything else as `lax.conv_general_dilated`.
     """
 
     features: int
-    kernel_size: int
-    stride: int = 1
-    padding: Padding = ((0, 0), (0, 0))
-    dtype: Dtype = jnp.float32
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Any = "SAME"
+    use_bias: bool = False
+    dtype: Dtype = None
     param_dtype: Dtype = jnp.float32
-    kernel_init: Any = nn.initializers.lecun_normal()
+    kernel_init: Any = blocks.conv_kernel_init
 
     @nn.compact
     def __call__(self, x):
-        k = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), self.param_dtype)
+        if self.use_bias:
+            raise ValueError("gg_jax.cpu.Conv has no bias; use nn.Conv for convolutions with a bias.")
+        kh, kw = _pairs(self.kernel_size)
+        sh, sw = _pairs(self.strides)
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return conv2d(x, kernel, self.stride, tuple(tuple(p) for p in self.padding))
+        if isinstance(self.padding, str):
+            padding = tuple(jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (sh, sw), self.padding))
+        else:
+            padding = tuple(tuple(p) for p in self.padding)
+        if (kh, kw) == (1, 1) and sh == sw and all(p == (0, 0) for p in padding):
+            return conv1x1_matmul(x, kernel, sh)
+        if kh == kw and sh == sw:
+            return conv2d(x, kernel, sh, padding)
+        return jax.lax.conv_general_dilated(x, kernel, (sh, sw), padding, dimension_numbers=_DIMENSION_NUMBERS)

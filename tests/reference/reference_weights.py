@@ -29,8 +29,7 @@ from typing import Union
 
 import numpy as np
 
-# Source checkout layout: <repo>/gg_jax/testing/reference_weights.py -> <repo>/tests/data.
-DEFAULT_LAYOUT_PATH = pathlib.Path(__file__).resolve().parents[2] / "tests" / "data" / "layout.json"
+DEFAULT_LAYOUT_PATH = pathlib.Path(__file__).resolve().parents[1] / "data" / "layout.json"
 
 LayoutLike = Union[None, str, os.PathLike, Mapping, Sequence]  # noqa: UP007 (a runtime alias)
 

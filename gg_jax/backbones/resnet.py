@@ -1,0 +1,106 @@
+"""ResNet backbones (torchvision v1.5, the reference's), up to the last feature map.
+
+Module names mirror the PyTorch state_dict of the reference / torchvision (`conv1`, `bn1`,
+`layer3_5/conv2`, `layer2_0/downsample_0`, ...) so that checkpoint conversion
+(`gg_jax.convert`) is a renaming plus transposes. Convolutions use PyTorch's symmetric
+padding, which differs from 'SAME' for strided layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from gg_jax.backbones import blocks
+
+Dtype = Any
+ModuleDef = Any
+
+
+def _conv(conv: ModuleDef, features: int, kernel: int, stride: int, dtype: Dtype, name: str):
+    padding = blocks.torch_padding(kernel)
+    return conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
+
+
+class BasicBlock(nn.Module):
+    """3x3 -> BN -> ReLU -> 3x3 -> BN, plus shortcut, then ReLU (ResNet-18/34)."""
+
+    planes: int
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+    conv: ModuleDef = blocks.Conv
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        def bn(name):
+            return blocks.batch_norm(train, self.dtype, name=name)
+
+        y = nn.relu(bn("bn1")(_conv(self.conv, self.planes, 3, self.stride, self.dtype, "conv1")(x)))
+        y = bn("bn2")(_conv(self.conv, self.planes, 3, 1, self.dtype, "conv2")(y))
+        if self.stride != 1 or x.shape[-1] != self.planes:
+            x = bn("downsample_1")(_conv(self.conv, self.planes, 1, self.stride, self.dtype, "downsample_0")(x))
+        return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1 (x4) -> BN, plus shortcut, ReLU."""
+
+    planes: int
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+    conv: ModuleDef = blocks.Conv
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        def bn(name):
+            return blocks.batch_norm(train, self.dtype, name=name)
+
+        out = self.planes * self.expansion
+        y = nn.relu(bn("bn1")(_conv(self.conv, self.planes, 1, 1, self.dtype, "conv1")(x)))
+        y = nn.relu(bn("bn2")(_conv(self.conv, self.planes, 3, self.stride, self.dtype, "conv2")(y)))
+        y = bn("bn3")(_conv(self.conv, out, 1, 1, self.dtype, "conv3")(y))
+        if self.stride != 1 or x.shape[-1] != out:
+            x = bn("downsample_1")(_conv(self.conv, out, 1, self.stride, self.dtype, "downsample_0")(x))
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """ResNet stem and four stages: NHWC images `[B, H, W, 3]` -> feature map `[B, H/s, W/s, C]`.
+
+    Attributes:
+      stage_sizes: blocks per stage (`layer1..layer4`).
+      block_cls: `BasicBlock` (C = 512) or `Bottleneck` (C = 2048).
+      last_stride: stride of `layer4`; 1 for the covariance heads (a 224 image gives a 14x14
+        map, s = 16), 2 for the original ResNet (7x7, s = 32).
+      dtype: compute dtype (e.g. bfloat16); parameters are float32.
+      conv: the convolution module (`blocks.Conv`, an `nn.Conv`).
+
+    The output is sown as `intermediates/layer4`.
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: Any
+    last_stride: int = 1
+    dtype: Dtype = jnp.float32
+    conv: ModuleDef = blocks.Conv
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = x.astype(self.dtype)
+        x = _conv(self.conv, 64, 7, 2, self.dtype, "conv1")(x)
+        x = nn.relu(blocks.batch_norm(train, self.dtype, name="bn1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage, (num_blocks, planes) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512))):
+            stride = (1, 2, 2, self.last_stride)[stage]
+            for i in range(num_blocks):
+                block = self.block_cls(
+                    planes, stride if i == 0 else 1, self.dtype, self.conv, name=f"layer{stage + 1}_{i}"
+                )
+                x = block(x, train=train)
+        self.sow("intermediates", "layer4", x)
+        return x
