@@ -321,7 +321,7 @@ def test_unknown_model_name_lists_valid_names():
     for fn in (
         lambda: models.create("resnet50_3gg", num_classes=10),
         lambda: convert.from_torch({}, "resnet51_3g"),
-        lambda: convert.to_torch({}, "vgg16_3g"),
+        lambda: convert.to_torch({}, "vgg19_3g"),
     ):
         with pytest.raises(ValueError) as e:
             fn()
