@@ -174,8 +174,25 @@ def _trace(a):
     return jnp.trace(a, axis1=-2, axis2=-1)[..., None, None]
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _gram(x, precision):
+    return jnp.einsum("...nc,...nd->...cd", x, x, precision=precision)
+
+
+@_gram.defjvp
+def _gram_jvp(precision, primals, tangents):
+    # d(X^T X) = P + P^T with P = X^T dX: one product per tangent, so the backward pass
+    # (the transpose, dX = X (G + G^T)) is one product too, not two.
+    (x,), (dx,) = primals, tangents
+    p = jnp.einsum("...nc,...nd->...cd", x, dx, precision=precision)
+    return _gram(x, precision), p + jnp.swapaxes(p, -1, -2)
+
+
 def gram(x, matmul_precision="auto"):
     """Gram matrix of N feature vectors divided by N: `X^T X / N` (B-CNN's bilinear pool).
+
+    Symmetric, so its gradient is one product: `dL/dX = X (G + G^T) / N` for the
+    cotangent G (paper Eqn. 18 without the centring).
 
     Args:
       x: `[..., N, C]` features (any float dtype).
@@ -187,14 +204,15 @@ def gram(x, matmul_precision="auto"):
     x = _as_f32(x)
     if x.ndim < 2:
         raise ValueError(f"gram expects features of shape [..., N, C], got shape {x.shape}.")
-    return jnp.einsum("...nc,...nd->...cd", x, x, precision=lax_precision(matmul_precision, x.dtype)) / x.shape[-2]
+    return _gram(x, lax_precision(matmul_precision, x.dtype)) / x.shape[-2]
 
 
 def covariance(x, eps: float = 1e-7, matmul_precision="auto"):
     """Sample covariance of N feature vectors (reference step 3).
 
     `S = (1/N) Xc^T Xc + eps * I`, where `Xc` is `x` with its mean over the N
-    positions removed (divided by N, not N-1, as the reference does).
+    positions removed (divided by N, not N-1, as the reference does). One product
+    forward and one backward (`gram`).
 
     Args:
       x: `[..., N, C]` features (any float dtype); N positions, C channels.
