@@ -118,6 +118,33 @@ def conv1x1(features: int, dtype: Dtype, name: str | None = None):
     return Conv1x1(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)
 
 
+class _Conv1x1Kernel(nn.Module):
+    """The `kernel` `[1, 1, in, features]` of `conv1x1(features, ...)`, created but not applied.
+
+    Same path, name, shape, dtype and initialisation (Flax draws it from the module path),
+    so variables and checkpoints are those of `conv1x1`.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        return self.param("kernel", conv_kernel_init, (1, 1, in_features, self.features), jnp.float32)
+
+
+def parallel_conv1x1(x, features: int, dtype: Dtype, names):
+    """Bias-free 1x1 convolutions `names` of one input `x` `[B, H, W, C]`, computed as one.
+
+    Each keeps its own `kernel` parameter (`conv1x1`'s); they are concatenated along the
+    output axis at compute time: one convolution (one read of `x`, one wider product)
+    instead of len(names). Call inside a compact module. Returns a list of
+    `[B, H, W, features]` in `dtype`, in the order of `names`.
+    """
+    kernels = [_Conv1x1Kernel(features, name=name)(x.shape[-1]) for name in names]
+    x, kernel = nn.dtypes.promote_dtype(x, jnp.concatenate(kernels, axis=-1), dtype=dtype)
+    return jnp.split(conv1x1_by_platform(x, kernel), len(names), axis=-1)
+
+
 def check_feature_map(x, layer: str, in_features: int | None = None):
     """Raise a ValueError unless `x` is an NHWC map `[B, H, W, C]` (with C == in_features)."""
     if x.ndim != 4:
@@ -208,12 +235,17 @@ class ReweightingBlock(nn.Module):
         c = x_hat.shape[-1]
         conv = functools.partial(conv1x1, dtype=self.dtype)
         bn = functools.partial(batch_norm, train, self.dtype)
+        # map1/map2 (and map3/map4) read the same input: one convolution each pair.
+        pair = functools.partial(parallel_conv1x1, features=c, dtype=self.dtype)
         if self.variant == "3g":
-            a = bn(name="bn1")(conv(c, name="map1")(x_hat)) * bn(name="bn2")(conv(c, name="map2")(x_hat))
+            m1, m2 = pair(x_hat, names=("map1", "map2"))
+            a = bn(name="bn1")(m1) * bn(name="bn2")(m2)
             z = nn.relu(a + bn(name="bn21")(conv(c, name="map21")(x)))
-            feat = nn.relu(bn(name="bn3")(conv(c, name="map3")(z))) * nn.relu(bn(name="bn4")(conv(c, name="map4")(z)))
+            m3, m4 = pair(z, names=("map3", "map4"))
+            feat = nn.relu(bn(name="bn3")(m3)) * nn.relu(bn(name="bn4")(m4))
         elif self.variant == "urm_v2":
-            feat = bn(name="bn1")(conv(c, name="map1")(x_hat)) * bn(name="bn2")(conv(c, name="map2")(x_hat))
+            m1, m2 = pair(x_hat, names=("map1", "map2"))
+            feat = bn(name="bn1")(m1) * bn(name="bn2")(m2)
         elif self.variant == "urm_v1":
             feat = x_hat
         else:

@@ -578,3 +578,38 @@ def test_conv1x1_is_a_matmul_on_cpu_and_a_convolution_on_gpu():
     cuda = jax.export.export(jax.jit(grad), platforms=["cuda"])(params, x).mlir_module()
     assert "stablehlo.dot_general" in cpu and "stablehlo.convolution" not in cpu
     assert "stablehlo.convolution" in cuda and "stablehlo.dot_general" not in cuda
+
+
+def test_parallel_conv1x1_is_the_separate_convolutions():
+    """`parallel_conv1x1` (map1/map2 and map3/map4 of the re-weighting block as one
+    convolution each) creates the same parameters as separate `conv1x1`s (names, shapes,
+    initial values: checkpoints and the converter see no difference) and computes the
+    same outputs, to float32 rounding, also in bf16."""
+    import flax.linen as nn
+
+    names = ("map1", "map2")
+
+    class Separate(nn.Module):
+        dtype: object = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            return [layers.conv1x1(C, self.dtype, name=n)(x) for n in names]
+
+    class Parallel(nn.Module):
+        dtype: object = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            return layers.parallel_conv1x1(x, C, self.dtype, names)
+
+    x = small_features(21)
+    key = jax.random.PRNGKey(5)
+    variables = Separate().init(key, x)
+    assert leaves_equal(Parallel().init(key, x), variables)
+    for dtype, rtol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
+        want = Separate(dtype).apply(variables, x)
+        got = jax.jit(Parallel(dtype).apply)(variables, x)
+        for g, w, n in zip(got, want, names):
+            assert g.dtype == w.dtype == dtype
+            assert_close(g, w, rtol=rtol, name=n)
