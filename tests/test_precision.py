@@ -9,6 +9,8 @@ of the input gradient, is within 2x of float32 HIGHEST's on every input class: t
 golden tensors of the reference, random SPD matrices and features with condition numbers
 1e2 / 1e4 / 1e6, and near-singular covariances of ReLU features (N < C positions). The
 same study, on a GPU with the real products: benchmarks/bench_precision.py.
+
+Product counts of the head's GPU program (`tests/program_counts.py`) are pinned at the end.
 """
 
 import functools
@@ -32,6 +34,7 @@ from precision_emulation import (
     spd_matrices,
     split,
 )
+from program_counts import count_products
 
 from gg_jax import layers, linalg, models
 
@@ -261,3 +264,33 @@ def test_golden_root_and_head_accuracy():
     g = rng.standard_normal(z["vector"].shape)
     errors = measure(head_case, x, g, ACCEPTED, args=(golden_head_variables(),))
     _check("golden 3G head", errors, 5e-6)
+
+
+# ------------------------------------------------------------------ product counts
+def test_head_product_counts_of_the_gpu_program():
+    """Products per train step (forward + backward) of the GPU program of the 3G head
+    (T = 3 blocks, K = 5) and of iSQRT-COV, pinned: 12 C x C products forward and 24
+    backward (Newton-Schulz), the covariance one product each way (its gradient uses
+    symmetry: one product instead of two), and per re-weighting block 6 convolutions
+    forward (map1/map2 and map3/map4 each one convolution) and 12 backward."""
+    c, n = 8, 16
+    x = jax.ShapeDtypeStruct((2, 4, 4, c), jnp.float32)
+    for head, conv_fwd in (
+        (layers.GeneralizedGaussianCovariance(num_blocks=3, hidden=4), 3 * 6),
+        (layers.CovariancePooling(method="isqrt"), 0),
+    ):
+        variables = jax.eval_shape(functools.partial(head.init, train=False), jax.random.PRNGKey(0), x)
+        params, stats = variables.get("params", {}), variables.get("batch_stats", {})
+
+        def forward(params, stats, x, head=head):
+            return head.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])[0]
+
+        def loss(params, stats, x, g):
+            return jnp.vdot(forward(params, stats, x), g)
+
+        g = jax.ShapeDtypeStruct((2, c * (c + 1) // 2), jnp.float32)
+        fwd, _ = count_products(forward, params, stats, x, feature_sizes={n})
+        both, flops = count_products(jax.value_and_grad(loss, argnums=(0, 2)), params, stats, x, g, feature_sizes={n})
+        assert fwd == {"CxC": 12, "features": 1, **({"conv": conv_fwd} if conv_fwd else {})}, fwd
+        assert both["CxC"] == 36 and both["features"] == 2 and both.get("conv", 0) == 3 * conv_fwd, both
+        assert flops["CxC"] == 36 * 2 * 2 * c**3 and flops["features"] == 2 * 2 * 2 * n * c * c
