@@ -105,8 +105,9 @@ class JaxHead:
 def make_torch_reference(batch, height, width, channels, device, seed=0):
     """The reference 3G head in PyTorch, built from `gg_jax.torch_reference`'s pieces."""
     import torch
+    from torch_ref import torch_reference  # benchmarks/torch_ref.py
 
-    from gg_jax import torch_reference as ref
+    ref = torch_reference()
 
     class ReferenceHead3G(torch.nn.Module):
         """AtMp1..3 -> cov_pool -> sqrt_newton_schulz (autograd) -> tril_vec_per_sample."""
