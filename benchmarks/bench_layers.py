@@ -36,7 +36,6 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
 
 import flax  # noqa: E402
 import jax  # noqa: E402
@@ -106,7 +105,9 @@ class JaxHead:
 def make_torch_reference(batch, height, width, channels, device, seed=0):
     """The reference 3G head in PyTorch, built from `tests/reference/torch_reference.py`'s pieces."""
     import torch
-    from reference import torch_reference as ref
+    from torch_ref import torch_reference  # benchmarks/torch_ref.py
+
+    ref = torch_reference()
 
     class ReferenceHead3G(torch.nn.Module):
         """AtMp1..3 -> cov_pool -> sqrt_newton_schulz (autograd) -> tril_vec_per_sample."""

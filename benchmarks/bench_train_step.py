@@ -6,7 +6,11 @@ synthetic data already on the device. For each model, dtype and batch size it pr
 images/s and peak device memory of gg_jax next to the PyTorch reference model
 (`tests/reference/torch_reference.py`, written from the reference notes) run on the same device
 with its best settings there (GPU: bf16 autocast + channels_last + cudnn.benchmark; CPU:
-float32, glibc keeping freed memory for reuse, see --no_keep_freed_memory).
+float32, glibc keeping freed memory for reuse, see --no_keep_freed_memory), eager and,
+with --torch_modes, `torch.compile`d (its compilation time reported).
+
+--matmul_precisions measures gg_jax once per head product setting ("auto", "highest",
+"bf16_6x", "tf32_3x": `gg_jax.linalg`), each a row; PyTorch runs once, with the first.
 
 Imports only jax, flax, optax, numpy and torch (no tensorflow), so it runs as is on a
 GPU machine:
@@ -15,6 +19,8 @@ GPU machine:
         --dtypes float32 --threads 2 --json /tmp/train_step.json        # the CPU target
     python benchmarks/bench_train_step.py --models resnet50_3g,resnet101_3g,resnet50_isqrt,resnet50_gap \
         --batch_sizes 64,128,256 --dtypes float32,bfloat16                # a GPU
+    python benchmarks/bench_train_step.py --models resnet50_3g --batch_sizes 256 --dtypes bfloat16 \
+        --matmul_precisions auto,highest,bf16_6x --torch_modes eager --head_share   # settings (GPU)
 """
 
 from __future__ import annotations
@@ -49,6 +55,19 @@ def parse_args(argv=None):
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for both frameworks (0: leave default)")
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--no_jax", action="store_true", help="measure only the PyTorch reference")
+    p.add_argument(
+        "--matmul_precisions",
+        default="",
+        help="comma-separated head product settings for gg_jax (auto, highest, bf16_6x, tf32_3x), one row "
+        "each; empty: the model's default. Heads without products (gap) ignore it",
+    )
+    p.add_argument(
+        "--torch_modes",
+        default="eager",
+        help="comma-separated PyTorch modes: eager, or a torch.compile mode (default, max-autotune, "
+        "max-autotune-no-cudagraphs, reduce-overhead); the ratio is against the fastest",
+    )
     p.add_argument(
         "--no_hugepages",
         action="store_true",
@@ -75,7 +94,6 @@ def parse_args(argv=None):
 
 ARGS = parse_args()
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from gg_jax.cpu import malloc as hugepages  # noqa: E402  (imports no jax)
 
 # Both re-execute this script before jax and torch are loaded; the second sees the first's.
@@ -96,14 +114,17 @@ import optax  # noqa: E402
 from timing import call_times, median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 import gg_jax.cpu  # noqa: E402
-from gg_jax import models  # noqa: E402
+from gg_jax import linalg, models  # noqa: E402
 
 TORCH_HEADS = {"3g": "3g", "isqrt": "isqrt", "gap": "gap"}
 _device_peak_taken = False  # whether a configuration of this process has reported the device peak
 
 
-def bench_jax(name, batch, dtype, args):
-    model = models.create(name, num_classes=args.num_classes, dtype=jnp.dtype(dtype))
+def bench_jax(name, batch, dtype, args, matmul_precision=""):
+    options = {}
+    if matmul_precision and "matmul_precision" in models.head_options(name):
+        options["matmul_precision"] = matmul_precision
+    model = models.create(name, num_classes=args.num_classes, dtype=jnp.dtype(dtype), **options)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((batch, args.image_size, args.image_size, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, args.num_classes, batch), jnp.int32)
@@ -202,10 +223,11 @@ def bench_jax_head(model, variables, images, batch, args):
     return median_seconds(lambda: jax.block_until_ready(step(params, x, g)), args.warmup, args.steps)
 
 
-def bench_torch(name, batch, dtype, args):
+def bench_torch(name, batch, dtype, args, mode="eager"):
     import torch
-    from reference.torch_reference import ReferenceResNet3G
+    from torch_ref import torch_reference  # benchmarks/torch_ref.py
 
+    ReferenceResNet3G = torch_reference().ReferenceResNet3G
     backbone, head = models.parse_name(name)
     if head not in TORCH_HEADS:
         return None, None
@@ -228,17 +250,23 @@ def bench_torch(name, batch, dtype, args):
     use_autocast = gpu and dtype == "bfloat16"
     if dtype == "bfloat16" and not gpu:
         return None, {"skipped": "bf16 autocast is not the reference's best setting on CPU"}
+    # torch.compile the model (forward, and its backward through AOTAutograd); the optimizer
+    # step stays eager, as in most training scripts.
+    forward = model if mode == "eager" else torch.compile(model, mode=None if mode == "default" else mode)
 
     def run():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=use_autocast):
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss = torch.nn.functional.cross_entropy(forward(images), labels)
         loss.backward()
         opt.step()
         if gpu:
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup + 1):
+    t0 = time.perf_counter()
+    run()  # compilation (torch.compile) and cudnn.benchmark's search
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
         run()
 
     def finish(secs):
@@ -247,46 +275,84 @@ def bench_torch(name, batch, dtype, args):
             "images_per_sec": batch / secs,
             "step_s": secs,
             "peak_bytes": peak,
-            "settings": ("bf16 autocast, " if use_autocast else "float32, ") + ("channels_last" if gpu else "NCHW"),
+            "mode": mode,
+            "first_step_s": compile_s,
+            "settings": ("bf16 autocast, " if use_autocast else "float32, ")
+            + ("channels_last" if gpu else "NCHW")
+            + ("" if mode == "eager" else f", torch.compile mode={mode}"),
         }
 
     return run, finish
 
 
-def measure(name, batch, dtype, args):
+def measure(name, batch, dtype, args, matmul_precision="", torch_modes=("eager",)):
     """gg_jax and reference step times for one configuration.
 
     On CPU both models live side by side and the timing alternates: `--rounds` rounds of
-    `--steps` gg_jax steps then `--steps` reference steps. Step times are medians over all
-    timed steps, the ratio is the median of the per-round ratios. On a GPU the two run one
-    after the other (both at once would not fit beside each other at large batches).
+    `--steps` gg_jax steps then `--steps` reference steps (the first of `torch_modes`;
+    further modes are timed after). Step times are medians over all timed steps, the
+    ratio is the median of the per-round ratios. On a GPU they run one after the other
+    (both at once would not fit beside each other at large batches), each PyTorch mode
+    in turn, and the ratio is against the fastest mode.
     """
-    jax_run, jax_finish = bench_jax(name, batch, dtype, args)
     on_gpu = jax.devices()[0].platform != "cpu"
-    if on_gpu or args.no_torch:
-        jax_times = [timed_steps(jax_run, args.steps * (1 if on_gpu else args.rounds))]
-        ours = jax_finish(statistics.median(jax_times[0]))
-        del jax_run, jax_finish  # the last references to the JAX state: its device memory is freed
-        torch_run, torch_finish = (None, None) if args.no_torch else bench_torch(name, batch, dtype, args)
-        torch_times = [timed_steps(torch_run, args.steps)] if torch_run else None
-    else:
-        torch_run, torch_finish = bench_torch(name, batch, dtype, args)
-        jax_times, torch_times = [], [] if torch_run else None
+    result = {"gg_jax": None, "torch_reference": None, "torch": {}}
+    jax_run = jax_finish = None
+    if not args.no_jax:
+        jax_run, jax_finish = bench_jax(name, batch, dtype, args, matmul_precision)
+    modes = list(torch_modes)
+    if jax_run is not None and modes and not on_gpu:  # CPU: alternate with the first mode
+        torch_run, torch_finish = bench_torch(name, batch, dtype, args, modes[0])
+        jax_times, torch_times = [], []
         for _ in range(args.rounds):
             jax_times.append(timed_steps(jax_run, args.steps))
             if torch_run:
                 torch_times.append(timed_steps(torch_run, args.steps))
-        ours = jax_finish(statistics.median([t for r in jax_times for t in r]))
-    result = {"gg_jax": ours, "torch_reference": None}
-    if torch_finish is not None and torch_run is None:  # skipped (e.g. bf16 on CPU)
-        result["torch_reference"] = torch_finish
-    elif torch_run is not None:
-        ref = torch_finish(statistics.median([t for r in torch_times for t in r]))
-        result["torch_reference"] = ref
-        per_round = [statistics.median(t) / statistics.median(j) for j, t in zip(jax_times, torch_times)]
-        result["speedup"] = statistics.median(per_round)
-        result["speedup_per_round"] = per_round
+        result["gg_jax"] = jax_finish(statistics.median([t for r in jax_times for t in r]))
+        if torch_run is None:
+            result["torch"][modes[0]] = torch_finish  # skipped (e.g. bf16 on CPU)
+        else:
+            result["torch"][modes[0]] = torch_finish(statistics.median([t for r in torch_times for t in r]))
+            per_round = [statistics.median(t) / statistics.median(j) for j, t in zip(jax_times, torch_times)]
+            result["speedup_per_round"] = per_round
+        del torch_run, torch_finish
+        modes = modes[1:]
+    elif jax_run is not None:
+        steps = args.steps * (1 if on_gpu else args.rounds)
+        result["gg_jax"] = jax_finish(statistics.median(timed_steps(jax_run, steps)))
+    del jax_run, jax_finish  # the last references to the JAX state: its device memory is freed
+    for mode in modes:
+        torch_run, torch_finish = bench_torch(name, batch, dtype, args, mode)
+        if torch_run is None:
+            result["torch"][mode] = torch_finish
+            continue
+        result["torch"][mode] = torch_finish(statistics.median(timed_steps(torch_run, args.steps)))
+        del torch_run, torch_finish
+        _torch_release()
+    timed = {m: r for m, r in result["torch"].items() if r and "images_per_sec" in r}
+    result["torch_reference"] = result["torch"].get("eager") or next(iter(result["torch"].values()), None)
+    if timed:
+        best = max(timed, key=lambda m: timed[m]["images_per_sec"])
+        result["torch_best_mode"] = best
+        if result["gg_jax"] is not None:
+            ours = result["gg_jax"]["images_per_sec"]
+            result["speedup_per_mode"] = {m: ours / r["images_per_sec"] for m, r in timed.items()}
+            # CPU, first mode: the median of the alternating rounds' ratios, as before.
+            per_round = result.get("speedup_per_round")
+            best_ratio = result["speedup_per_mode"][best]
+            if per_round and best == list(torch_modes)[0]:
+                best_ratio = statistics.median(per_round)
+            result["speedup"] = best_ratio
     return result
+
+
+def _torch_release():
+    """Free PyTorch's cached device memory and reset its peak counter between modes."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def timed_steps(run, steps):
@@ -316,44 +382,70 @@ def main(args):
         f"glibc keeps freed memory: {'yes' if hugepages.keeps_freed_memory() else 'no'}",
         flush=True,
     )
+    torch_modes = [] if args.no_torch else [m for m in args.torch_modes.split(",") if m]
+    precisions = args.matmul_precisions.split(",") if args.matmul_precisions else [""]
+    if args.no_jax:
+        precisions = [""]
     for name in args.models.split(","):
+        # Heads without products (gap) have no setting: one row.
+        settings = precisions if "matmul_precision" in models.head_options(name) else [""]
         for dtype in args.dtypes.split(","):
             for batch in (int(b) for b in args.batch_sizes.split(",")):
-                row = {"model": name, "dtype": dtype, "batch": batch}
-                row.update(measure(name, batch, dtype, args))
-                rows.append(row)
-                # Each row as soon as it is measured, and the JSON rewritten: a run cut short
-                # (a device lease ending) keeps what it measured.
-                print(f"  measured: {_fmt_row(row)}", flush=True)
-                if args.json:
-                    write_json(args, rows)
+                for i, precision in enumerate(settings):
+                    has_option = "matmul_precision" in models.head_options(name) and not args.no_jax
+                    label = _precision_label(precision, has_option)
+                    row = {"model": name, "dtype": dtype, "batch": batch, "matmul_precision": label}
+                    # PyTorch once per configuration, with the first setting.
+                    row.update(measure(name, batch, dtype, args, precision, torch_modes if i == 0 else ()))
+                    rows.append(row)
+                    # Each row as soon as it is measured, and the JSON rewritten: a run cut short
+                    # (a device lease ending) keeps what it measured.
+                    print(f"  measured: {_fmt_row(row)}", flush=True)
+                    if args.json:
+                        write_json(args, rows)
     print()
     print(HEADER)
     print("-" * len(HEADER))
     for r in rows:
         print(_fmt_row(r))
     print(
-        "ratio = gg_jax images/s / reference images/s (higher is better; on CPU the median of the per-round "
-        f"ratios of {args.rounds} alternating rounds); head % = the pooling head's "
-        "fwd+bwd time alone / gg_jax step time (--head_share)"
+        "ratio = gg_jax images/s / the fastest PyTorch mode's images/s (higher is better; on CPU the median of "
+        f"the per-round ratios of {args.rounds} alternating rounds); torch: eager, compiled = the fastest "
+        "torch.compile mode measured (first-step time in the JSON); head % = the pooling head's fwd+bwd time "
+        "alone / gg_jax step time (--head_share)"
     )
 
 
 HEADER = (
-    f"{'model':<16}{'dtype':<10}{'batch':>6}{'gg_jax img/s':>14}{'gg_jax mem':>12}{'torch img/s':>13}"
-    f"{'torch mem':>11}{'ratio':>8}{'head %':>8}"
+    f"{'model':<16}{'dtype':<10}{'batch':>6}{'precision':>14}{'gg_jax img/s':>14}{'gg_jax mem':>12}"
+    f"{'eager img/s':>13}{'eager mem':>11}{'compiled':>10}{'comp mem':>10}{'ratio':>8}{'head %':>8}"
 )
 
 
 def _fmt_row(r):
-    ref = r["torch_reference"] or {}
+    nan = float("nan")
+    ours = r["gg_jax"] or {}
+    eager = r["torch"].get("eager") or {}
+    compiled = [v for m, v in r["torch"].items() if m != "eager" and v and "images_per_sec" in v]
+    comp = max(compiled, key=lambda v: v["images_per_sec"]) if compiled else {}
     return (
-        f"{r['model']:<16}{r['dtype']:<10}{r['batch']:>6}{r['gg_jax']['images_per_sec']:>14.2f}"
-        f"{_fmt_mem(r['gg_jax']['peak_bytes']):>12}"
-        f"{ref.get('images_per_sec', float('nan')):>13.2f}{_fmt_mem(ref.get('peak_bytes')):>11}"
-        f"{r.get('speedup', float('nan')):>8.2f}"
-        f"{100 * (r['gg_jax']['head_fraction'] or float('nan')):>8.1f}"
+        f"{r['model']:<16}{r['dtype']:<10}{r['batch']:>6}{r['matmul_precision']:>14}"
+        f"{ours.get('images_per_sec', nan):>14.2f}{_fmt_mem(ours.get('peak_bytes')):>12}"
+        f"{eager.get('images_per_sec', nan):>13.2f}{_fmt_mem(eager.get('peak_bytes')):>11}"
+        f"{comp.get('images_per_sec', nan):>10.2f}{_fmt_mem(comp.get('peak_bytes')):>10}"
+        f"{r.get('speedup', nan):>8.2f}"
+        f"{100 * (ours.get('head_fraction') or nan):>8.1f}"
     )
+
+
+def _precision_label(precision, has_option):
+    """What the head's products ran at: "-" (no products), the setting, "auto:<setting>"."""
+    if not has_option:
+        return "-"
+    precision = precision or "auto"  # the models' default
+    if precision == "auto":
+        return f"auto:{linalg.default_matmul_precision(jax.default_backend())}"
+    return precision
 
 
 def write_json(args, rows):

@@ -4,18 +4,28 @@
 #   bash benchmarks/gpu.sh [OUTDIR [SECONDS [STEP ...]]]
 #
 # OUTDIR defaults to ./bench_gpu_results; SECONDS 0 means no time limit; STEPs (names below,
-# e.g. r50_3g_f32_128 r101_3g_bf16_128) run only those.
+# e.g. r50_3g_f32_128 r101_3g_bf16_128) run only those. `bash benchmarks/gpu.sh OUT 450`
+# fits a lease's 8-minute command (start-up included) and measures steps 1-4 (5 if time is left).
 #
-# Needs jax (CUDA), flax, optax, numpy and torch (CUDA); no tensorflow. If flax or optax is
-# missing or too different there, wheels in ./.whl (see BENCHMARKS.md) are installed instead.
+# Needs jax (CUDA), flax, optax, numpy and torch (CUDA, with Triton for torch.compile); no
+# tensorflow. If flax or optax is missing or too different there, wheels in ./.whl (see
+# BENCHMARKS.md) are installed instead.
 # Writes log.txt (everything printed) and one JSON per benchmark into OUTDIR, most important
 # first, so that a lease that ends early still returns the headline figures:
-#   1. resnet50_3g bf16 train step at batch 256 against the PyTorch reference with its best GPU
-#      settings (bf16 autocast, channels_last, cudnn.benchmark), with the 3G head's share;
-#   2. resnet50_gap / resnet50_isqrt bf16 at batch 256 (the baselines), resnet50_3g at 128;
-#   3. float32 and resnet101_3g steps, the pooling heads alone (bench_layers), ops.
-# (bench_memory.py is compile-only and runs on any machine: it needs no lease.)
-# One configuration per process: JAX's device peak-memory counter covers a whole process.
+#   1. accuracy: every head product setting (and the rejected ones) against float64 with the
+#      GPU's own products (bench_precision.py), and one batched 256x256 product timed each;
+#   2. resnet50_3g bf16 train step at batch 256, gg_jax with the head's products at "auto"
+#      (the GPU default) and "highest", the 3G head's share of each, and the PyTorch reference
+#      in eager mode with its best GPU settings (bf16 autocast, channels_last, cudnn.benchmark);
+#   3. resnet50_gap bf16 at batch 256, the backbone-only control, both frameworks;
+#   4. the PyTorch reference torch.compile'd (default mode), resnet50_3g and resnet50_gap;
+#   5. gg_jax resnet50_3g with the other offered setting (bf16_6x);
+#   6. torch.compile mode max-autotune (long compilation: named, or when time is left);
+#   7. resnet50_isqrt, resnet50_3g at 128, float32 and resnet101_3g steps, the pooling heads
+#      alone (bench_layers), ops (named, or when time is left).
+# (bench_memory.py and count_products.py are compile- or trace-only: they need no lease.)
+# JAX's device peak-memory counter covers a whole process: the first configuration of a process
+# reports it, later ones (a second head setting) XLA's memory analysis (the JSON says which).
 # With SECONDS, a step is skipped when less time is left than it is expected to take, and a
 # running one is stopped at the deadline (its JSON keeps the rows it finished).
 set -uo pipefail
@@ -61,23 +71,8 @@ train() {  # train NAME EXPECTED_SECONDS BENCH_TRAIN_STEP_ARGS...
   fi
 }
 
-smoke() {  # the stack imports, sees the GPU, and a 3G head trains one step there
-  $py - <<'EOF'
-import os, jax, jax.numpy as jnp, flax, optax, numpy as np, torch
-from gg_jax import layers
-print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__,
-      "torch", torch.__version__, "devices", jax.devices(), "cuda", torch.cuda.is_available(), flush=True)
-assert jax.devices()[0].platform == os.environ.get("GG_JAX_SMOKE_PLATFORM", "gpu"), "JAX does not see the GPU"
-head = layers.GeneralizedGaussianCovariance(reduction_dim=16, num_blocks=3, num_iters=5)
-x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, 7, 32)), jnp.bfloat16)
-v = head.init(jax.random.PRNGKey(0), x, train=False)
-def loss(p):
-    out, _ = head.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])
-    return out.sum()
-g = jax.jit(jax.grad(loss))(v["params"])
-assert all(bool(jnp.isfinite(a).all()) for a in jax.tree_util.tree_leaves(g))
-print("smoke test passed", flush=True)
-EOF
+smoke() {  # the stack imports, sees the GPU, and a 3G head trains one step there at every setting
+  $py benchmarks/gpu_smoke.py --platform "${GG_JAX_SMOKE_PLATFORM:-gpu}"
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv; date -u; } 2>&1 | tee -a "$log"
@@ -95,10 +90,22 @@ fi
 
 # --no_keep_freed_memory (in train): that glibc setting is for CPU steps; on a GPU both
 # frameworks keep device memory in their own caching allocators.
-train r50_3g_bf16_256 90 --models resnet50_3g --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
-  --head_share --json "$out/train_r50_3g_bf16.json"
-train r50_gap_bf16_256 70 --models resnet50_gap --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
-  --json "$out/train_r50_gap_bf16.json"
+step accuracy 60 "$py" benchmarks/bench_precision.py --channels 256 --settings highest bf16_6x tf32_3x bf16_3x tf32 \
+  --product_times --json "$out/precision.json"
+train r50_3g_bf16_256 140 --models resnet50_3g --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
+  --matmul_precisions auto,highest --torch_modes eager --head_share --json "$out/train_r50_3g_bf16.json"
+train r50_gap_bf16_256 60 --models resnet50_gap --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
+  --torch_modes eager --json "$out/train_r50_gap_bf16.json"
+# torch.compile: the reference only (--no_jax), both models in one process (PyTorch's peak
+# counter is reset between them).
+step torch_compile_bf16_256 150 "$py" benchmarks/bench_train_step.py --no_keep_freed_memory --no_jax \
+  --models resnet50_3g,resnet50_gap --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
+  --torch_modes default --json "$out/train_torch_compile_bf16.json"
+train r50_3g_bf16_256_bf16_6x 80 --models resnet50_3g --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
+  --matmul_precisions bf16_6x --no_torch --head_share --json "$out/train_r50_3g_bf16_6x.json"
+step torch_autotune_bf16_256 300 "$py" benchmarks/bench_train_step.py --no_keep_freed_memory --no_jax \
+  --models resnet50_3g,resnet50_gap --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
+  --torch_modes max-autotune --json "$out/train_torch_autotune_bf16.json"
 train r50_isqrt_bf16_256 70 --models resnet50_isqrt --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
   --json "$out/train_r50_isqrt_bf16.json"
 train r50_3g_bf16_128 70 --models resnet50_3g --dtypes bfloat16 --batch_sizes 128 --steps 20 --warmup 5 \

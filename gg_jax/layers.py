@@ -4,8 +4,9 @@ All heads take NHWC feature maps `[B, H, W, C]` and are called as
 `head(x, train=...)`. `train=True` uses batch statistics in BatchNorm and updates the
 running averages (pass `mutable=['batch_stats']` to `apply`). Convolutions and
 BatchNorm run in `dtype` (e.g. bf16, parameters stay float32); the covariance,
-square root and vectorisation always run in float32 at HIGHEST precision
-(`gg_jax.linalg`), and every head returns float32.
+square root and vectorisation always run in float32 (`gg_jax.linalg`), their products
+at the head's `matmul_precision` ("auto": the fastest float32-accurate setting of the
+platform, `linalg.default_matmul_precision`), and every head returns float32.
 
 BatchNorm follows the reference (PyTorch defaults): epsilon 1e-5, running averages
 `0.9 * running + 0.1 * batch` (Flax `momentum=0.9`). Flax updates the running
@@ -35,6 +36,20 @@ batch_norm = blocks.batch_norm
 Conv1x1 = blocks.Conv1x1
 
 
+class _Conv1x1Kernel(nn.Module):
+    """The `kernel` `[1, 1, in, features]` of a 1x1 convolution, created but not applied.
+
+    Same path, name, shape, dtype and initialisation (the reference's; Flax draws it from the
+    module path) as the convolution module's own, so variables and checkpoints are unchanged.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        return self.param("kernel", conv_kernel_init, (1, 1, in_features, self.features), jnp.float32)
+
+
 class _ConvModule(nn.Module):
     """Base of the modules with 1x1 convolutions: `conv` is the convolution module.
 
@@ -47,6 +62,19 @@ class _ConvModule(nn.Module):
 
     def conv1x1(self, features: int, dtype: Dtype, name: str):
         return self.conv(features, (1, 1), padding="VALID", dtype=dtype, name=name)
+
+    def conv1x1_parallel(self, x, features: int, dtype: Dtype, names):
+        """The 1x1 convolutions `names` of one input `x` `[B, H, W, C]`, computed as one.
+
+        Each keeps its own `kernel` parameter (`conv1x1`'s, reference init); they are
+        concatenated along the output axis at compute time and applied by one `conv`: one
+        read of `x` and one wider product instead of len(names). Returns a list of
+        `[B, H, W, features]` in `dtype`, in the order of `names`.
+        """
+        kernels = [_Conv1x1Kernel(features, name=name)(x.shape[-1]) for name in names]
+        conv = self.conv(features * len(names), (1, 1), padding="VALID", dtype=dtype, parent=None)
+        y = conv.apply({"params": {"kernel": jnp.concatenate(kernels, axis=-1)}}, x)
+        return jnp.split(y, len(names), axis=-1)
 
 
 def check_feature_map(x, layer: str, in_features: int | None = None):
@@ -139,12 +167,17 @@ class ReweightingBlock(_ConvModule):
         c = x_hat.shape[-1]
         conv = functools.partial(self.conv1x1, dtype=self.dtype)
         bn = functools.partial(batch_norm, train, self.dtype)
+        # map1/map2 (and map3/map4) read the same input: one convolution each pair.
+        pair = functools.partial(self.conv1x1_parallel, features=c, dtype=self.dtype)
         if self.variant == "3g":
-            a = bn(name="bn1")(conv(c, name="map1")(x_hat)) * bn(name="bn2")(conv(c, name="map2")(x_hat))
+            m1, m2 = pair(x_hat, names=("map1", "map2"))
+            a = bn(name="bn1")(m1) * bn(name="bn2")(m2)
             z = nn.relu(a + bn(name="bn21")(conv(c, name="map21")(x)))
-            feat = nn.relu(bn(name="bn3")(conv(c, name="map3")(z))) * nn.relu(bn(name="bn4")(conv(c, name="map4")(z)))
+            m3, m4 = pair(z, names=("map3", "map4"))
+            feat = nn.relu(bn(name="bn3")(m3)) * nn.relu(bn(name="bn4")(m4))
         elif self.variant == "urm_v2":
-            feat = bn(name="bn1")(conv(c, name="map1")(x_hat)) * bn(name="bn2")(conv(c, name="map2")(x_hat))
+            m1, m2 = pair(x_hat, names=("map1", "map2"))
+            feat = bn(name="bn1")(m1) * bn(name="bn2")(m2)
         elif self.variant == "urm_v1":
             feat = x_hat
         else:
@@ -217,13 +250,13 @@ class UnrolledReweighting(_ConvModule):
 SqrtMethod = Literal["newton_schulz", "eigh"]
 
 
-def _matrix_root(s, method: SqrtMethod, num_iters: int, lam: float = 1.0):
+def _matrix_root(s, method: SqrtMethod, num_iters: int, lam: float, matmul_precision):
     if lam != 1.0:
-        return linalg.regularized_sqrtm(s, lam, method=method, num_iters=num_iters)
+        return linalg.regularized_sqrtm(s, lam, method=method, num_iters=num_iters, matmul_precision=matmul_precision)
     if method == "newton_schulz":
-        return linalg.sqrtm_newton_schulz(s, num_iters)
+        return linalg.sqrtm_newton_schulz(s, num_iters, matmul_precision=matmul_precision)
     if method == "eigh":
-        return linalg.sqrtm_eigh(s, 0.5)
+        return linalg.sqrtm_eigh(s, 0.5, matmul_precision=matmul_precision)
     raise ValueError(f"Unknown square-root method {method!r}; choose 'newton_schulz' or 'eigh'.")
 
 
@@ -257,6 +290,8 @@ class GeneralizedGaussianCovariance(_HeadBase):
         (reference step 1; the 3G-Net models put it in the model, as the reference does).
       in_features: if set, the expected number of input channels (checked).
       lower_triangle: vector order, True for the reference's `i >= j`.
+      matmul_precision: the covariance's and root's float32 product setting, "auto"
+        (the platform's default), "highest", "bf16_6x" or "tf32_3x" (`gg_jax.linalg`).
 
     Call: `head(x, train=...)` with NHWC `x` `[B, H, W, C]` -> `[B, C(C+1)/2]` float32.
     Intermediates (`apply(..., mutable=['intermediates'])`): `reweighted`, `covariance`, `sqrt`.
@@ -274,6 +309,7 @@ class GeneralizedGaussianCovariance(_HeadBase):
     in_features: int | None = None
     lower_triangle: bool = True
     dtype: Dtype = jnp.float32
+    matmul_precision: linalg.MatmulPrecision = "auto"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -281,10 +317,10 @@ class GeneralizedGaussianCovariance(_HeadBase):
         x = UnrolledReweighting(self.num_blocks, self.hidden, self.reweighting, self.dtype, name="reweighting")(
             x, train=train
         )
-        s = linalg.covariance(flatten_positions(x), self.cov_eps)
+        s = linalg.covariance(flatten_positions(x), self.cov_eps, self.matmul_precision)
         self.sow("intermediates", "covariance", s)
         if self.estimator:
-            s = _matrix_root(s, self.sqrt_method, self.num_iters, self.lam)
+            s = _matrix_root(s, self.sqrt_method, self.num_iters, self.lam, self.matmul_precision)
             self.sow("intermediates", "sqrt", s)
         return linalg.triu_vector(s, lower=self.lower_triangle)
 
@@ -296,6 +332,7 @@ class CovariancePooling(_HeadBase):
       "isqrt": iSQRT-COV, square root by `num_iters` Newton-Schulz iterations;
       "mpncov": MPN-COV, matrix power `power` (0.5) by eigendecomposition;
       "plain": the covariance itself ("Plain COV").
+    matmul_precision: float32 product setting (`GeneralizedGaussianCovariance`).
 
     Call: `head(x, train=...)` with `[B, H, W, C]` -> `[B, C(C+1)/2]` float32.
     """
@@ -308,16 +345,17 @@ class CovariancePooling(_HeadBase):
     in_features: int | None = None
     lower_triangle: bool = True
     dtype: Dtype = jnp.float32
+    matmul_precision: linalg.MatmulPrecision = "auto"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = self._prepare(x, train, "CovariancePooling")
-        s = linalg.covariance(flatten_positions(x), self.cov_eps)
+        s = linalg.covariance(flatten_positions(x), self.cov_eps, self.matmul_precision)
         self.sow("intermediates", "covariance", s)
         if self.method == "isqrt":
-            s = linalg.sqrtm_newton_schulz(s, self.num_iters)
+            s = linalg.sqrtm_newton_schulz(s, self.num_iters, matmul_precision=self.matmul_precision)
         elif self.method == "mpncov":
-            s = linalg.sqrtm_eigh(s, self.power)
+            s = linalg.sqrtm_eigh(s, self.power, matmul_precision=self.matmul_precision)
         elif self.method != "plain":
             raise ValueError(f"Unknown covariance pooling method {self.method!r}; choose 'isqrt', 'mpncov' or 'plain'.")
         return linalg.triu_vector(s, lower=self.lower_triangle)
@@ -328,6 +366,7 @@ class BilinearPooling(_HeadBase):
 
     The full `C x C` matrix is flattened, as in B-CNN. The paper's B-CNN baseline adds a
     BatchNorm after the normalisation (`batch_norm=True`; its scale starts at 1).
+    `matmul_precision`: the Gram product's float32 setting (`GeneralizedGaussianCovariance`).
 
     Call: `head(x, train=...)` with `[B, H, W, C]` -> `[B, C*C]` float32.
     """
@@ -336,6 +375,7 @@ class BilinearPooling(_HeadBase):
     reduction_dim: int | None = None
     in_features: int | None = None
     dtype: Dtype = jnp.float32
+    matmul_precision: linalg.MatmulPrecision = "auto"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -348,9 +388,7 @@ class BilinearPooling(_HeadBase):
                     f"(input shape {x.shape}); pass features with {expected} channels or initialise "
                     "the layer for this width."
                 )
-        f = linalg._as_f32(flatten_positions(x))
-        n = f.shape[1]
-        gram = jnp.einsum("bnc,bnd->bcd", f, f, precision=linalg.HIGHEST) / n
+        gram = linalg.gram(flatten_positions(x), self.matmul_precision)
         v = linalg.l2_normalize(linalg.signed_sqrt(gram.reshape(gram.shape[0], -1)))
         if self.batch_norm:
             # Normalising a float32 vector: keep this BatchNorm in float32.
@@ -361,7 +399,8 @@ class BilinearPooling(_HeadBase):
 class GaussianEmbedding(_HeadBase):
     """G2DeNet global Gaussian embedding: square root of `[[S + mu mu^T, mu], [mu^T, 1]]`.
 
-    `sqrt_method` "eigh" (as G2DeNet, by eigendecomposition) or "newton_schulz".
+    `sqrt_method` "eigh" (as G2DeNet, by eigendecomposition) or "newton_schulz";
+    `matmul_precision`: float32 product setting (`GeneralizedGaussianCovariance`).
 
     Call: `head(x, train=...)` with `[B, H, W, C]` -> `[B, (C+1)(C+2)/2]` float32.
     """
@@ -373,12 +412,14 @@ class GaussianEmbedding(_HeadBase):
     in_features: int | None = None
     lower_triangle: bool = True
     dtype: Dtype = jnp.float32
+    matmul_precision: linalg.MatmulPrecision = "auto"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = self._prepare(x, train, "GaussianEmbedding")
-        m = linalg.gaussian_embedding_matrix(flatten_positions(x), self.cov_eps)
-        return linalg.triu_vector(_matrix_root(m, self.sqrt_method, self.num_iters), lower=self.lower_triangle)
+        m = linalg.gaussian_embedding_matrix(flatten_positions(x), self.cov_eps, self.matmul_precision)
+        root = _matrix_root(m, self.sqrt_method, self.num_iters, 1.0, self.matmul_precision)
+        return linalg.triu_vector(root, lower=self.lower_triangle)
 
 
 class GlobalAveragePooling(_HeadBase):

@@ -1,13 +1,27 @@
 """Pure matrix functions behind global covariance pooling and 3G-Net.
 
 Every function here takes batched arrays (`[..., N, C]` features or `[..., C, C]`
-matrices), casts them to float32 and multiplies with
-`precision=jax.lax.Precision.HIGHEST`, whatever the input dtype: on TPUs and GPUs a
-float32 matmul at default precision runs in bf16/TF32, and Newton-Schulz iterations
-drift visibly when it does. Narrower inputs (bf16, float16) are upcast; float64 input
-(with `jax_enable_x64`) stays float64, so the functions can be checked against float64
-references and with `jax.test_util.check_grads`. All functions are `jit`/`vmap`/`grad`
-friendly.
+matrices) and computes in float32 whatever the input dtype: narrower inputs (bf16,
+float16) are upcast; float64 input (with `jax_enable_x64`) stays float64, so the
+functions can be checked against float64 references and with
+`jax.test_util.check_grads`. All functions are `jit`/`vmap`/`grad` friendly.
+
+Every function that multiplies matrices takes `matmul_precision`, the algorithm of its
+float32 products (forward and backward), one of `MATMUL_PRECISIONS`:
+
+  "highest"  `jax.lax.Precision.HIGHEST`: float32 products (on TPUs: 6 bf16 passes);
+  "bf16_6x"  `DotAlgorithmPreset.BF16_BF16_F32_X6`: operands split into 3 bf16 pieces,
+             6 bf16 products accumulated in float32;
+  "tf32_3x"  `DotAlgorithmPreset.TF32_TF32_F32_X3`: 2 TF32 pieces, 3 TF32 products;
+  "auto"     (default) `default_matmul_precision(platform)` for the platform of the
+             default backend, resolved when the function is traced.
+
+All of them are float32-accurate: tests/test_precision.py checks by emulation that each
+keeps the errors of the root, the whole head and their gradients against float64 within
+2x of float32 HIGHEST's. A single-pass bf16/TF32 product (what default precision gives
+on TPUs and GPUs) is not: Newton-Schulz iterations drift with it, so it is not offered.
+XLA:CPU computes every float32 product in float32 (and rejects the TF32 presets), so on
+CPU every setting runs as "highest"; float64 products are always float64.
 
 Equation numbers refer to Wang et al., "Deep Global Generalized Gaussian Networks",
 CVPR 2019 ("the paper"); "reference" means the released PyTorch implementation as
@@ -20,13 +34,36 @@ import functools
 from typing import Literal
 
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
 COMPUTE_DTYPE = jnp.float32
 
+#: The float32-accurate product algorithms, by name: the `precision=` value each gives
+#: every float32 product of this module on GPUs (module docstring; CPUs and TPUs run
+#: HIGHEST, see `lax_precision`).
+MATMUL_PRECISIONS = {
+    "highest": HIGHEST,
+    "bf16_6x": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+    "tf32_3x": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+}
+
+#: What `matmul_precision` accepts: "auto", a name of `MATMUL_PRECISIONS`, or one of its values.
+MatmulPrecision = Literal["auto", "highest", "bf16_6x", "tf32_3x"] | jax.lax.Precision | jax.lax.DotAlgorithmPreset
+
+# What "auto" means per platform (`default_matmul_precision`). The reasoning, from the
+# chips' matrix rates, is in BENCHMARKS.md ("Head precision").
+_PLATFORM_DEFAULTS = {"cpu": "highest", "tpu": "highest", "cuda": "tf32_3x", "rocm": "highest"}
+
 __all__ = [
+    "MATMUL_PRECISIONS",
+    "MatmulPrecision",
+    "default_matmul_precision",
+    "lax_precision",
+    "matmul",
+    "gram",
     "covariance",
     "sqrtm_newton_schulz",
     "inv_sqrtm_newton_schulz",
@@ -40,8 +77,73 @@ __all__ = [
 ]
 
 
-def _mm(a, b):
-    return jnp.matmul(a, b, precision=HIGHEST)
+def default_matmul_precision(platform: str) -> str:
+    """The fastest float32-accurate product setting on `platform` (what "auto" means).
+
+    `platform`: "cpu", "tpu", "cuda", "rocm" (or "gpu", taken as "cuda"). CPUs and TPUs:
+    "highest" (TPUs compute it as 6 bf16 passes already); CUDA GPUs: "tf32_3x"; ROCm and
+    unknown platforms: "highest". Returns a key of `MATMUL_PRECISIONS`.
+    """
+    platform = {"gpu": "cuda"}.get(platform, platform)
+    return _PLATFORM_DEFAULTS.get(platform, "highest")
+
+
+def _default_platform() -> str:
+    """The default backend's platform, with GPUs told apart: "cpu", "tpu", "cuda", "rocm", ..."""
+    backend = jax.extend.backend.get_backend()
+    if backend.platform == "gpu":
+        return "rocm" if "rocm" in str(backend.platform_version).lower() else "cuda"
+    return backend.platform
+
+
+def lax_precision(matmul_precision="auto", dtype=COMPUTE_DTYPE, platform: str | None = None):
+    """The `precision=` argument for a product of `dtype` arrays under `matmul_precision`.
+
+    The one place where the product setting meets the platform. `matmul_precision` is
+    "auto", a key of `MATMUL_PRECISIONS`, or one of its values (a `jax.lax.Precision` /
+    `DotAlgorithmPreset`), which is used as given on every platform (e.g. to lower a GPU
+    program with `jax.export` on a CPU machine). A name gives the GPU value on "cuda" and
+    "rocm" (and "gpu"), `Precision.HIGHEST` on CPUs (XLA:CPU multiplies float32 exactly
+    so, and rejects the TF32 presets) and on TPUs (which run HIGHEST as 6 bf16 passes and
+    have no TF32); "auto" is `default_matmul_precision(platform)`. `platform` defaults to
+    the default backend's, read when the caller is traced. float64 products are HIGHEST.
+
+    Raises:
+      ValueError: for anything else, listing the valid names.
+    """
+    if isinstance(matmul_precision, (jax.lax.Precision, jax.lax.DotAlgorithmPreset)):
+        if matmul_precision not in MATMUL_PRECISIONS.values():
+            raise ValueError(
+                f"matmul_precision {matmul_precision!r} is not one of the float32-accurate settings "
+                f"{list(MATMUL_PRECISIONS.values())} (or their names {_valid_names()})."
+            )
+        value = matmul_precision
+    else:
+        if matmul_precision != "auto" and matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"Unknown matmul_precision {matmul_precision!r}; choose one of {_valid_names()}.")
+        platform = _default_platform() if platform is None else platform
+        name = default_matmul_precision(platform) if matmul_precision == "auto" else matmul_precision
+        value = MATMUL_PRECISIONS[name] if platform in ("cuda", "rocm", "gpu") else HIGHEST
+    return HIGHEST if jnp.dtype(dtype) == jnp.float64 else value
+
+
+def _valid_names():
+    return ", ".join(repr(n) for n in ("auto", *MATMUL_PRECISIONS))
+
+
+def matmul(a, b, matmul_precision="auto"):
+    """`a @ b` (`jnp.matmul` broadcasting) of float32-or-wider arrays at `matmul_precision`.
+
+    The product every function here uses; exported for other head code (e.g. a
+    re-weighting step) that must multiply with the head's setting. `a`, `b`: any float
+    dtype, computed in float32 (float64 kept); returns their `compute_dtype`.
+    """
+    a, b = _as_f32(a), _as_f32(b)
+    return jnp.matmul(a, b, precision=lax_precision(matmul_precision, jnp.result_type(a, b)))
+
+
+def _matmul_at(a, b, precision):
+    return jnp.matmul(a, b, precision=precision)
 
 
 def compute_dtype(dtype):
@@ -72,15 +174,50 @@ def _trace(a):
     return jnp.trace(a, axis1=-2, axis2=-1)[..., None, None]
 
 
-def covariance(x, eps: float = 1e-7):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _gram(x, precision):
+    return jnp.einsum("...nc,...nd->...cd", x, x, precision=precision)
+
+
+@_gram.defjvp
+def _gram_jvp(precision, primals, tangents):
+    # d(X^T X) = P + P^T with P = X^T dX: one product per tangent, so the backward pass
+    # (the transpose, dX = X (G + G^T)) is one product too, not two.
+    (x,), (dx,) = primals, tangents
+    p = jnp.einsum("...nc,...nd->...cd", x, dx, precision=precision)
+    return _gram(x, precision), p + jnp.swapaxes(p, -1, -2)
+
+
+def gram(x, matmul_precision="auto"):
+    """Gram matrix of N feature vectors divided by N: `X^T X / N` (B-CNN's bilinear pool).
+
+    Symmetric, so its gradient is one product: `dL/dX = X (G + G^T) / N` for the
+    cotangent G (paper Eqn. 18 without the centring).
+
+    Args:
+      x: `[..., N, C]` features (any float dtype).
+      matmul_precision: product setting (module docstring).
+
+    Returns:
+      `[..., C, C]` float32 (float64 for float64 input).
+    """
+    x = _as_f32(x)
+    if x.ndim < 2:
+        raise ValueError(f"gram expects features of shape [..., N, C], got shape {x.shape}.")
+    return _gram(x, lax_precision(matmul_precision, x.dtype)) / x.shape[-2]
+
+
+def covariance(x, eps: float = 1e-7, matmul_precision="auto"):
     """Sample covariance of N feature vectors (reference step 3).
 
     `S = (1/N) Xc^T Xc + eps * I`, where `Xc` is `x` with its mean over the N
-    positions removed (divided by N, not N-1, as the reference does).
+    positions removed (divided by N, not N-1, as the reference does). One product
+    forward and one backward (`gram`).
 
     Args:
       x: `[..., N, C]` features (any float dtype); N positions, C channels.
       eps: ridge added to the diagonal so that S is strictly positive definite.
+      matmul_precision: product setting (module docstring).
 
     Returns:
       `[..., C, C]` float32 symmetric positive-definite matrices.
@@ -88,13 +225,11 @@ def covariance(x, eps: float = 1e-7):
     x = _as_f32(x)
     if x.ndim < 2:
         raise ValueError(f"covariance expects features of shape [..., N, C], got shape {x.shape}.")
-    n = x.shape[-2]
     xc = x - jnp.mean(x, axis=-2, keepdims=True)
-    s = jnp.einsum("...nc,...nd->...cd", xc, xc, precision=HIGHEST) / n
-    return s + eps * jnp.eye(x.shape[-1], dtype=x.dtype)
+    return gram(xc, matmul_precision) + eps * jnp.eye(x.shape[-1], dtype=x.dtype)
 
 
-def _newton_schulz(a, num_iters: int, want_sqrt: bool, want_inv: bool):
+def _newton_schulz(a, num_iters: int, want_sqrt: bool, want_inv: bool, matmul_precision):
     """Coupled Newton-Schulz iteration (paper Eqn. 10) on trace-normalised `a`.
 
     Returns `(Y_K, Z_K, trace)`; `Y_K -> (a/trace)^{1/2}` and `Z_K -> (a/trace)^{-1/2}`.
@@ -105,6 +240,8 @@ def _newton_schulz(a, num_iters: int, want_sqrt: bool, want_inv: bool):
         raise ValueError(f"num_iters must be >= 1, got {num_iters}.")
     a = _as_f32(a)
     _check_square(a, "sqrtm_newton_schulz")
+    precision = lax_precision(matmul_precision, a.dtype)
+    _mm = functools.partial(_matmul_at, precision=precision)
     eye = _eye_like(a)
     norm = _trace(a)
     y = a / norm
@@ -126,7 +263,7 @@ def _newton_schulz(a, num_iters: int, want_sqrt: bool, want_inv: bool):
     return y, z, norm
 
 
-def sqrtm_newton_schulz(a, num_iters: int = 5, return_inverse: bool = False):
+def sqrtm_newton_schulz(a, num_iters: int = 5, return_inverse: bool = False, matmul_precision="auto"):
     """Matrix square root by iSQRT: pre-normalised coupled Newton-Schulz (reference step 4).
 
     `Y_0 = a / tr(a)`, `Z_0 = I`, then `num_iters` times
@@ -139,11 +276,12 @@ def sqrtm_newton_schulz(a, num_iters: int = 5, return_inverse: bool = False):
       num_iters: K >= 1 Newton-Schulz iterations (the reference uses 5).
       return_inverse: also return the inverse root `P_K / sqrt(tr(a))`
         (i.e. `Z_K / sqrt(tr(a))`, Eqn. 10's `P_K` undone of the pre-normalisation).
+      matmul_precision: product setting (module docstring).
 
     Returns:
       `[..., C, C]` float32 square root, or `(sqrt, inv_sqrt)` if `return_inverse`.
     """
-    y, z, norm = _newton_schulz(a, num_iters, want_sqrt=True, want_inv=return_inverse)
+    y, z, norm = _newton_schulz(a, num_iters, True, return_inverse, matmul_precision)
     root_norm = jnp.sqrt(norm)
     sqrt = y * root_norm
     if return_inverse:
@@ -151,7 +289,7 @@ def sqrtm_newton_schulz(a, num_iters: int = 5, return_inverse: bool = False):
     return sqrt
 
 
-def inv_sqrtm_newton_schulz(a, num_iters: int = 5):
+def inv_sqrtm_newton_schulz(a, num_iters: int = 5, matmul_precision="auto"):
     """Inverse matrix square root `a^{-1/2}` by the coupled Newton-Schulz iteration.
 
     Paper Eqn. 10's `P_K` (with `P_0 = I`, `Q_0 = a / tr(a)`), rescaled by
@@ -160,11 +298,12 @@ def inv_sqrtm_newton_schulz(a, num_iters: int = 5):
     Args:
       a: `[..., C, C]` SPD matrices, any float dtype.
       num_iters: K >= 1 iterations.
+      matmul_precision: product setting (module docstring).
 
     Returns:
       `[..., C, C]` float32 approximation of `a^{-1/2}`.
     """
-    _, z, norm = _newton_schulz(a, num_iters, want_sqrt=False, want_inv=True)
+    _, z, norm = _newton_schulz(a, num_iters, False, True, matmul_precision)
     return z / jnp.sqrt(norm)
 
 
@@ -172,27 +311,27 @@ def inv_sqrtm_newton_schulz(a, num_iters: int = 5):
 # Matrix power by eigendecomposition (MPN-COV), with a Daleckii-Krein gradient.
 
 
-def _eigh_power_forward(a, power, eps):
+def _eigh_power_forward(a, power, eps, precision):
     w, v = jnp.linalg.eigh(a, symmetrize_input=True)
     # Clamp tiny/negative eigenvalues of a PSD matrix (round-off) so the power is real;
     # jnp.maximum propagates NaN, so corrupt input is not turned into numbers.
     w = jnp.maximum(w, eps)
     fw = w**power
-    out = _mm(v * fw[..., None, :], jnp.swapaxes(v, -1, -2))
+    out = _matmul_at(v * fw[..., None, :], jnp.swapaxes(v, -1, -2), precision)
     return out, (w, v, fw)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _eigh_power(a, power, eps):
-    return _eigh_power_forward(a, power, eps)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _eigh_power(a, power, eps, precision):
+    return _eigh_power_forward(a, power, eps, precision)[0]
 
 
-def _eigh_power_fwd(a, power, eps):
-    out, res = _eigh_power_forward(a, power, eps)
+def _eigh_power_fwd(a, power, eps, precision):
+    out, res = _eigh_power_forward(a, power, eps, precision)
     return out, res
 
 
-def _eigh_power_bwd(power, eps, res, g):
+def _eigh_power_bwd(power, eps, precision, res, g):
     w, v, fw = res
     # Divided differences K_ij = (f(w_i) - f(w_j)) / (w_i - w_j), with the limit f'(w_i)
     # where eigenvalues (nearly) coincide: finite for repeated eigenvalues, unlike
@@ -207,6 +346,7 @@ def _eigh_power_bwd(power, eps, res, g):
     k = jnp.where(close, deriv, (fw[..., :, None] - fw[..., None, :]) / safe_diff)
     vt = jnp.swapaxes(v, -1, -2)
     g_sym = 0.5 * (g + jnp.swapaxes(g, -1, -2))
+    _mm = functools.partial(_matmul_at, precision=precision)
     inner = _mm(_mm(vt, g_sym), v) * k
     return (_mm(_mm(v, inner), vt),)
 
@@ -214,7 +354,7 @@ def _eigh_power_bwd(power, eps, res, g):
 _eigh_power.defvjp(_eigh_power_fwd, _eigh_power_bwd)
 
 
-def sqrtm_eigh(a, power: float = 0.5, eps: float = 1e-12):
+def sqrtm_eigh(a, power: float = 0.5, eps: float = 1e-12, matmul_precision="auto"):
     """Matrix power `a^power` by eigendecomposition (MPN-COV, paper Eqn. 14).
 
     `a = U diag(w) U^T` -> `U diag(max(w, eps)^power) U^T`. The gradient is the
@@ -226,13 +366,15 @@ def sqrtm_eigh(a, power: float = 0.5, eps: float = 1e-12):
       a: `[..., C, C]` symmetric positive semi-definite matrices, any float dtype.
       power: the matrix power (0.5 for the square root).
       eps: eigenvalues are clamped to at least this.
+      matmul_precision: setting of the products around the eigendecomposition (module
+        docstring).
 
     Returns:
       `[..., C, C]` float32.
     """
     a = _as_f32(a)
     _check_square(a, "sqrtm_eigh")
-    return _eigh_power(a, float(power), float(eps))
+    return _eigh_power(a, float(power), float(eps), lax_precision(matmul_precision, a.dtype))
 
 
 def regularized_sqrtm(
@@ -240,6 +382,7 @@ def regularized_sqrtm(
     lam: float,
     method: Literal["newton_schulz", "eigh"] = "newton_schulz",
     num_iters: int = 5,
+    matmul_precision="auto",
 ):
     """Robust covariance estimator of the paper's Theorem 1 (Eqn. 6).
 
@@ -258,6 +401,7 @@ def regularized_sqrtm(
       lam: regularisation strength in (0, 1].
       method: "newton_schulz" (iSQRT, `num_iters` iterations) or "eigh".
       num_iters: iterations for Newton-Schulz.
+      matmul_precision: product setting (module docstring).
 
     Returns:
       `[..., C, C]` float32.
@@ -271,9 +415,9 @@ def regularized_sqrtm(
     if c != 0.0:
         b = b + (c * c) * _eye_like(a)
     if method == "newton_schulz":
-        root = sqrtm_newton_schulz(b, num_iters)
+        root = sqrtm_newton_schulz(b, num_iters, matmul_precision=matmul_precision)
     elif method == "eigh":
-        root = sqrtm_eigh(b, 0.5)
+        root = sqrtm_eigh(b, 0.5, matmul_precision=matmul_precision)
     else:
         raise ValueError(f"method must be 'newton_schulz' or 'eigh', got {method!r}.")
     if c != 0.0:
@@ -342,7 +486,7 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
     return x / jnp.sqrt(jnp.maximum(sq_norm, eps * eps))
 
 
-def gaussian_embedding_matrix(x, eps: float = 1e-7):
+def gaussian_embedding_matrix(x, eps: float = 1e-7, matmul_precision="auto"):
     """G2DeNet's embedding of a Gaussian N(mu, S) as an SPD matrix.
 
     `[[S + mu mu^T, mu], [mu^T, 1]]`, with `S` the covariance of `x` (divided by N).
@@ -350,13 +494,14 @@ def gaussian_embedding_matrix(x, eps: float = 1e-7):
     Args:
       x: `[..., N, C]` features.
       eps: ridge of the covariance.
+      matmul_precision: product setting of the covariance (module docstring).
 
     Returns:
       `[..., C+1, C+1]` float32 SPD matrices.
     """
     x = _as_f32(x)
     mu = jnp.mean(x, axis=-2)  # [..., C]
-    s = covariance(x, eps) + mu[..., :, None] * mu[..., None, :]
+    s = covariance(x, eps, matmul_precision) + mu[..., :, None] * mu[..., None, :]
     top = jnp.concatenate([s, mu[..., :, None]], axis=-1)
     bottom = jnp.concatenate([mu[..., None, :], jnp.ones(mu.shape[:-1] + (1, 1), mu.dtype)], axis=-1)
     return jnp.concatenate([top, bottom], axis=-2)

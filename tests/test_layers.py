@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from reference.reference_weights import make_state_dict
 
-from gg_jax import convert, layers, linalg
+from gg_jax import convert, cpu, layers, linalg
+from gg_jax.backbones import blocks
 
 DATA = pathlib.Path(__file__).parent / "data"
 LAYOUT = DATA / "layout.json"
@@ -542,3 +543,39 @@ def test_all_zero_features_finite_and_nan_reported(name):
     out_bad = np.asarray(out_bad)
     assert np.isnan(out_bad[0]).any()  # NaN in, NaN out: not silently replaced
     assert np.isfinite(out_bad[1]).all()  # in eval mode samples are independent
+
+
+@pytest.mark.parametrize("conv", [blocks.Conv, cpu.Conv], ids=["nn.Conv", "cpu.Conv"])
+def test_parallel_conv1x1_is_the_separate_convolutions(conv):
+    """`conv1x1_parallel` (map1/map2 and map3/map4 of the re-weighting block as one
+    convolution each) creates the same parameters as separate `conv1x1`s (names, shapes,
+    initial values: checkpoints and the converter see no difference) and computes the
+    same outputs, to float32 rounding, also in bf16."""
+    import flax.linen as nn
+
+    names = ("map1", "map2")
+
+    class Separate(layers._ConvModule):
+        dtype: object = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            return [self.conv1x1(C, self.dtype, name=n)(x) for n in names]
+
+    class Parallel(layers._ConvModule):
+        dtype: object = jnp.float32
+
+        @nn.compact
+        def __call__(self, x):
+            return self.conv1x1_parallel(x, C, self.dtype, names)
+
+    x = small_features(21)
+    key = jax.random.PRNGKey(5)
+    variables = Separate(conv=conv).init(key, x)
+    assert leaves_equal(Parallel(conv=conv).init(key, x), variables)
+    for dtype, rtol in ((jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)):
+        want = Separate(dtype, conv=conv).apply(variables, x)
+        got = jax.jit(Parallel(dtype, conv=conv).apply)(variables, x)
+        for g, w, n in zip(got, want, names):
+            assert g.dtype == w.dtype == dtype
+            assert_close(g, w, rtol=rtol, name=n)
