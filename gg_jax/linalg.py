@@ -160,6 +160,16 @@ def _as_f32(x):
     return x
 
 
+def _check_features(x, name):
+    if x.ndim < 2:
+        raise ValueError(f"{name} expects features of shape [..., N, C], got shape {x.shape}.")
+    if x.shape[-2] == 0:
+        raise ValueError(
+            f"{name} of N = 0 positions (features of shape {x.shape}) is undefined: the feature map "
+            "has no spatial positions; use a larger input or a smaller total stride."
+        )
+
+
 def _check_square(a, name):
     if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
         raise ValueError(f"{name} expects square matrices of shape [..., C, C], got shape {a.shape}.")
@@ -202,8 +212,7 @@ def gram(x, matmul_precision="auto"):
       `[..., C, C]` float32 (float64 for float64 input).
     """
     x = _as_f32(x)
-    if x.ndim < 2:
-        raise ValueError(f"gram expects features of shape [..., N, C], got shape {x.shape}.")
+    _check_features(x, "gram")
     return _gram(x, lax_precision(matmul_precision, x.dtype)) / x.shape[-2]
 
 
@@ -223,8 +232,7 @@ def covariance(x, eps: float = 1e-7, matmul_precision="auto"):
       `[..., C, C]` float32 symmetric positive-definite matrices.
     """
     x = _as_f32(x)
-    if x.ndim < 2:
-        raise ValueError(f"covariance expects features of shape [..., N, C], got shape {x.shape}.")
+    _check_features(x, "covariance")
     xc = x - jnp.mean(x, axis=-2, keepdims=True)
     return gram(xc, matmul_precision) + eps * jnp.eye(x.shape[-1], dtype=x.dtype)
 
@@ -232,7 +240,7 @@ def covariance(x, eps: float = 1e-7, matmul_precision="auto"):
 def _newton_schulz(a, num_iters: int, want_sqrt: bool, want_inv: bool, matmul_precision):
     """Coupled Newton-Schulz iteration (paper Eqn. 10) on trace-normalised `a`.
 
-    Returns `(Y_K, Z_K, trace)`; `Y_K -> (a/trace)^{1/2}` and `Z_K -> (a/trace)^{-1/2}`.
+    Returns `(Y_K, Z_K, sqrt(trace))`; `Y_K -> (a/trace)^{1/2}` and `Z_K -> (a/trace)^{-1/2}`.
     Entries not asked for are None. `Z_0 = I`, so the first step needs one matmul
     instead of three; the last `Z` (resp. `Y`) update is skipped when not asked for.
     """
@@ -243,8 +251,16 @@ def _newton_schulz(a, num_iters: int, want_sqrt: bool, want_inv: bool, matmul_pr
     precision = lax_precision(matmul_precision, a.dtype)
     _mm = functools.partial(_matmul_at, precision=precision)
     eye = _eye_like(a)
+    # tr(a) overflows float32 for entries near its maximum (~3e38): then divide by the
+    # largest diagonal entry first (for other inputs `scale` is 1 and changes no bit).
+    # The zero matrix (trace 0) is divided by 1: its root is 0, not 0/0.
+    scale = jnp.where(
+        jnp.isfinite(_trace(a)), 1.0, jnp.max(jnp.abs(jnp.diagonal(a, axis1=-2, axis2=-1)), -1)[..., None, None]
+    )
+    root_scale = jnp.sqrt(jnp.where(scale > 0, scale, 1.0)).astype(a.dtype)
+    a = a / root_scale / root_scale  # twice by the root: 1/scale can be subnormal, flushed to 0
     norm = _trace(a)
-    y = a / norm
+    y = a / jnp.where(norm > 0, norm, 1.0)
     # k = 1 with Z_0 = I: T = (3I - Y_0)/2, Y_1 = Y_0 T, Z_1 = T.
     t = 0.5 * (3.0 * eye - y)
     z = t
@@ -260,7 +276,7 @@ def _newton_schulz(a, num_iters: int, want_sqrt: bool, want_inv: bool, matmul_pr
         # The final step: Y_K needs Y T, Z_K needs T Z; compute only what is used.
         t = 0.5 * (3.0 * eye - _mm(z, y))
         y, z = (_mm(y, t) if want_sqrt else None), (_mm(t, z) if want_inv else None)
-    return y, z, norm
+    return y, z, root_scale * jnp.sqrt(norm)
 
 
 def sqrtm_newton_schulz(a, num_iters: int = 5, return_inverse: bool = False, matmul_precision="auto"):
@@ -270,6 +286,11 @@ def sqrtm_newton_schulz(a, num_iters: int = 5, return_inverse: bool = False, mat
     `T = (3I - Z Y)/2, Y = Y T, Z = T Z` (paper Eqn. 10, `Q_k = Y_k`, `P_k = Z_k`),
     and post-compensation `Y_K * sqrt(tr(a))`. Converges to `a^{1/2}` for SPD `a`
     (all eigenvalues of `a / tr(a)` lie in (0, 1]).
+
+    Valid input: symmetric positive semi-definite matrices, the zero matrix (root 0) and
+    entries up to float32's maximum included. For an indefinite or non-symmetric matrix the
+    iteration does not converge and the result is meaningless; nothing is raised inside a
+    jitted program (check doubtful inputs with `jnp.linalg.eigvalsh`).
 
     Args:
       a: `[..., C, C]` symmetric positive (semi-)definite matrices, any float dtype.
@@ -281,8 +302,7 @@ def sqrtm_newton_schulz(a, num_iters: int = 5, return_inverse: bool = False, mat
     Returns:
       `[..., C, C]` float32 square root, or `(sqrt, inv_sqrt)` if `return_inverse`.
     """
-    y, z, norm = _newton_schulz(a, num_iters, True, return_inverse, matmul_precision)
-    root_norm = jnp.sqrt(norm)
+    y, z, root_norm = _newton_schulz(a, num_iters, True, return_inverse, matmul_precision)
     sqrt = y * root_norm
     if return_inverse:
         return sqrt, z / root_norm
@@ -296,15 +316,16 @@ def inv_sqrtm_newton_schulz(a, num_iters: int = 5, matmul_precision="auto"):
     `1/sqrt(tr(a))`; the last `Y` update is skipped since it is not used.
 
     Args:
-      a: `[..., C, C]` SPD matrices, any float dtype.
+      a: `[..., C, C]` SPD matrices, any float dtype (valid range as `sqrtm_newton_schulz`;
+        a singular matrix has no inverse root: its result is not finite).
       num_iters: K >= 1 iterations.
       matmul_precision: product setting (module docstring).
 
     Returns:
       `[..., C, C]` float32 approximation of `a^{-1/2}`.
     """
-    _, z, norm = _newton_schulz(a, num_iters, False, True, matmul_precision)
-    return z / jnp.sqrt(norm)
+    _, z, root_norm = _newton_schulz(a, num_iters, False, True, matmul_precision)
+    return z / root_norm
 
 
 # ---------------------------------------------------------------------------

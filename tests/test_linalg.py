@@ -602,3 +602,26 @@ def test_jit_and_vmap_agree_with_batched_calls():
     per_sample = jax.jit(jax.vmap(jax.grad(loss)))(x)
     whole = jax.jit(jax.grad(loss))(x)
     np.testing.assert_allclose(per_sample, whole, rtol=1e-5, atol=1e-5 * float(jnp.abs(whole).max()))
+
+
+def test_newton_schulz_over_the_whole_valid_range():
+    """The zero matrix (semi-definite) has the root 0, not NaN; entries near float32's maximum,
+    whose trace overflows, keep their root; N = 0 positions is an error that says why."""
+    for c in (1, 4):
+        zero = jnp.zeros((2, c, c), jnp.float32)
+        np.testing.assert_array_equal(np.asarray(jax.jit(linalg.sqrtm_newton_schulz)(zero)), 0.0)
+        np.testing.assert_array_equal(np.asarray(linalg.regularized_sqrtm(zero, 1.0)), 0.0)
+    rng = np.random.default_rng(7)
+    for scale in (1e36, 1e38):
+        m = rng.standard_normal((8, 8))
+        spd = m @ m.T / 8 + np.eye(8)
+        a = spd / np.abs(spd).max() * scale  # entries up to `scale`: the trace overflows float32 at 1e38
+        want = scipy_sqrtm(spd / np.abs(spd).max()).real * np.sqrt(scale)
+        got = np.asarray(linalg.sqrtm_newton_schulz(jnp.asarray(a, jnp.float32), 12), np.float64)
+        assert np.isfinite(got).all() and rel_err(got, want) < 1e-5, scale
+        inv = np.asarray(linalg.inv_sqrtm_newton_schulz(jnp.asarray(a, jnp.float32), 12), np.float64)
+        assert rel_err(inv, np.linalg.inv(want)) < 1e-5, scale
+    with pytest.raises(ValueError, match="N = 0 positions"):
+        linalg.covariance(jnp.zeros((2, 0, 3)))
+    with pytest.raises(ValueError, match="N = 0 positions"):
+        linalg.gram(jnp.zeros((0, 3)))
