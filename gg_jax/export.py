@@ -218,7 +218,7 @@ def export_checkpoint(
     if image_size is None:
         image_size = int(config["image_size"]) if config and config.get("image_size") else DEFAULT_IMAGE_SIZE
     exported = export_model(model, variables, image_size=image_size, platforms=platforms, input_format=input_format)
-    data = exported.serialize()
+    serialized = exported.serialize()
     num_classes = int(meta["num_classes"])
     sidecar = {
         "format": "jax.export",
@@ -248,9 +248,10 @@ def export_checkpoint(
         "output": {"name": "logits", "shape": ["batch", num_classes], "dtype": "float32"},
         "calling_convention_version": int(exported.calling_convention_version),
         "jax_version": jax.__version__,
-        "usage": ("exported = jax.export.deserialize(open(ARTIFACT, 'rb').read()); logits = exported.call(images)"),
+        "usage": "exported = jax.export.deserialize(open(ARTIFACT, 'rb').read()); logits = exported.call(images)",
     }
-    _write_atomically(out, bytes(data))
+    _check_out(out, overwrite)  # Again: the checkpoint took a while to read and export.
+    _write_atomically(out, bytes(serialized))
     _write_atomically(sidecar_path(out), (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
     return sidecar
 
