@@ -1,12 +1,13 @@
 """gg_jax.export: a trained model as a jax.export artifact, called without gg_jax.
 
-A tiny 3G-Net trains one step with train.py (the training tests' demo model), is exported
-by the command line (pixel input, lowered for CPU, CUDA and TPU; run in this process) and
-by the function (normalised input, from one checkpoints/<step> directory), and both artifacts run in a
-fresh Python that imports only jax and NumPy, on the digits eval images as the eval
-pipeline makes them. Their logits are those of the checkpoint's eval-mode model (as
-evaluate.py builds it), and the loss and top-1 error over the eval split are those of
-the run's own evaluation.
+A tiny 3G-Net trains one step with train.py (the training tests' demo model). The command
+line (run in this process) exports it for pixel input, lowered for CPU, CUDA and TPU; the
+function exports it for normalised input from one checkpoints/<step> directory. Both
+artifacts run in a fresh Python that imports only jax and NumPy, on the digits eval
+images as the eval pipeline makes them. Their logits are those of the checkpoint's
+eval-mode model (as evaluate.py builds it), and the loss and top-1 error over the eval
+split are those of the run's own evaluation. Everything compiles at XLA backend
+optimisation level 0: compile time is the cost of this test.
 """
 
 import json
