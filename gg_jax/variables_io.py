@@ -134,7 +134,7 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return variables, meta
 
 
-def load_model(path: str, *, dtype=None, image_size: int = 224):
+def load_model(path: str, *, dtype=None, image_size: int = 224, platform: str | None = None):
     """`(model, variables, meta)` of any gg_jax checkpoint, the model built from its metadata.
 
     Args:
@@ -143,6 +143,8 @@ def load_model(path: str, *, dtype=None, image_size: int = 224):
         latest step of a workdir is read).
       dtype: compute dtype of the model (default float32); the variables stay float32.
       image_size: only used to trace the model's variable shapes (any size the model takes).
+      platform: where the model will run (`gg_jax.models.create`'s; default: this process's
+        default backend).
 
     Returns:
       the linen model (`gg_jax.models.create(meta['model'], num_classes=..., **options)`),
@@ -160,11 +162,14 @@ def load_model(path: str, *, dtype=None, image_size: int = 224):
 
     def build(meta):
         options = dict(meta.get("model_options") or {})
-        return models.create(meta["model"], num_classes=int(meta["num_classes"]), dtype=dtype, **options)
+        return models.create(
+            meta["model"], num_classes=int(meta["num_classes"]), dtype=dtype, platform=platform, **options
+        )
 
     def abstract_variables(model):
         images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-        shapes = jax.eval_shape(lambda rng: model.init(rng, images, train=False), jax.random.PRNGKey(0))
+        # The images are an argument of eval_shape (a closed-over ShapeDtypeStruct is no array).
+        shapes = jax.eval_shape(lambda rng, x: model.init(rng, x, train=False), jax.random.PRNGKey(0), images)
         return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
 
     if is_variables_dir(path):
