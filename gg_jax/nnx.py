@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx, traverse_util
 from flax.core import unfreeze
 
-from gg_jax import layers
+from gg_jax import cpu, layers
 
 __all__ = [
     "BilinearPooling",
@@ -163,16 +163,15 @@ def _init_linen(linen_head, key: jax.Array, in_features: int) -> dict[str, Any]:
     """`linen_head.init` on a zero map `[1, 4, 4, in_features]`: `{'params', 'batch_stats'}`.
 
     Outside a trace, compiled as one program, so that XLA drops the forward pass whose
-    output is discarded (eagerly it would run op by op); on CPU at backend optimisation
-    level 0: what is left is the initialisers' random-number code, which runs once and
-    which LLVM otherwise spends most of the compile time optimising. Inside a trace (a
-    model built under `nnx.jit` or `nnx.eval_shape`), traced into the caller's program.
+    output is discarded (eagerly it would run op by op), with `gg_jax.cpu.init_compiler_options`.
+    Inside a trace (a model built under `nnx.jit` or `nnx.eval_shape`), traced into the
+    caller's program.
     """
     x = jnp.zeros((1, _INIT_SIZE, _INIT_SIZE, in_features), jnp.float32)
     init = lambda key, x: linen_head.init({"params": key}, x, train=False)  # noqa: E731
     if isinstance(key, jax.core.Tracer):
         return dict(init(key, x))
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    options = cpu.init_compiler_options(jax.default_backend())
     return dict(jax.jit(init, compiler_options=options)(key, x))
 
 
