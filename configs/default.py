@@ -27,9 +27,9 @@ def get_config():
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = "imagenet2012"
     config.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir (local or gs://); None = TFDS default.
-    config.dataset.augment = config_dict.placeholder(
-        str
-    )  # 'inception_crop' | 'scale_aug' | ...; None = dataset default.
+    # 'inception_crop' | 'scale_aug' | 'center_crop_flip' | ... (gg_jax.data.AUGMENTATIONS); None = dataset default.
+    config.dataset.augment = config_dict.placeholder(str)
+    config.dataset.train_resize_size = config_dict.placeholder(int)  # Of the centre-crop augments; None = image_size.
     config.dataset.cache = config_dict.placeholder(bool)  # Encoded examples in memory; None = if small.
     config.dataset.shuffle_buffer = config_dict.placeholder(int)  # TFDS record shuffle buffer; None = 10,000.
     config.dataset.num_threads = config_dict.placeholder(int)  # Private tf.data thread pool; None = shared.
@@ -46,6 +46,10 @@ def get_config():
     config.momentum = 0.9
     config.nesterov = False
     config.weight_decay = 1e-4
+    # Fine-tuning: the modules after the backbone (the pooling head and the classifier) learn
+    # head_lr_factor times faster (fast-MPN-COV's classifier_factor); 1.0 = one learning rate.
+    config.head_lr_factor = 1.0
+    config.head_lr_modules = ("head", "fc")
     config.num_epochs = 115.0
     config.num_train_steps = -1  # > 0 overrides num_epochs.
     config.half_precision = False  # bf16 compute (float32 parameters and covariance head).
@@ -63,6 +67,8 @@ def get_config():
     config.eval.batch_size = 0  # 0 = batch_size.
     config.eval.ten_crop = False  # 10 crops (corners + centre, and mirrors), logits averaged.
     config.eval.resize_size = 256  # Shorter side before the centre crop(s) of image_size.
+    config.eval.resize_mode = "shorter"  # 'shorter' side to resize_size, or 'square': both sides.
+    config.eval.mirror_crop = False  # The centre crop and its mirror image, logits averaged.
 
     # Fine-tuning: start from a variables directory (`python -m gg_jax.convert ... --out DIR`)
     # or a training workdir. The classifier is re-initialised when the number of classes

@@ -30,7 +30,7 @@ from gg_jax.data import prefetch as prefetch_lib
 from gg_jax.data import preprocessing as pp
 from gg_jax.data._tf import tf as _tf
 
-AUGMENTATIONS = ("inception_crop", "scale_aug", "translate", "none")
+AUGMENTATIONS = ("inception_crop", "scale_aug", "translate", "center_crop_flip", "square_center_crop_flip", "none")
 # How far around a failing batch to look for the corrupt file, in batches.
 _DIAGNOSE_WINDOW = (2, 8)
 
@@ -69,18 +69,31 @@ def _load(example):
     return example["image"] if "image" in example else tf.io.read_file(example["path"])
 
 
-def _eval_fn(source, image_size, resize_size, ten_crop):
+def _eval_fn(source, image_size, resize_size, ten_crop, resize_mode="shorter", mirror_crop=False):
+    if ten_crop and mirror_crop:
+        raise ValueError("ten_crop and mirror_crop exclude each other: choose one set of crops.")
     if source.eval_mode == "resize":
-        if ten_crop:
-            raise ValueError(f"ten_crop evaluation is not available for {source.info.name}")
+        if ten_crop or mirror_crop:
+            raise ValueError(f"ten_crop/mirror_crop evaluation is not available for {source.info.name}")
         return lambda image: pp.eval_resize(image, image_size=image_size)
     return lambda image: pp.eval_preprocess(
-        image, image_size=image_size, resize_size=resize_size, ten_crop_eval=ten_crop
+        image,
+        image_size=image_size,
+        resize_size=resize_size,
+        ten_crop_eval=ten_crop,
+        resize_mode=resize_mode,
+        mirror_crop=mirror_crop,
     )
 
 
-def _train_fn(source, augment, image_size):
+def _train_fn(source, augment, image_size, resize_size=None):
     flip = source.allow_flip
+    if augment in ("center_crop_flip", "square_center_crop_flip"):
+        mode = "square" if augment.startswith("square") else "shorter"
+        size = resize_size or image_size
+        return lambda image, key: pp.center_crop_flip(
+            image, key, image_size=image_size, resize_size=size, resize_mode=mode, flip=flip
+        )
     if augment == "inception_crop":
         return lambda image, key: pp.inception_crop(image, key, image_size=image_size, flip=flip)
     if augment == "scale_aug":
@@ -189,6 +202,7 @@ class LocalTrainBatches(_LocalBatches):
         seed=0,
         start_step=0,
         augment=None,
+        train_resize_size=None,
         dtype=np.float32,
         shuffle_buffer=None,
         cache=None,
@@ -206,7 +220,7 @@ class LocalTrainBatches(_LocalBatches):
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, not {start_step}")
         augment = augment or source.default_augment
-        self._preprocess = _train_fn(source, augment, image_size)
+        self._preprocess = _train_fn(source, augment, image_size, train_resize_size)
         self.augment = augment
         self.image_size = image_size
         self.seed = seed
@@ -292,6 +306,8 @@ class LocalEvalBatches(_LocalBatches):
         image_size=224,
         resize_size=256,
         ten_crop=False,
+        resize_mode="shorter",
+        mirror_crop=False,
         dtype=np.float32,
         num_threads=None,
         split=None,
@@ -303,7 +319,7 @@ class LocalEvalBatches(_LocalBatches):
         self.num_batches = -(-num_examples // global_batch_size)
         self.num_examples = num_examples
         tf = _tf()
-        preprocess = _eval_fn(source, image_size, resize_size, ten_crop)
+        preprocess = _eval_fn(source, image_size, resize_size, ten_crop, resize_mode, mirror_crop)
         dtype = _tf_dtype(dtype)
 
         def prepare(example):
@@ -416,6 +432,7 @@ def create_train_iterator(
     seed: int = 0,
     start_step: int = 0,
     augment: str | None = None,
+    train_resize_size: int | None = None,
     mesh=None,
     data_axis: str = "data",
     dtype=np.float32,
@@ -434,9 +451,12 @@ def create_train_iterator(
 
     augment: 'inception_crop' (random-resized crop + flip, the reference's),
       'scale_aug' (shorter side in [256, 512], random crop, flip, PCA lighting),
-      'translate' (random shift, no flip; the digits default), 'none' (eval crop),
+      'translate' (random shift, no flip; the digits default), 'center_crop_flip' /
+      'square_center_crop_flip' (shorter side / both sides resized to `train_resize_size`,
+      centre crop, flip: fast-MPN-COV's fine-grained training), 'none' (eval crop),
       None = the dataset's default ('translate' for digits, else 'inception_crop').
       Digits are never flipped.
+    train_resize_size: the resize of the centre-crop augmentations (default image_size).
     shuffle_buffer: TFDS record shuffle buffer (default 10,000) when not cached.
     cache: read the process's shard of encoded examples into memory once and shuffle
       it exactly each epoch; None = when the split is at most 1 GiB per process.
@@ -453,6 +473,7 @@ def create_train_iterator(
         seed=seed,
         start_step=start_step,
         augment=augment,
+        train_resize_size=train_resize_size,
         dtype=dtype,
         shuffle_buffer=shuffle_buffer,
         cache=cache,
@@ -469,6 +490,8 @@ def create_eval_iterator(
     image_size: int = 224,
     resize_size: int = 256,
     ten_crop: bool = False,
+    resize_mode: str = "shorter",
+    mirror_crop: bool = False,
     mesh=None,
     data_axis: str = "data",
     dtype=np.float32,
@@ -480,7 +503,9 @@ def create_eval_iterator(
 
     image [B, S, S, 3], or [B, 10, S, S, 3] with `ten_crop` (torchvision TenCrop
     order: 4 corners + centre, then the same of the mirrored image; average the
-    logits); label [B] int32; mask [B] bool, False for padding. The last batch is
+    logits), or [B, 2, S, S, 3] with `mirror_crop` (the centre crop and its mirror);
+    label [B] int32; mask [B] bool, False for padding. `resize_mode`: "shorter" (the
+    shorter side to resize_size, torchvision `Resize(s)`) or "square" (`Resize((s, s))`). The last batch is
     padded, never dropped, and every process yields `num_eval_batches` batches.
     Digits are resized whole to image_size (resize_size is not used).
     """
@@ -494,6 +519,8 @@ def create_eval_iterator(
         image_size=image_size,
         resize_size=resize_size,
         ten_crop=ten_crop,
+        resize_mode=resize_mode,
+        mirror_crop=mirror_crop,
         dtype=dtype,
         num_threads=num_threads,
         split=split,

@@ -202,6 +202,36 @@ def resize_shorter_side(image, size, *, antialias: bool = True):
     )
 
 
+def resize_square(image, size, *, antialias: bool = True):
+    """Resizes both sides to `size`, ignoring the aspect ratio (torchvision `Resize((size, size))`), float32."""
+    tf = _tf()
+    return tf.image.resize(_as_rgb(image), [size, size], method="bilinear", antialias=antialias)
+
+
+def _resize(image, size, mode: str):
+    if mode == "shorter":
+        return resize_shorter_side(image, size)
+    if mode == "square":
+        return resize_square(image, size)
+    raise ValueError(f"resize mode must be 'shorter' or 'square', not {mode!r}")
+
+
+def center_crop_flip(image, key, *, image_size: int, resize_size: int, resize_mode: str = "shorter", flip: bool = True):
+    """Resize, centre crop, random horizontal flip: fast-MPN-COV's fine-grained training.
+
+    `resize_mode` "shorter": shorter side to `resize_size` (torchvision `Resize(s)`, CUB);
+    "square": both sides (`Resize((s, s))`, FGVC-Aircraft 512, Stanford Cars 448); then
+    `CenterCrop(image_size)` and `RandomHorizontalFlip()`. float32 [image_size, image_size, 3].
+    """
+    tf = _tf()
+    if image_size > resize_size:
+        raise ValueError(f"image_size {image_size} must not exceed resize_size {resize_size}")
+    out = center_crop(_resize(decode_full(image), resize_size, resize_mode), image_size)
+    if flip:
+        out = tf.image.stateless_random_flip_left_right(out, key)
+    return tf.ensure_shape(out, [image_size, image_size, 3])
+
+
 def scale_aug(
     image,
     key,
@@ -281,15 +311,23 @@ def eval_preprocess(
     image_size: int = DEFAULT_IMAGE_SIZE,
     resize_size: int = DEFAULT_RESIZE_SIZE,
     ten_crop_eval: bool = False,
+    resize_mode: str = "shorter",
+    mirror_crop: bool = False,
 ):
-    """Resize shorter side to resize_size, then centre crop (or ten crops), float32."""
+    """Resize (shorter side, or both sides with `resize_mode="square"`) to resize_size, then
+    the centre crop, float32 `[S, S, 3]`; `ten_crop_eval`: torchvision's ten crops
+    `[10, S, S, 3]`; `mirror_crop`: the centre crop and its mirror image `[2, S, S, 3]`
+    (fast-MPN-COV's fine-grained evaluation)."""
     tf = _tf()
     if image_size > resize_size:
         raise ValueError(f"image_size {image_size} must not exceed resize_size {resize_size}")
-    resized = resize_shorter_side(decode_full(image), resize_size)
+    resized = _resize(decode_full(image), resize_size, resize_mode)
     if ten_crop_eval:
         return tf.ensure_shape(ten_crop(resized, image_size), [10, image_size, image_size, 3])
-    return tf.ensure_shape(center_crop(resized, image_size), [image_size, image_size, 3])
+    crop = center_crop(resized, image_size)
+    if mirror_crop:
+        return tf.ensure_shape(tf.stack([crop, tf.reverse(crop, [1])]), [2, image_size, image_size, 3])
+    return tf.ensure_shape(crop, [image_size, image_size, 3])
 
 
 def eval_resize(image, *, image_size: int):

@@ -13,6 +13,12 @@ would not match. `tests/test_training_unit.py` checks this against `torch.optim.
 
 Learning rate: `config.learning_rate` is the rate for a global batch of 256 and is
 scaled linearly with the batch (Goyal et al., 2017): lr = learning_rate * batch_size / 256.
+
+Fine-tuning: `config.head_lr_factor` != 1 gives the parameters under the top-level modules
+`config.head_lr_modules` (default the pooling head and the classifier, `head` and `fc`)
+that factor times the learning rate of the backbone (fast-MPN-COV's `classifier_factor`),
+by `optax.multi_transform` over two such SGD chains, each with its learning rate in its
+state (`optax.inject_hyperparams`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import optax
+from flax import traverse_util
 
 REFERENCE_BATCH_SIZE = 256
 SCHEDULES = ("step", "cosine", "constant")
@@ -79,12 +86,56 @@ def create_optimizer(
     )
 
 
+def param_groups(params, head_modules: Sequence[str]):
+    """The tree of `params` with 'head' for the leaves under a top-level module in
+    `head_modules`, 'backbone' for the others (labels of `optax.multi_transform`)."""
+    flat = traverse_util.flatten_dict(params)
+    labels = {k: "head" if k[0] in head_modules else "backbone" for k in flat}
+    return traverse_util.unflatten_dict(labels)
+
+
+def create_grouped_optimizer(
+    learning_rate,
+    head_lr_factor: float,
+    head_modules: Sequence[str],
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+    """`create_optimizer` with `head_lr_factor` times the learning rate for `head_modules`.
+
+    Each group is the same PyTorch-style SGD, with its learning rate (a schedule or a
+    number) recorded in its state: `opt_state.inner_states['head'].inner_state[1]
+    .hyperparams['learning_rate']`.
+    """
+
+    def sgd(lr):
+        return optax.chain(
+            optax.add_decayed_weights(weight_decay),
+            optax.inject_hyperparams(optax.sgd)(
+                learning_rate=lr, momentum=momentum if momentum else None, nesterov=nesterov
+            ),
+        )
+
+    head_lr = (
+        (lambda step: head_lr_factor * learning_rate(step))
+        if callable(learning_rate)
+        else (head_lr_factor * learning_rate)
+    )
+    return optax.multi_transform(
+        {"backbone": sgd(learning_rate), "head": sgd(head_lr)},
+        lambda params: param_groups(params, tuple(head_modules)),
+    )
+
+
 def create(config, *, steps_per_epoch: int, num_train_steps: int):
     """`(optimizer, learning-rate schedule)` of a training config.
 
     Reads `learning_rate` (for a batch of 256), `batch_size`, `lr_schedule`,
-    `lr_boundaries_epochs`, `lr_decay_factor`, `warmup_epochs`, `momentum`, `nesterov` and
-    `weight_decay` (see configs/default.py).
+    `lr_boundaries_epochs`, `lr_decay_factor`, `warmup_epochs`, `momentum`, `nesterov`,
+    `weight_decay`, `head_lr_factor` and `head_lr_modules` (see configs/default.py). The
+    schedule is the backbone's.
     """
     schedule = create_learning_rate_schedule(
         base_learning_rate=config.learning_rate,
@@ -96,7 +147,9 @@ def create(config, *, steps_per_epoch: int, num_train_steps: int):
         decay_factor=config.lr_decay_factor,
         warmup_epochs=config.warmup_epochs,
     )
-    tx = create_optimizer(
-        schedule, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
-    )
-    return tx, schedule
+    sgd = dict(momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
+    factor = float(config.get("head_lr_factor", 1.0))
+    if factor == 1.0:  # one group: the state of runs without the option is unchanged
+        return create_optimizer(schedule, **sgd), schedule
+    modules = tuple(config.get("head_lr_modules", ("head", "fc")))
+    return create_grouped_optimizer(schedule, factor, modules, **sgd), schedule

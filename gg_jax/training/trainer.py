@@ -130,7 +130,7 @@ def _data_dtype(config):
 def _dataset_kwargs(config) -> dict[str, Any]:
     ds = config.dataset
     out = {}
-    for key in ("augment", "cache", "shuffle_buffer", "num_threads"):
+    for key in ("augment", "train_resize_size", "cache", "shuffle_buffer", "num_threads"):
         if ds.get(key) is not None:
             out[key] = ds.get(key)
     return out
@@ -192,6 +192,8 @@ def evaluate_variables(eval_step, variables, config, mesh) -> dict[str, float]:
         image_size=config.image_size,
         resize_size=config.eval.resize_size,
         ten_crop=config.eval.ten_crop,
+        resize_mode=config.eval.get("resize_mode") or "shorter",
+        mirror_crop=bool(config.eval.get("mirror_crop", False)),
         mesh=mesh,
         dtype=_data_dtype(config),
     )

@@ -1,0 +1,155 @@
+"""The fine-grained fine-tuning recipes: configs on mocked TFDS data and on an image folder,
+per-group learning rates on the optimizer state, and fast-MPN-COV's resize / centre crops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import test_training_common as common
+
+from gg_jax import models, variables_io
+from gg_jax.training import optim, trainer
+
+pytest.importorskip("tensorflow")
+
+# The recipes as they are, but ResNet-18, small images and batches, a few steps.
+SMALL = dict(
+    model__name="resnet18_3g",
+    model__num_blocks=1,
+    image_size=48,
+    dataset__train_resize_size=56,
+    eval__resize_size=56,
+    batch_size=4,
+    eval__batch_size=4,
+    num_train_steps=2,
+    checkpoint_every_steps=-1,
+    # tfds.testing.mock_data swaps the file system while a pipeline is built; no background save then.
+    async_checkpoints=False,
+)
+
+
+def _pretrained(tmp_path):
+    """'ImageNet' variables of the small model (10 classes), as the converter writes them."""
+    model = models.create("resnet18_3g", num_classes=10, reduction_dim=16, num_blocks=1)
+    variables = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(123), jnp.zeros((1, 48, 48, 3))))
+    path = str(tmp_path / "pretrained")
+    variables_io.save_variables(path, variables, {"model": "resnet18_3g", "num_classes": 10})
+    return path, variables
+
+
+def _group_learning_rates(opt_state):
+    """{'backbone': lr, 'head': lr} of the last step, read from the optimizer state."""
+    return {
+        group: float(state.inner_state[1].hyperparams["learning_rate"])
+        for group, state in opt_state.inner_states.items()
+    }
+
+
+def _check_run(result, config, pretrained, num_classes, workdir):
+    base = config.learning_rate * config.batch_size / 256
+    assert result.step == 2 and np.isfinite(result.eval_metrics["loss"])
+    lrs = _group_learning_rates(result.state.opt_state)
+    np.testing.assert_allclose([lrs["backbone"], lrs["head"]], [base, 5 * base], rtol=1e-6)
+    labels = optim.param_groups(result.state.params, config.head_lr_modules)
+    assert labels["fc"]["kernel"] == "head" and labels["head"]["reduce"]["layer_reduce"]["kernel"] == "head"
+    assert labels["layer1_0"]["conv1"]["kernel"] == "backbone"
+    params = common.load_params(workdir)
+    assert params["fc/kernel"].shape == (16 * 17 // 2, num_classes)  # re-initialised for the dataset
+    assert not np.array_equal(params["layer1_0/conv1/kernel"], pretrained["params"]["layer1_0"]["conv1"]["kernel"])
+
+
+def test_cub_and_cars_configs_fine_tune_from_pretrained_on_mock_tfds(tmp_path):
+    from gg_jax.data import testing
+
+    path, pretrained = _pretrained(tmp_path)
+    data_dir = tmp_path / "tfds"
+    config = common.tiny_config("cub200_r50", init_from=path, dataset__data_dir=str(data_dir), **SMALL)
+    assert config.dataset.name == "caltech_birds2011" and config.dataset.augment == "center_crop_flip"
+    with testing.mock_tfds("caltech_birds2011", data_dir, image_size=(60, 80), train=12, test=6):
+        result = trainer.train_and_evaluate(config, str(tmp_path / "cub"))
+    assert result.eval_metrics["num_examples"] == 6
+    _check_run(result, config, pretrained, 200, tmp_path / "cub")
+
+    # Stanford Cars: the same recipe, its classes and transforms, read from TFDS.
+    cars = common.tiny_config("cars196_r50", init_from=path, dataset__data_dir=str(data_dir), **SMALL)
+    assert cars.dataset.augment == "square_center_crop_flip" and cars.eval.resize_mode == "shorter"
+    with testing.mock_tfds("cars196", data_dir, image_size=(60, 80), train=12, test=6):
+        from gg_jax import data
+
+        info = data.get_dataset_info("cars196", str(data_dir))
+        batch = next(
+            iter(
+                data.train_batches(
+                    "cars196",
+                    data_dir=str(data_dir),
+                    global_batch_size=4,
+                    image_size=48,
+                    augment=cars.dataset.augment,
+                    train_resize_size=56,
+                )
+            )
+        )
+    assert info.num_classes == 196 and info.eval_split == "test" and batch["image"].shape == (4, 48, 48, 3)
+
+
+def test_aircraft_config_fine_tunes_from_an_image_folder(tmp_path):
+    from gg_jax.data import testing
+
+    path, pretrained = _pretrained(tmp_path)
+    folder = testing.write_image_folder(tmp_path / "aircraft", train_per_class=4, val_per_class=2)["root"]
+    config = common.tiny_config("aircraft_r50", init_from=path, dataset__data_dir=folder, **SMALL)
+    assert config.dataset.name == "image_folder" and config.eval.resize_mode == "square"
+    result = trainer.train_and_evaluate(config, str(tmp_path / "aircraft_run"))
+    assert result.eval_metrics["num_examples"] == 6
+    _check_run(result, config, pretrained, 3, tmp_path / "aircraft_run")
+
+
+def test_grouped_optimizer_scales_the_head_update():
+    """One SGD step without momentum or decay: the head's update is head_lr_factor times what the
+    one-group optimizer gives, the backbone's is the same."""
+    params = {"layer1_0": {"w": jnp.ones(3)}, "head": {"w": jnp.ones(2)}, "fc": {"kernel": jnp.ones((2, 2))}}
+    grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), params)
+    schedule = optax.constant_schedule(0.1)
+    plain = optim.create_optimizer(schedule, momentum=0.0, weight_decay=0.0)
+    grouped = optim.create_grouped_optimizer(schedule, 5.0, ("head", "fc"), momentum=0.0, weight_decay=0.0)
+    want, _ = plain.update(grads, plain.init(params), params)
+    got, state = grouped.update(grads, grouped.init(params), params)
+    np.testing.assert_allclose(got["layer1_0"]["w"], want["layer1_0"]["w"])
+    np.testing.assert_allclose(got["head"]["w"], 5 * want["head"]["w"])
+    np.testing.assert_allclose(got["fc"]["kernel"], 5 * want["fc"]["kernel"])
+    assert _group_learning_rates(state) == pytest.approx({"backbone": 0.1, "head": 0.5})
+
+
+def test_fine_grained_resize_and_crops():
+    """fast-MPN-COV's transforms on a coordinate image (R = row, G = column): the shorter side or
+    both sides resized, the centre crop, its mirror; a flip mirrors the columns."""
+    import tensorflow as tf
+
+    from gg_jax.data import preprocessing as pp
+    from gg_jax.data import testing
+
+    image = testing.coordinate_image(40, 80)  # rows 0..39, columns 0..79
+    shorter = pp.center_crop_flip(image, tf.constant([1, 2], tf.int64), image_size=20, resize_size=20, flip=False)
+    # Shorter side 40 -> 20 (factor 2), width 160 -> ... 80 -> 40; the centre 20 x 20: columns 10..29 of 40.
+    assert shorter.shape == (20, 20, 3)
+    np.testing.assert_allclose(shorter[:, :, 1].numpy().mean(axis=0), np.linspace(20.5, 58.5, 20), atol=1.0)
+    square = pp.center_crop_flip(
+        image, tf.constant([1, 2], tf.int64), image_size=16, resize_size=20, resize_mode="square", flip=False
+    )
+    # Both sides -> 20: columns scaled by 4, rows by 2; the centre 16 x 16 starts at 2.
+    np.testing.assert_allclose(square[:, :, 0].numpy().mean(axis=1), 2 * np.arange(2, 18) + 0.5, atol=1.0)
+    flips = [
+        pp.center_crop_flip(image, tf.constant([k, 0], tf.int64), image_size=20, resize_size=20).numpy()
+        for k in range(8)
+    ]
+    mirrored = [f for f in flips if f[0, 0, 1] > f[0, -1, 1]]
+    assert 0 < len(mirrored) < 8 and all(np.allclose(f[:, ::-1], shorter) for f in mirrored)
+    pair = pp.eval_preprocess(image, image_size=20, resize_size=20, mirror_crop=True).numpy()
+    assert pair.shape == (2, 20, 20, 3)
+    np.testing.assert_allclose(pair[0], shorter.numpy())
+    np.testing.assert_allclose(pair[1], shorter.numpy()[:, ::-1])
+    with pytest.raises(ValueError, match="exclude each other"):
+        from gg_jax.data import input_pipeline
+
+        input_pipeline._eval_fn(None, 20, 20, ten_crop=True, mirror_crop=True)
