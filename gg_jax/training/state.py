@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gg_jax import models
+from gg_jax import cpu, models
 
 
 @flax.struct.dataclass
@@ -86,7 +86,9 @@ def create_train_state(model, tx, *, rng, image_size: int, sharding=None) -> Tra
             opt_state=tx.init(variables["params"]),
         )
 
-    return jax.jit(init, out_shardings=sharding)(rng)
+    # A one-off program: compiled with the platform's options for those (gg_jax.cpu).
+    options = cpu.init_compiler_options(jax.default_backend())
+    return jax.jit(init, out_shardings=sharding, compiler_options=options)(rng)
 
 
 def abstract_train_state(model, tx, *, image_size: int) -> TrainState:
