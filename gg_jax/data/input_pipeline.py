@@ -26,6 +26,7 @@ import numpy as np
 
 from gg_jax import sharding
 from gg_jax.data import datasets as datasets_lib
+from gg_jax.data import prefetch as prefetch_lib
 from gg_jax.data import preprocessing as pp
 from gg_jax.data._tf import tf as _tf
 
@@ -388,7 +389,7 @@ class GlobalIterator:
         self.info = local.info
         self.mesh = mesh
         self.sharding = sharding.batch_sharding(mesh, data_axis)
-        self._it = prefetch.DevicePrefetcher(local, self.sharding, local.global_batch_size, prefetch)
+        self._it = prefetch_lib.DevicePrefetcher(local, self.sharding, local.global_batch_size, prefetch)
 
     def __iter__(self):
         return self
