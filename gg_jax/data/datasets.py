@@ -25,6 +25,7 @@ import numpy as np
 from gg_jax.data import digits as digits_lib
 from gg_jax.data._tf import tf as _tf
 from gg_jax.data._tf import tfds as _tfds
+from gg_jax.errors import UserError
 
 IMAGE_FOLDER = "image_folder"
 DIGITS = digits_lib.NAME
@@ -35,11 +36,11 @@ IMAGE_FOLDER_EVAL_DIRS = ("val", "validation", "test")
 AUTO_CACHE_MAX_BYTES = 1 << 30
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """The dataset is not prepared where it was looked for; the message says how to prepare it."""
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(UserError, ValueError):
     """An image file could not be decoded; `path` names it."""
 
     def __init__(self, path: str, reason: str):

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import gg_jax
+from gg_jax.errors import UserError
 from gg_jax.training.state import TrainState
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -31,8 +32,12 @@ ITEMS = ("variables", "train", "meta")
 IDENTITY_FIELDS = ("model", "model_options", "num_classes")
 
 
-class WorkdirMismatchError(ValueError):
+class WorkdirMismatchError(UserError, ValueError):
     """The workdir holds checkpoints of another model; nothing in it was changed."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """There is no checkpoint where one was asked for."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -154,18 +159,18 @@ def restore_variables(path: str, abstract_fn, shardings_fn) -> tuple[dict[str, A
     """
     directory, step = locate(path)
     if not _isdir(directory):
-        raise FileNotFoundError(f"No checkpoint at {path}.")
+        raise CheckpointNotFoundError(f"No checkpoint at {path}.")
     manager = create_manager(directory, read_only=True)
     steps = manager.all_steps()
     if step is None:
         if not steps:
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"No training checkpoint at {path} (expected WORKDIR, WORKDIR/{CHECKPOINT_SUBDIR} or "
                 f"WORKDIR/{CHECKPOINT_SUBDIR}/<step>)."
             )
         step = max(steps)
     elif step not in steps:
-        raise FileNotFoundError(f"No checkpoint of step {step} in {directory} (steps there: {sorted(steps)}).")
+        raise CheckpointNotFoundError(f"No checkpoint of step {step} in {directory} (steps there: {sorted(steps)}).")
     meta = read_meta(manager, step)
     abstract = abstract_fn(meta)
     target = _with_shardings(abstract, shardings_fn(abstract))

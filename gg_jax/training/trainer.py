@@ -24,16 +24,15 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from gg_jax import data, models, sharding, variables_io
-from gg_jax.training import checkpointing, optim, preemption
+from gg_jax.errors import UserError
+from gg_jax.training import checkpointing, optim, preemption, validation
 from gg_jax.training import state as state_lib
 from gg_jax.training import steps as steps_lib
 
-
-class ConfigError(ValueError):
-    """The config cannot run on this setup; the message says what to change."""
+ConfigError = validation.ConfigError
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss or the parameters became NaN/inf; no checkpoint was written after that."""
 
 
@@ -46,15 +45,8 @@ class TrainResult:
 
 
 # Errors that mean "fix the config, the data or the workdir" rather than a bug: the
-# entry points print their message without a traceback.
-USER_ERRORS = (
-    ConfigError,
-    sharding.BatchSizeError,
-    variables_io.CheckpointMismatchError,
-    checkpointing.WorkdirMismatchError,
-    data.DatasetNotFoundError,
-    NonFiniteLossError,
-)
+# entry points print their message once, without a traceback, and exit with status 1.
+USER_ERRORS = (UserError,)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -260,10 +252,12 @@ def _write_config(config, workdir: str) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+    validation.check_train_config(config)
     workdir = os.fspath(workdir)
+    create_model(config, 10)  # Unknown name or option -> ConfigError, before reading any data.
+    validation.check_writable(workdir)
     mesh = sharding.make_mesh()
     check_batch_sizes(config, mesh)
-    create_model(config, 10)  # Unknown name or option -> ConfigError, before reading any data.
     info = data.get_dataset_info(config.dataset.name, config.dataset.data_dir)  # Missing -> how to prepare.
     model = create_model(config, info.num_classes)
     meta = _model_meta(config, info)
@@ -438,9 +432,12 @@ def evaluate(
     path = checkpoint or workdir
     if not path:
         raise ConfigError("Give --workdir (evaluates its latest checkpoint) or --checkpoint=PATH.")
+    validation.check_eval_config(config)
+    create_model(config, 10)
+    if workdir:
+        validation.check_writable(workdir, hint=validation.EVAL_HINT, create=False)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(eval_batch_size(config), mesh.size, field="eval.batch_size")
-    create_model(config, 10)
     info = data.get_dataset_info(config.dataset.name, config.dataset.data_dir)
     model = create_model(config, info.num_classes)
     expected = _model_meta(config, info)
