@@ -183,9 +183,10 @@ def save(
 
 
 def _space_shortage(directory: str, state) -> str | None:
-    """ "No space left on device (...)" if the local file system holding `directory` has less
-    space free than `state`'s arrays take, else None (also for remote paths). On several
-    processes the answer is process 0's, so that all of them stop or save together."""
+    """The reason, `No space left on device (...)`, if the local file system holding
+    `directory` has less space free than `state`'s arrays take, else None (also for remote
+    paths). On several processes the answer is process 0's, so that all of them stop or save
+    together."""
     shortage = None
     if "://" not in directory:
         need = sum(int(x.nbytes) for x in jax.tree.leaves(state))
