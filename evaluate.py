@@ -10,15 +10,16 @@ the model (--config.model.name and options must match the checkpoint) and the da
 ten crops: --config.eval.ten_crop=True (the Places365 configs set it). The result is
 printed as one JSON line: top1_error, top5_error (fractions), loss, num_examples, step;
 with --workdir it is also written to its TensorBoard summaries (eval/top1_error, ...).
+Exit status 1 on an error the user can fix, printed as one `error: ...` line on stderr.
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from gg_jax.training import distributed_flags
+# Only absl and ml_collections at module level: `--help` and flag errors are instant.
+from gg_jax.training import cli, distributed_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file naming the model and dataset.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
@@ -26,17 +27,24 @@ _WORKDIR = flags.DEFINE_string(
 )
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint to evaluate instead of the workdir's latest.")
 flags.mark_flags_as_required(["config"])
+flags.adopt_module_key_flags(distributed_flags)
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]} (flags are --name=value; see --help)")
     if not (_WORKDIR.value or _CHECKPOINT.value):
-        raise app.UsageError("Give --workdir (its latest checkpoint) or --checkpoint=PATH.")
+        cli.fail("give --workdir (its latest checkpoint) or --checkpoint=PATH.")
+    config = cli.config_value(_CONFIG)
     from gg_jax.cpu import malloc
 
     # On a CPU-only host, re-executes this command with huge pages for malloc (never on GPU/TPU).
     hugepages = malloc.tune_for_cpu_backend()
+    from gg_jax.training import validation
+
+    validation.check_eval_config(config)  # Before the trainer's imports: stops at once.
+    if _WORKDIR.value:
+        validation.check_writable(_WORKDIR.value, hint=validation.EVAL_HINT, create=False)
     distributed_flags.initialize()  # Before anything touches the devices.
     import jax
 
@@ -45,14 +53,10 @@ def main(argv):
     trainer.quiet_library_logs()
     if hugepages:
         logging.info("malloc: transparent huge pages for XLA:CPU's buffers (gg_jax/cpu/malloc.py).")
-    try:
-        metrics = trainer.evaluate(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
-    except (*trainer.USER_ERRORS, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    metrics = trainer.evaluate(config, _WORKDIR.value, _CHECKPOINT.value)  # UserError: one line, exit 1.
     if jax.process_index() == 0:
         print(json.dumps(metrics, sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,4 +1,4 @@
-"""Train a 3G-Net (or any gg_jax model) with an ml_collections config.
+r"""Train a 3G-Net (or any gg_jax model) with an ml_collections config.
 
   python train.py --config=configs/demo.py --workdir=/tmp/gg_demo
   python train.py --config=configs/imagenet_r50.py --workdir=gs://bucket/r50 \
@@ -11,32 +11,42 @@ train again). On several hosts, run the same command on every host with --distri
 --coordinator_address/--num_processes/--process_id. See docs/training.md.
 
 Exit status: 0 when the run is finished, 143 (128 + SIGTERM) when it stopped after
-saving a checkpoint because of a preemption notice, 1 on a configuration error or a
-diverged (NaN/inf) run, with the reason on stderr.
+saving (and committing) a checkpoint because of a preemption notice, 1 on an error the
+user can fix (config, dataset, workdir, a checkpoint that cannot be read or saved, a
+diverged run), printed as one `error: ...` line on stderr.
 """
 
 import signal
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from gg_jax.training import distributed_flags
+# Only absl and ml_collections at module level: `--help` and flag errors are instant.
+from gg_jax.training import cli, distributed_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (e.g. configs/demo.py).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and TensorBoard summaries (local or gs://).")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.adopt_module_key_flags(distributed_flags)
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]} (flags are --name=value; see --help)")
+    config = cli.config_value(_CONFIG)
     from gg_jax.cpu import malloc
 
     # On a CPU-only host, re-executes this command with huge pages for malloc (never on GPU/TPU).
     hugepages = malloc.tune_for_cpu_backend()
+    from gg_jax.training import validation
+
+    # Before the trainer's imports (TensorFlow, Orbax: many seconds): a config or workdir that
+    # cannot run stops at once.
+    validation.check_train_config(config)
+    validation.check_writable(_WORKDIR.value)
     distributed_flags.initialize()  # Before anything touches the devices.
     import jax
 
@@ -53,16 +63,11 @@ def main(argv):
     )
     if hugepages:
         logging.info("malloc: transparent huge pages for XLA:CPU's buffers (gg_jax/cpu/malloc.py).")
-    try:
-        result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except trainer.USER_ERRORS as e:
-        logging.error("%s: %s", type(e).__name__, e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    result = trainer.train_and_evaluate(config, _WORKDIR.value)  # UserError: one line, exit 1 (cli.run).
     if result.preempted:
         # A scheduler must not take a preempted run for a finished one.
         sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -22,6 +22,17 @@ def get_config():
     config.model.reduction_dim = config_dict.placeholder(int)  # 1x1 reduction before the head (256).
     config.model.num_blocks = config_dict.placeholder(int)  # 3G re-weighting blocks T (3).
     config.model.num_iters = config_dict.placeholder(int)  # Newton-Schulz iterations (5).
+    # More options of gg_jax.models.create, unset = the model's default; a model ignores (with
+    # a log line) those of other heads, e.g. num_blocks for resnet50_isqrt.
+    config.model.reweighting = config_dict.placeholder(str)  # 3G re-weighting: '3g' | 'urm_v1' | 'urm_v2'.
+    config.model.hidden = config_dict.placeholder(int)  # Channels inside each re-weighting block (64).
+    config.model.lam = config_dict.placeholder(float)  # Robust estimator, Theorem 1: lambda in (0, 1] (1).
+    config.model.estimator = config_dict.placeholder(bool)  # 3G: square root of the covariance (True).
+    config.model.sqrt_method = config_dict.placeholder(str)  # 'newton_schulz' (3G, iSQRT) | 'eigh'.
+    config.model.last_stride = config_dict.placeholder(int)  # Last stage's stride (1; 2 for _gap).
+    config.model.dropout_rate = config_dict.placeholder(float)  # Before the classifier (0; released code: 0.2).
+    # Covariance/root products: 'auto' (the platform's fastest float32-accurate) | 'highest' | 'bf16_6x' | 'tf32_3x'.
+    config.model.matmul_precision = config_dict.placeholder(str)
 
     # Data: see gg_jax.data.get_dataset_info for the names.
     config.dataset = ml_collections.ConfigDict()

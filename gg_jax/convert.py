@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import logging
 import math
 import numbers
 import os
@@ -406,6 +407,8 @@ class ConversionResult:
     num_classes: classes of the classifier (None with backbone_only).
     ignored_keys: checkpoint keys deliberately not used (backbone_only: head/classifier;
       always: num_batches_tracked).
+    nonfinite: checkpoint key -> "N NaN, M inf" for every converted tensor holding NaN or
+      inf values (a model with them computes NaN); empty for a sound checkpoint.
     """
 
     variables: dict[str, Any]
@@ -413,6 +416,18 @@ class ConversionResult:
     vector_order: str
     num_classes: int | None
     ignored_keys: list[str]
+    nonfinite: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _nonfinite(values: Mapping[str, np.ndarray], names: Mapping[str, str]) -> dict[str, str]:
+    """names[key] -> "N NaN, M inf" for the arrays of `values` that hold NaN or inf."""
+    out = {}
+    for key, arr in values.items():
+        if not np.issubdtype(arr.dtype, np.floating) or np.isfinite(arr).all():
+            continue
+        counts = [(int(np.isnan(arr).sum()), "NaN"), (int(np.isinf(arr).sum()), "inf")]
+        out[names.get(key, key)] = ", ".join(f"{n} {what}" for n, what in counts if n)
+    return out
 
 
 def convert_state_dict(
@@ -472,6 +487,7 @@ def convert_state_dict(
 
     missing, wrong_shape = [], []
     values: dict[str, np.ndarray] = {}
+    original_keys: dict[str, str] = {}
     for e in entries:
         ext = _to_convention(e.key, convention)
         if e.key not in source:
@@ -483,6 +499,7 @@ def convert_state_dict(
             wrong_shape.append(f"{orig}: checkpoint {tuple(arr.shape)}, model expects {e.torch_shape}")
             continue
         values[e.key] = arr
+        original_keys[e.key] = orig
     unexpected = []
     for key, (orig, _) in source.items():
         if key in expected:
@@ -558,7 +575,29 @@ def convert_state_dict(
             flat["params"][("fc", "kernel")] = np.ascontiguousarray(kernel)
 
     variables = {col: traverse_util.unflatten_dict(f) for col, f in flat.items() if f}
-    return ConversionResult(variables, convention, vector_order, None if backbone_only else num_classes, ignored)
+    return ConversionResult(
+        variables,
+        convention,
+        vector_order,
+        None if backbone_only else num_classes,
+        ignored,
+        _nonfinite(values, original_keys),
+    )
+
+
+def _warn_nonfinite(res: ConversionResult, source: str = "The checkpoint") -> ConversionResult:
+    if res.nonfinite:
+        logging.getLogger(__name__).warning("%s", _nonfinite_message(res.nonfinite, source))
+    return res
+
+
+def _nonfinite_message(nonfinite: Mapping[str, str], source: str = "The checkpoint") -> str:
+    shown = "; ".join(f"{k}: {v}" for k, v in list(nonfinite.items())[:5])
+    more = f"; and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else ""
+    return (
+        f"{source} holds NaN or inf values in {len(nonfinite)} tensor(s) ({shown}{more}); a model with these "
+        "weights computes NaN (the run that saved them had probably diverged)."
+    )
 
 
 def from_torch(
@@ -588,13 +627,14 @@ def from_torch(
 
     Returns:
       `{'params': ..., 'batch_stats': ...}` of float32 NumPy arrays (with
-      `backbone_only`, the backbone entries only).
+      `backbone_only`, the backbone entries only). Tensors holding NaN or inf are
+      converted with a logged warning that names them.
 
     Raises:
       CheckpointMismatchError (a ValueError) listing every missing, unexpected and
       mis-shaped key by name.
     """
-    return convert_state_dict(
+    res = convert_state_dict(
         state_dict,
         name,
         num_classes,
@@ -602,7 +642,8 @@ def from_torch(
         convention=convention,
         vector_order=vector_order,
         **options,
-    ).variables
+    )
+    return _warn_nonfinite(res, "The state_dict").variables
 
 
 def merge_backbone(variables: Mapping[str, Any], backbone: Mapping[str, Any]) -> dict[str, Any]:
@@ -829,6 +870,9 @@ def load_torch_checkpoint(
     `torch.load(path, map_location='cpu', weights_only=True)`: files that need arbitrary
     Python objects are refused (`UnsafeCheckpointError`) and nothing in them is executed.
 
+    Weights holding NaN or inf are converted with a logged warning naming them (the
+    command line refuses them unless given --allow_nonfinite).
+
     Returns:
       `(variables, meta)`: the variables as `from_torch` returns them, and meta with
       "model", "num_classes", "source" (the path), "convention", "vector_order" and the
@@ -839,7 +883,9 @@ def load_torch_checkpoint(
     models.parse_name(name)
     path = os.fspath(path)
     state_dict, file_meta = _extract_state_dict(_read_pth(path), path)
-    res = convert_state_dict(state_dict, name, num_classes, backbone_only=backbone_only, **kwargs)
+    res = _warn_nonfinite(
+        convert_state_dict(state_dict, name, num_classes, backbone_only=backbone_only, **kwargs), repr(path)
+    )
     meta = {
         "model": name,
         "num_classes": res.num_classes,
@@ -883,6 +929,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="init seed of the head/classifier with --backbone_only")
     p.add_argument("--convention", choices=CONVENTIONS, default=None, help="force the key convention")
     p.add_argument(
+        "--allow_nonfinite",
+        action="store_true",
+        help="convert even if some weights are NaN or inf (refused by default: such a model computes NaN)",
+    )
+    p.add_argument(
         "--vector_order",
         choices=("lower", "upper"),
         default=None,
@@ -908,6 +959,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    if res.nonfinite and not args.allow_nonfinite:
+        message = _nonfinite_message(res.nonfinite, repr(args.torch_checkpoint))
+        print(f"error: {message} Nothing was written; pass --allow_nonfinite to convert anyway.", file=sys.stderr)
         return 1
     variables = res.variables
     num_classes = res.num_classes

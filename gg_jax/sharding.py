@@ -12,10 +12,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gg_jax.errors import UserError
+
 DATA_AXIS = "data"
 
 
-class BatchSizeError(ValueError):
+class BatchSizeError(UserError, ValueError):
     """A global batch does not split evenly over the devices (or processes); says what to use."""
 
 

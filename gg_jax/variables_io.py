@@ -20,11 +20,13 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from gg_jax.errors import UserError
+
 META_FILE = "meta.json"
 VARIABLES_DIR = "variables"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """Variables (or a checkpoint) do not fit the model: lists every problem by name."""
 
 

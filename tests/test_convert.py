@@ -10,13 +10,12 @@ import json
 import os
 import pathlib
 import pickle
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_training_common as common
 from reference.reference_weights import make_state_dict
 
 from gg_jax import convert, models, variables_io
@@ -363,6 +362,28 @@ def test_missing_and_corrupt_files(tmp_path):
         convert.load_torch_checkpoint(odd, "resnet18_3g")
 
 
+def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, capsys, caplog):
+    state = make_state_dict("resnet18_3g", seed=0, layout=LAYOUT)
+    weight = state["layer1.0.conv1.weight"].copy()
+    weight.flat[:3], weight.flat[3] = np.nan, np.inf
+    state["layer1.0.conv1.weight"] = weight
+    pth = tmp_path / "diverged.pth"
+    torch.save(to_tensors(state), pth)
+    args = ["--arch", "resnet18_3g", "--torch_checkpoint", str(pth), "--out", str(tmp_path / "out")]
+    assert convert.main(args) == 1
+    err = capsys.readouterr().err
+    assert "layer1.0.conv1.weight: 3 NaN, 1 inf" in err and "--allow_nonfinite" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists(), err
+    assert convert.main([*args, "--allow_nonfinite"]) == 0 and variables_io.is_variables_dir(tmp_path / "out")
+    # The library converts them, with a warning that names them.
+    with caplog.at_level("WARNING"):
+        convert.from_torch(state, "resnet18_3g")
+    assert "layer1.0.conv1.weight: 3 NaN, 1 inf" in caplog.text
+    assert not convert.convert_state_dict(
+        make_state_dict("resnet18_3g", seed=0, layout=LAYOUT), "resnet18_3g"
+    ).nonfinite
+
+
 # ------------------------------------------------------------------------ mismatches
 def test_mismatch_errors_list_every_name():
     state = make_state_dict("resnet18_3g", seed=0, layout=LAYOUT)
@@ -412,20 +433,16 @@ else:
     raise SystemExit("load_torch_checkpoint worked without torch")
 print("ok")
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = common.run(["-c", code], dict(os.environ), check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 def test_module_entry_point():
-    proc = subprocess.run(
-        [sys.executable, "-m", "gg_jax.convert", "--help"], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
+    proc = common.run(["-m", "gg_jax.convert", "--help"], dict(os.environ), check=False)
     assert proc.returncode == 0 and "--torch_checkpoint" in proc.stdout and "resnet50_3g" in proc.stdout
-    proc = subprocess.run(
-        [sys.executable, "-m", "gg_jax.convert", "--arch", "resnet50_3x", "--torch_checkpoint", "x.pth", "--out", "y"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
+    proc = common.run(
+        ["-m", "gg_jax.convert", "--arch", "resnet50_3x", "--torch_checkpoint", "x.pth", "--out", "y"],
+        dict(os.environ),
+        check=False,
     )
     assert proc.returncode == 2 and "resnet50_3g" in proc.stderr  # unknown name: lists the valid ones

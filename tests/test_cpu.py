@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_training_common as common
 
 import gg_jax.cpu
 from gg_jax import layers, models, sharding
@@ -142,7 +143,12 @@ def test_hugepages_reexec_sets_the_tunable():
     )
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     out = subprocess.run(
-        [sys.executable, "-c", code, "a", "--b=1"], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code, "a", "--b=1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=common.HANG_GUARD_S,
     )
     applies = (
         sys.platform.startswith("linux")
@@ -152,7 +158,12 @@ def test_hugepages_reexec_sets_the_tunable():
     assert out.stdout.split()[0:1] == (["glibc.malloc.hugetlb=1"] if applies else [])
     assert "['a', '--b=1']" in out.stdout
     off = subprocess.run(
-        [sys.executable, "-c", code], env=dict(env, GG_JAX_HUGEPAGES="0"), capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        env=dict(env, GG_JAX_HUGEPAGES="0"),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=common.HANG_GUARD_S,
     )
     assert "glibc.malloc.hugetlb" not in off.stdout
 
@@ -178,7 +189,14 @@ def test_reexec_with_tunables_keeps_freed_memory():
     def run(tunables):
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
         env["GLIBC_TUNABLES"] = tunables
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=common.HANG_GUARD_S,
+        )
         setting, keeps, faults = out.stdout.split()
         return setting.split(":"), keeps == "True", int(faults)
 
@@ -352,7 +370,13 @@ def test_jax_runs_on_cpu_only_decides_without_starting_jax(tmp_path):
     base = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAX_PLATFORM_NAME")}
 
     def ask(**env):
-        out = subprocess.run([sys.executable, "-c", code], env=dict(base, **env), capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=dict(base, **env),
+            capture_output=True,
+            text=True,
+            timeout=common.HANG_GUARD_S,
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout.split()
 
@@ -382,8 +406,9 @@ def test_entry_points_never_reexecute_on_accelerator_hosts(tmp_path):
         (evaluate, {}, True),
         (evaluate, {"JAX_PLATFORMS": "tpu"}, False),
     ):
-        cmd = [sys.executable, script, *flags, *extra]
-        out = subprocess.run(cmd, cwd=repo, env=dict(base, **env), capture_output=True, text=True)
+        out = common.run([script, *flags, *extra], dict(base, **env), check=False)
         log = out.stdout + out.stderr
         assert out.returncode == 1, log[-3000:]  # the missing dataset (or, for cuda/tpu here, no such backend)
         assert ("malloc: transparent huge pages" in log) == tuned, (script, env, log[-3000:])
+        if tuned:  # The missing dataset, printed once, as the one `error:` line.
+            assert log.count("No image folder at") == 1 and out.stderr.count("error: ") == 1, log[-3000:]

@@ -1,11 +1,10 @@
 """Global batches over several (fake CPU) devices: sharding and exactly-once evaluation."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+import test_training_common as common
 
 pytest.importorskip("tensorflow")
 
@@ -87,11 +86,5 @@ def fake_tfds(tmp_path_factory):
 def test_global_batches_and_exactly_once_eval(fake_tfds, num_devices):
     name, data_dir = fake_tfds
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(num_devices), name, data_dir],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = common.run(["-c", _SCRIPT, str(num_devices), name, data_dir], env, check=False)
+    assert proc.returncode == 0 and "OK" in proc.stdout, common.tail(proc)

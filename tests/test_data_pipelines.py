@@ -1,11 +1,10 @@
 """Input pipelines end to end: TFDS (mocked and prepared on disk), image folders, digits."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+import test_training_common as common
 
 pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -238,6 +237,28 @@ def test_image_folder_corrupt_jpeg_is_reported_with_its_path(tmp_path, split):
             next(it)
     assert e.value.path == info["corrupt_path"]
     assert info["corrupt_path"] in str(e.value)
+    # The file and the decoder's reason; TensorFlow's traceback is not chained to it.
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_image_folder_problems_are_found_when_it_is_opened(tmp_path, caplog):
+    """Empty class folders are warned about (each is still a class); a missing evaluation
+    split is an error before any training, not at the first evaluation."""
+    testing.write_image_folder(tmp_path, classes=("cat", "dog"), train_per_class=2, val_per_class=1)
+    (tmp_path / "train" / "empty_class").mkdir()
+    (tmp_path / "val" / "only_in_val").mkdir()
+    (tmp_path / "val" / "only_in_val" / "notes.txt").write_text("not an image")
+    with caplog.at_level("WARNING"):
+        info = data.get_dataset_info("image_folder", str(tmp_path))
+    assert info.num_classes == 4 and info.class_names == ("cat", "dog", "empty_class", "only_in_val")
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 class folder(s) hold no image" in warned, warned
+    assert str(tmp_path / "train" / "empty_class") in warned and str(tmp_path / "val" / "only_in_val") in warned
+    assert "no training image: only_in_val" in warned, warned
+    for f in (tmp_path / "val").rglob("*.jpg"):
+        f.unlink()
+    with pytest.raises(data.DatasetNotFoundError, match="No evaluation images under"):
+        data.get_dataset_info("image_folder", str(tmp_path))
 
 
 def test_image_folder_missing(tmp_path):
@@ -295,16 +316,22 @@ def test_digits_resume():
 # --------------------------------------------------------------------- errors
 
 
-def test_missing_tfds_datasets_explain_how_to_prepare(tmp_path):
-    with pytest.raises(data.DatasetNotFoundError) as e:
-        data.get_dataset_info("imagenet2012", str(tmp_path))
-    msg = str(e.value)
-    assert "ILSVRC2012_img_train.tar" in msg and f"tfds build imagenet2012 --data_dir={tmp_path} --manual_dir=" in msg
-    assert isinstance(e.value, FileNotFoundError)
-    with pytest.raises(data.DatasetNotFoundError, match=f"tfds build places365_small --data_dir={tmp_path}"):
-        data.get_dataset_info("places365_small", str(tmp_path))
-    with pytest.raises(data.DatasetNotFoundError, match="Unknown dataset"):
-        data.get_dataset_info("surely_no_such_dataset", str(tmp_path))
+def test_missing_tfds_datasets_explain_how_to_prepare(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        with pytest.raises(data.DatasetNotFoundError) as e:
+            data.get_dataset_info("imagenet2012", str(tmp_path))
+        msg = str(e.value)
+        assert (
+            "ILSVRC2012_img_train.tar" in msg and f"tfds build imagenet2012 --data_dir={tmp_path} --manual_dir=" in msg
+        )
+        assert isinstance(e.value, FileNotFoundError)
+        with pytest.raises(data.DatasetNotFoundError, match=f"tfds build places365_small --data_dir={tmp_path}"):
+            data.get_dataset_info("places365_small", str(tmp_path / "no_such_dir"))
+        with pytest.raises(data.DatasetNotFoundError, match="Unknown dataset 'surely_no_such_dataset'") as e:
+            data.get_dataset_info("surely_no_such_dataset", str(tmp_path))
+        assert "\n" not in str(e.value)  # Not TFDS's list of every dataset name.
+    # The error is all: no TFDS warning about the dataset folder that is not there.
+    assert not [r.getMessage() for r in caplog.records if "dataset_info.json" in r.getMessage()]
 
 
 def test_batch_errors(fake_tfds):
@@ -328,7 +355,7 @@ def test_import_does_not_load_tensorflow_and_tf_sees_no_gpu():
         "assert tf.config.get_visible_devices('GPU') == []\n"
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, timeout=120)
+    common.run(["-c", code], env)
 
 
 def test_corrupt_image_error_finder(tmp_path):

@@ -439,7 +439,8 @@ REPRESENTATIVE = ["3g_T1", "urm_v2", "3g_lam05", "isqrt", "mpncov", "plain", "bc
 @pytest.mark.parametrize("name", REPRESENTATIVE)
 def test_bf16_features_give_float32_output_equal_to_float32_path(name):
     """bf16 backbone features into a float32 head: float32 output equal to feeding the
-    same values as float32. Heads without convolutions also give it with dtype=bf16."""
+    same values as float32. Heads without convolutions also give it with dtype=bf16.
+    (Equal up to float32 rounding: each input dtype compiles its own program.)"""
     factory = HEADS[name][0]
     x32 = jnp.asarray(small_features(10), jnp.bfloat16).astype(jnp.float32)
     head = factory()
@@ -448,12 +449,12 @@ def test_bf16_features_give_float32_output_equal_to_float32_path(name):
     ref = fn(variables, x32)
     out = fn(variables, x32.astype(jnp.bfloat16))
     assert out.dtype == ref.dtype == jnp.float32
-    np.testing.assert_array_equal(out, ref)
+    assert_close(out, ref, rtol=1e-6)
     if "reweighting" not in variables.get("params", {}):
         head16 = factory(dtype=jnp.bfloat16)
         out16 = jax.jit(lambda v, x: head16.apply(v, x, train=False))(variables, x32.astype(jnp.bfloat16))
         assert out16.dtype == jnp.float32
-        np.testing.assert_array_equal(out16, ref)
+        assert_close(out16, ref, rtol=1e-6)
 
 
 def test_bf16_head_keeps_covariance_sqrt_and_vector_in_float32():
@@ -515,7 +516,7 @@ def test_train_mode_uses_batch_statistics_and_updates_running_averages():
     # Eval mode does not need (or change) mutable state.
     out2, unchanged = jax.jit(functools.partial(head.apply, train=False, mutable=["batch_stats"]))(variables, x)
     assert leaves_equal(unchanged["batch_stats"], old)
-    np.testing.assert_array_equal(out2, out_eval)
+    assert_close(out2, out_eval, rtol=1e-6)  # Another program (mutable output): float32 rounding.
 
 
 @pytest.mark.parametrize("name", REPRESENTATIVE)

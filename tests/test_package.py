@@ -70,3 +70,28 @@ def test_wheel_installs_without_torch_and_imports_every_module(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = run(python, "-c", _IMPORT_ALL, cwd=tmp_path, env=dict(env, JAX_PLATFORMS="cpu")).stdout
     assert "gg_jax.models" in out and "gg_jax.cpu.conv" in out and "gg_jax.training.trainer" in out, out
+
+
+def test_requirements_declare_the_floors_of_pyproject():
+    """requirements.txt (what the README installs) and pyproject.toml (what pip installs with
+    the `train` extra) declare the same packages with the same version floors, and the
+    environment running the tests satisfies them."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["train"]]
+    lines = (REPO / "requirements.txt").read_text().splitlines()
+    listed = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+
+    def floors(reqs):
+        return {canonicalize_name(r.name): str(r.specifier) for r in reqs}
+
+    assert floors(listed) == floors(declared)
+    for req in declared:
+        assert req.specifier, f"{req.name} has no version floor"
+        installed = importlib.metadata.version(req.name)
+        assert req.specifier.contains(installed, prereleases=True), (req.name, installed, str(req.specifier))

@@ -10,6 +10,7 @@ share a persistent XLA compilation cache, so the same step is compiled once per 
 import json
 import os
 import pathlib
+import shlex
 import socket
 import subprocess
 import sys
@@ -73,14 +74,48 @@ def subprocess_env(tmp_path, devices: int = 1, **extra) -> dict:
     return env
 
 
-def run(args, env, timeout=300, check=True) -> subprocess.CompletedProcess:
-    """Runs `python ARGS...` in the repository root; asserts success if `check`."""
-    proc = subprocess.run(
-        [sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+# Time limits of subprocesses are hang guards, not speed checks: a busy 2-core machine ran
+# the suite in 57 minutes (10 when idle) and CI allows 90, so one command may take long.
+HANG_GUARD_S = 2400
+
+
+def command(args, prefix=()) -> list:
+    """`[*prefix, python, *args]`, as strings."""
+    return [*map(str, prefix), sys.executable, *map(str, args)]
+
+
+def run(args, env, timeout=HANG_GUARD_S, check=True, prefix=()) -> subprocess.CompletedProcess:
+    """Runs `python ARGS...` (after `prefix`, e.g. a namespace wrapper) in the repository root;
+    asserts success if `check`. A run past `timeout` fails with the command and its output."""
+    cmd = command(args, prefix)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(timed_out(cmd, timeout, e.stdout, e.stderr)) from None
     if check:
-        assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{tail(proc)}"
+        assert proc.returncode == 0, f"{shlex.join(cmd)} exited {proc.returncode}\n{tail(proc)}"
     return proc
+
+
+def communicate(proc: subprocess.Popen, cmd, timeout=HANG_GUARD_S) -> tuple[str, str]:
+    """`proc.communicate(timeout=...)`; past the timeout, kills it and fails with the command
+    and its output."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(timed_out(cmd, timeout, out, err)) from None
+
+
+def timed_out(cmd, timeout, stdout, stderr, n=6000) -> str:
+    def text(x):
+        return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+
+    return (
+        f"Timed out after {timeout} s (a hang guard): {shlex.join(map(str, cmd))}\n"
+        f"--- stdout\n{text(stdout)[-n:]}\n--- stderr\n{text(stderr)[-n:]}"
+    )
 
 
 def tail(proc, n=6000) -> str:

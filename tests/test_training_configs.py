@@ -1,9 +1,12 @@
 """The ImageNet and Places365 configs end to end on mocked TFDS data, with a small backbone."""
 
+import pathlib
+
 import numpy as np
 import pytest
 import test_training_common as common
 
+from gg_jax import data
 from gg_jax.training import trainer
 
 pytest.importorskip("tensorflow")
@@ -49,8 +52,11 @@ def test_reference_config_runs_on_mock_tfds(tmp_path, config_name, dataset, num_
     assert all(np.isfinite(v).all() for v in params.values())
 
     scalars = common.read_scalars(workdir)
-    for tag in ("train/loss", "train/top1_error", "train/learning_rate", "train/images_per_sec"):
+    for tag in ("train/loss", "train/top1_error", "train/learning_rate"):
         assert sorted(scalars[tag]) == [1, 2, 3], tag
+    # Speeds are measured from the end of the first step: compilation is not in them.
+    for tag in ("train/images_per_sec", "steps_per_sec"):
+        assert sorted(scalars[tag]) == [2, 3] and all(v > 0 for v in scalars[tag].values()), tag
     for tag in ("eval/top1_error", "eval/top5_error"):
         assert list(scalars[tag]) == [3] and 0.0 <= scalars[tag][3] <= 1.0
     # Reference schedule (no decay within 3 steps), linearly scaled: 0.1 * 8 / 256.
@@ -59,7 +65,9 @@ def test_reference_config_runs_on_mock_tfds(tmp_path, config_name, dataset, num_
 
 def test_finetune_folder_config_starts_from_pretrained_variables(tmp_path):
     """configs/finetune_folder.py: every variable from `init_from` but the classifier, which
-    is re-initialised for the folder's 3 classes (learning rate 0: the step changes nothing)."""
+    is re-initialised for the folder's 3 classes (learning rate 1e-30: the step changes
+    nothing measurable). Then a corrupt evaluation image stops the next run in one line
+    naming it, after that run's checkpoint is saved."""
     import jax
     import jax.numpy as jnp
     from flax import traverse_util
@@ -81,9 +89,10 @@ def test_finetune_folder_config_starts_from_pretrained_variables(tmp_path):
         eval__batch_size=6,
         eval__resize_size=56,
         num_train_steps=1,
-        learning_rate=0.0,
+        learning_rate=1e-30,
         dataset__data_dir=folder,
         init_from=str(tmp_path / "pretrained"),
+        checkpoint_every_steps=1,
     )
     result = trainer.train_and_evaluate(config, str(tmp_path / "w"))
     assert result.step == 1 and result.eval_metrics["num_examples"] == 6
@@ -92,4 +101,17 @@ def test_finetune_folder_config_starts_from_pretrained_variables(tmp_path):
     assert params["fc/kernel"].shape == (136, 3) and expected["fc/kernel"].shape == (136, 10)
     for key, value in params.items():
         if not key.startswith("fc/"):
-            np.testing.assert_array_equal(value, expected[key], err_msg=key)
+            np.testing.assert_allclose(value, expected[key], rtol=1e-6, atol=1e-20, err_msg=key)
+
+    # A validation image goes bad: found at the next evaluation, named in one line, after
+    # the checkpoint of that step was saved.
+    bad = sorted(pathlib.Path(folder, "val", "dog").glob("*.jpg"))[0]
+    bad.write_bytes(bad.read_bytes()[:40] + b"not the rest of a JPEG" * 50)
+    config.num_train_steps = 2
+    with pytest.raises(data.CorruptImageError) as e:
+        trainer.train_and_evaluate(config, str(tmp_path / "w"))
+    message = str(e.value)
+    assert e.value.path == str(bad) and str(bad) in message and "\n" not in message, message
+    assert "while evaluating step 2" in message and "checkpoint of step 2 is kept" in message, message
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+    assert common.checkpoint_steps(tmp_path / "w") == [1, 2]

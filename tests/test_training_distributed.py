@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -68,7 +67,10 @@ def test_8_devices_match_1_device_and_checkpoints_restore_onto_another_device_co
     # The same (8-device) checkpoint evaluated on 8 devices and restored onto 1 device.
     e8, e1 = out8["eval_step1"], out1["eval_step1"]
     assert e8["num_examples"] == e1["num_examples"] == 360 and e8["step"] == e1["step"] == 1
-    assert (e8["top1_error"], e8["top5_error"]) == (e1["top1_error"], e1["top5_error"]), (e8, e1)
+    # Two programs (8 devices, 1 device): the counts agree but for a near-tie of the top
+    # logits, which float32 rounding may decide either way (one example of 360 at most).
+    assert abs(e8["top1_error"] - e1["top1_error"]) <= 1.01 / 360, (e8, e1)
+    assert abs(e8["top5_error"] - e1["top5_error"]) <= 1.01 / 360, (e8, e1)
     assert abs(e8["loss"] - e1["loss"]) <= 1e-5 * abs(e1["loss"]), (e8, e1)
     # The 8-device run continues on 1 device.
     assert "Restored the checkpoint of step 2" in proc1.stderr
@@ -104,21 +106,15 @@ def test_two_processes_train_the_demo_and_agree(tmp_path):
     workdir.mkdir()
     port = common.free_port()
     env = common.subprocess_env(tmp_path, devices=1)
+    cmds = [common.command(["-c", _PROCESS_SCRIPT, pid, port, workdir]) for pid in (0, 1)]
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _PROCESS_SCRIPT, str(pid), str(port), str(workdir)],
-            cwd=common.REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for pid in (0, 1)
+        subprocess.Popen(cmd, cwd=common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for cmd in cmds
     ]
     outs = []
     try:
-        for p in procs:
-            out, err = p.communicate(timeout=400)
+        for p, cmd in zip(procs, cmds):
+            out, err = common.communicate(p, cmd)
             assert p.returncode == 0, f"process exited {p.returncode}\n{out[-3000:]}\n{err[-8000:]}"
             outs.append(json.loads([s for s in out.splitlines() if s.startswith("RESULT ")][-1][len("RESULT ") :]))
     finally:

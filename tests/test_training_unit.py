@@ -1,6 +1,7 @@
 """Training building blocks: optimizer vs torch.optim.SGD, schedules, recipes, steps, errors."""
 
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -10,8 +11,8 @@ import optax
 import pytest
 import test_training_common as common
 
-from gg_jax import data, sharding, variables_io
-from gg_jax.training import checkpointing, optim, steps, trainer
+from gg_jax import convert, data, errors, sharding, variables_io
+from gg_jax.training import checkpointing, optim, steps, trainer, validation
 from gg_jax.training import state as state_lib
 
 # ----------------------------------------------------------------------------- optimizer
@@ -191,6 +192,104 @@ def test_train_step_half_precision_with_dropout():
 
 
 # ----------------------------------------------------------------------------- checks and errors
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            dict(num_train_steps=0, num_epochs=0.0),
+            "nothing to train: config.num_train_steps=0 and config.num_epochs=0.0",
+        ),
+        (dict(num_train_steps=-10, num_epochs=-1.0), "nothing to train"),
+        (dict(learning_rate=0.0), "config.learning_rate=0.0 must be > 0"),
+        (dict(learning_rate=-0.1), "config.learning_rate=-0.1 must be > 0"),
+        (dict(learning_rate=float("nan")), "config.learning_rate=nan must be > 0"),
+        (dict(batch_size=0), "config.batch_size=0 must be a positive integer"),
+        (dict(batch_size=-16), "config.batch_size=-16 must be a positive integer"),
+        (dict(eval__batch_size=-1), "config.eval.batch_size=-1 must be a positive integer, or 0"),
+        (dict(image_size=0), "config.image_size=0 must be a positive integer"),
+        (dict(lr_schedule="linear"), "config.lr_schedule='linear' is not one of step, cosine, constant"),
+        (dict(dataset__augment="mixup"), "config.dataset.augment='mixup' is not one of inception_crop, scale_aug"),
+        (dict(keep_checkpoints=0), "config.keep_checkpoints=0 must be >= 1"),
+        (dict(keep_checkpoints=-1), "config.keep_checkpoints=-1 must be >= 1"),
+        (dict(warmup_epochs=-1.0), "config.warmup_epochs=-1.0 must be >= 0"),
+        (dict(momentum=1.0), "config.momentum=1.0 must be in [0, 1)"),
+        (dict(weight_decay=-1e-4), "config.weight_decay=-0.0001 must be >= 0"),
+        (dict(lr_decay_factor=0.0), "config.lr_decay_factor=0.0 must be > 0"),
+        (dict(head_lr_factor=0.0), "config.head_lr_factor=0.0 must be > 0"),
+        (dict(dataset__train_resize_size=40), "config.dataset.train_resize_size=40 must be an integer >= image_size"),
+        (dict(eval__resize_mode="crop"), "config.eval.resize_mode='crop' is not one of shorter, square"),
+        (dict(eval__ten_crop=True, eval__mirror_crop=True), "ten_crop and config.eval.mirror_crop exclude each other"),
+    ],
+)
+def test_nonsense_configs_are_refused_before_anything_is_built(tmp_path, overrides, message):
+    config = common.tiny_config(**overrides)
+    with pytest.raises(validation.ConfigError) as e:
+        validation.check_train_config(config)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    # The trainer checks first: no workdir, no model, no data.
+    with pytest.raises(validation.ConfigError, match=re.escape(message)):
+        trainer.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def test_every_problem_is_in_the_one_line_and_sound_configs_pass():
+    config = common.tiny_config(learning_rate=-1.0, batch_size=0, lr_schedule="poly")
+    with pytest.raises(validation.ConfigError) as e:
+        validation.check_train_config(config)
+    assert all(f in str(e.value) for f in ("learning_rate=-1.0", "batch_size=0", "lr_schedule='poly'"))
+    for name in ("default", "demo", "finetune_folder", "imagenet_r50", "places365_r101"):
+        import importlib
+
+        config = importlib.import_module(f"configs.{name}").get_config()
+        validation.check_train_config(config)
+        validation.check_eval_config(config)
+    # The documented model options are fields of the config, so --config.model.X=... works.
+    config = common.tiny_config(model__dropout_rate=0.2, model__last_stride=2, model__lam=0.5, model__hidden=8)
+    assert state_lib.model_options(config.model) == {
+        "dropout_rate": 0.2,
+        "hidden": 8,
+        "lam": 0.5,
+        "last_stride": 2,
+        "num_blocks": 1,
+        "reduction_dim": 16,
+    }
+
+
+def test_user_errors_share_one_base_class():
+    """What the entry points print as one line, without a traceback."""
+    for cls in (
+        validation.ConfigError,
+        validation.WorkdirError,
+        sharding.BatchSizeError,
+        variables_io.CheckpointMismatchError,
+        checkpointing.WorkdirMismatchError,
+        checkpointing.CheckpointNotFoundError,
+        checkpointing.DamagedCheckpointError,
+        checkpointing.CheckpointSaveError,
+        data.DatasetNotFoundError,
+        data.CorruptImageError,
+        trainer.NonFiniteLossError,
+    ):
+        assert issubclass(cls, errors.UserError), cls
+    assert trainer.ConfigError is validation.ConfigError and trainer.USER_ERRORS == (errors.UserError,)
+    assert not issubclass(convert.UnsafeCheckpointError, errors.UserError)  # convert.py has its own CLI.
+
+
+def test_storage_errors_are_recognised_in_tensorstore_messages():
+    """How a failed write reaches the trainer: an OSError, or TensorStore's ValueError text."""
+    import errno
+
+    tensorstore_error = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "params.conv1.kernel/0" in OCDBT database at local file "/w/": '
+        "Failed to write 23838720 bytes to file 5: No space left on device [os_error_code='28']"
+    )
+    assert checkpointing.storage_error(tensorstore_error) == "No space left on device"
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert checkpointing.storage_error(wrapped) == "Disk quota exceeded"
+    assert checkpointing.storage_error(ValueError("shapes do not match")) is None
 
 
 def test_config_errors_are_clear(tmp_path):

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ import numpy as np
 from gg_jax.data import digits as digits_lib
 from gg_jax.data._tf import tf as _tf
 from gg_jax.data._tf import tfds as _tfds
+from gg_jax.errors import UserError
 
 IMAGE_FOLDER = "image_folder"
 DIGITS = digits_lib.NAME
@@ -35,11 +37,11 @@ IMAGE_FOLDER_EVAL_DIRS = ("val", "validation", "test")
 AUTO_CACHE_MAX_BYTES = 1 << 30
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """The dataset is not prepared where it was looked for; the message says how to prepare it."""
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(UserError, ValueError):
     """An image file could not be decoded; `path` names it."""
 
     def __init__(self, path: str, reason: str):
@@ -228,6 +230,7 @@ class ImageFolderSource(ArraySource):
         class_dirs = {split: _list_class_dirs(d) if tf.io.gfile.isdir(d) else [] for split, d in split_dirs.items()}
         class_names = sorted(set().union(*class_dirs.values()))
         splits = {}
+        empty = []  # Class folders without an image file.
         for split, d in split_dirs.items():
             paths, labels = [], []
             for label, name in enumerate(class_names):
@@ -235,9 +238,35 @@ class ImageFolderSource(ArraySource):
                     files = _list_images(os.path.join(d, name))
                     paths += files
                     labels += [label] * len(files)
+                    if not files:
+                        empty.append(os.path.join(d, name))
             splits[split] = ("path", np.asarray(paths, dtype=object), np.asarray(labels, np.int32))
         if not len(splits["train"][2]):
             raise DatasetNotFoundError(f"No images found under {train_dir}.\n" + _image_folder_layout(root))
+        if not len(splits[eval_name][2]):
+            raise DatasetNotFoundError(
+                f"No evaluation images under {split_dirs[eval_name]} (training evaluates on them).\n"
+                + _image_folder_layout(root)
+            )
+        if empty:
+            logging.warning(
+                "Image folder %s: %d class folder(s) hold no image (%s): each is still a class, with no "
+                "examples there. Add images or remove the folder(s). Empty: %s",
+                root,
+                len(empty),
+                ", ".join(IMAGE_EXTENSIONS),
+                ", ".join(empty),
+            )
+        untrained = sorted(set(class_names) - set(class_dirs["train"]))
+        if untrained:
+            logging.warning(
+                "Image folder %s: %d class(es) of %s have no folder under %s, so no training image: %s.",
+                root,
+                len(untrained),
+                split_dirs[eval_name],
+                train_dir,
+                ", ".join(untrained),
+            )
         info = DatasetInfo(
             name=IMAGE_FOLDER,
             num_classes=len(class_names),
@@ -248,15 +277,7 @@ class ImageFolderSource(ArraySource):
             data_dir=root,
             class_names=tuple(class_names),
         )
-        self._root = root
         super().__init__(info, splits)
-
-    def sequential(self, split, index, count):
-        if split == self.info.eval_split and not self.split_size(split):
-            raise DatasetNotFoundError(
-                f"No evaluation images under {os.path.join(self._root, split)}.\n" + _image_folder_layout(self._root)
-            )
-        return super().sequential(split, index, count)
 
 
 def _tfds_instructions(name: str, data_dir: str | None) -> str:
@@ -285,18 +306,53 @@ def _tfds_instructions(name: str, data_dir: str | None) -> str:
     )
 
 
+def _tfds_folder_name(name: str) -> str | None:
+    """The folder TFDS keeps dataset `name` in ('imagenet2012' for 'imagenet2012/subset:5.*'),
+    or None for names it resolves otherwise (community datasets, 'namespace:name')."""
+    match = re.fullmatch(r"([a-z0-9_]+)(?:/[\w.-]+)?(?::[\w.*-]+)?", name)
+    return match.group(1) if match else None
+
+
+def _tfds_folder_exists(folder: str, data_dir: str | None) -> bool:
+    """Whether `folder` exists in `data_dir`, or (None) in any data dir TFDS looks in."""
+    tf = _tf()
+    if data_dir:
+        roots = [data_dir]
+    else:
+        try:
+            from tensorflow_datasets.core.utils import file_utils
+
+            roots = file_utils.list_data_dirs(None)
+        except (ImportError, AttributeError):  # TFDS internals moved: its documented default.
+            roots = [os.environ.get("TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))]
+    return any(tf.io.gfile.exists(os.path.join(os.fspath(root), folder)) for root in roots)
+
+
 class TfdsSource(Source):
     """Any prepared TFDS image-classification dataset (features image + label)."""
 
     def __init__(self, name: str, data_dir: str | None):
         tfds = _tfds()
+
+        def unknown(error):
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            return DatasetNotFoundError(
+                f"Unknown dataset {name!r}: it is neither a TFDS dataset nor prepared in data_dir={data_dir!r}; "
+                f"the built-in names are {DIGITS!r} and {IMAGE_FOLDER!r}. ({first})"
+            )
+
+        base = _tfds_folder_name(name)
+        if base is not None and not _tfds_folder_exists(base, data_dir):
+            # Not prepared there: say so before TFDS warns about the missing folder.
+            try:
+                tfds.builder_cls(base)
+            except tfds.core.registered.DatasetNotFoundError as e:
+                raise unknown(e) from None
+            raise DatasetNotFoundError(_tfds_instructions(name, data_dir))
         try:
             builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError as e:
-            raise DatasetNotFoundError(
-                f"Unknown dataset {name!r}: it is neither a TFDS dataset nor prepared in data_dir={data_dir!r}; "
-                f"the built-in names are {DIGITS!r} and {IMAGE_FOLDER!r}.\n{e}"
-            ) from e
+            raise unknown(e) from None
         splits = builder.info.splits
         if not builder.is_prepared() or "train" not in splits:
             raise DatasetNotFoundError(_tfds_instructions(name, data_dir))

@@ -156,10 +156,11 @@ class _LocalBatches:
         tf = _tf()
         try:
             batch = next(self._tf_iter)
-        except tf.errors.OpError as e:
+        except tf.errors.OpError:
             corrupt = self._find_corrupt()
             if corrupt is not None:
-                raise corrupt from e
+                # The file and the decoder's reason say it all; TensorFlow's traceback would not help.
+                raise corrupt from None
             raise
         self._batches_read += 1
         return batch

@@ -28,8 +28,9 @@ from collections.abc import Callable, Sequence
 import optax
 from flax import traverse_util
 
+from gg_jax.training.validation import LR_SCHEDULES as SCHEDULES
+
 REFERENCE_BATCH_SIZE = 256
-SCHEDULES = ("step", "cosine", "constant")
 
 
 def scaled_learning_rate(base_learning_rate: float, batch_size: int) -> float:

@@ -1,6 +1,11 @@
 """Preemption: notice SIGTERM and agree on a step at which every process saves.
 
 One process: a SIGTERM handler sets a flag that the train loop reads after every step.
+The handler stays installed until the watcher is closed, which the trainer does only
+after the preemption checkpoint is committed: a second SIGTERM meanwhile is logged and
+ignored instead of killing the process mid-save. After a preemption, closing leaves
+SIGTERM ignored, since the process is about to exit (status 143) and must not be killed
+on its way out.
 Several processes (`jax.distributed`): JAX's coordination service already catches
 SIGTERM on any host and runs a sync protocol; `reached_preemption_sync_point(step)` is
 True on every process at the same step, which is what a collective save needs.
@@ -28,6 +33,9 @@ class PreemptionWatcher:
 
     def _handle(self, signum, frame):
         del frame
+        if self._flag.is_set():
+            logging.warning("Received signal %d again: ignored; the run exits once its checkpoint is saved.", signum)
+            return
         logging.warning("Received signal %d: saving a checkpoint after this step, then exiting.", signum)
         self._flag.set()
 
@@ -42,9 +50,11 @@ class PreemptionWatcher:
         return self._flag.is_set()
 
     def close(self):
-        """Restores the signal handlers that were there before."""
+        """Restores the signal handlers that were there before; after a preemption, leaves
+        the signals ignored instead (the process is exiting)."""
+        preempted = self._flag.is_set()
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if preempted else handler)
         self._previous = {}
 
     def __enter__(self):

@@ -11,6 +11,7 @@ trains with any config; the optimizer and schedule come from `optim.create(confi
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -24,16 +25,15 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from gg_jax import data, models, sharding, variables_io
-from gg_jax.training import checkpointing, optim, preemption
+from gg_jax.errors import UserError
+from gg_jax.training import checkpointing, optim, preemption, validation
 from gg_jax.training import state as state_lib
 from gg_jax.training import steps as steps_lib
 
-
-class ConfigError(ValueError):
-    """The config cannot run on this setup; the message says what to change."""
+ConfigError = validation.ConfigError
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss or the parameters became NaN/inf; no checkpoint was written after that."""
 
 
@@ -45,37 +45,67 @@ class TrainResult:
     preempted: bool  # Stopped early by SIGTERM after saving a checkpoint.
 
 
-# Errors that mean "fix the config, the data or the workdir" rather than a bug: the
-# entry points print their message without a traceback.
-USER_ERRORS = (
-    ConfigError,
-    sharding.BatchSizeError,
-    variables_io.CheckpointMismatchError,
-    checkpointing.WorkdirMismatchError,
-    data.DatasetNotFoundError,
-    NonFiniteLossError,
-)
+# Errors that mean "fix the config, the data or the workdir" rather than a bug (config,
+# batch size, dataset, corrupt image, workdir, checkpoint, failed save, divergence): the
+# entry points print their message once, without a traceback, and exit with status 1.
+USER_ERRORS = (UserError,)
 
 
 # ----------------------------------------------------------------------------- checks
 
 
 class _DropLibraryInfo:
-    """A logging filter that drops INFO and DEBUG records of Orbax (very chatty at INFO)."""
+    """A logging filter for Orbax's records: drops INFO and DEBUG (very chatty), the warning
+    that a manager opened read-only is read-only (evaluation opens them so on purpose), and
+    the tracebacks of failed saves due to the storage (disk full, ...), which the trainer
+    reports itself in one line (`checkpointing.CheckpointSaveError`)."""
 
     def filter(self, record) -> bool:
         import logging as std_logging
 
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname.replace("\\", "/")
+        if "/orbax/" not in record.pathname.replace("\\", "/"):
+            return True
+        if record.levelno < std_logging.WARNING or str(record.msg).startswith("Given directory is read only"):
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or checkpointing.storage_error(error) is None
+
+
+def _closed_loop_callback(error, tb) -> bool:
+    """Whether `error` is asyncio's "Event loop is closed" raised by `call_soon_threadsafe`
+    called straight from native code (`tb` starts there): TensorStore completing a write
+    for an Orbax save whose event loop a failed write already closed."""
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed" and tb is not None):
+        return False
+    return tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
 
 
 def quiet_library_logs() -> None:
-    """Keeps the console readable: Orbax's INFO logs are dropped (warnings stay)."""
+    """Keeps the console readable: Orbax's INFO logs are dropped (warnings stay), and so are
+    its tracebacks of storage errors that the trainer reports in one line, and the
+    "Event loop is closed" tracebacks that TensorStore prints for each write still running
+    when such a save failed (`_closed_loop_callback`)."""
+    import sys
+
     from absl import logging as absl_logging
 
     handler = absl_logging.get_absl_handler()
     if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
         handler.addFilter(_DropLibraryInfo())
+    if getattr(sys.excepthook, "_gg_jax_quiet", False):
+        return
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def quiet_excepthook(exc_type, exc, tb):
+        if not _closed_loop_callback(exc, tb):
+            excepthook(exc_type, exc, tb)
+
+    def quiet_unraisablehook(unraisable):
+        if not _closed_loop_callback(unraisable.exc_value, unraisable.exc_traceback):
+            unraisablehook(unraisable)
+
+    quiet_excepthook._gg_jax_quiet = True
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
 
 
 def check_batch_sizes(config, mesh) -> None:
@@ -114,12 +144,57 @@ def _every(value: int, steps_per_epoch: int) -> int | None:
 # ----------------------------------------------------------------------------- building blocks
 
 
-def _model_meta(config, info: data.DatasetInfo) -> dict[str, Any]:
+def _model_meta(config, info: data.DatasetInfo, batch_size: int | None = None) -> dict[str, Any]:
     return checkpointing.run_metadata(
         model=config.model.name,
         model_options=state_lib.model_options(config.model),
         num_classes=info.num_classes,
         dataset=info.name,
+        batch_size=batch_size,
+    )
+
+
+def _lr_groups(config) -> dict[str, Any] | None:
+    """The optimizer's learning-rate groups (`optim.create`), None for one group."""
+    factor = float(config.get("head_lr_factor", 1.0))
+    if factor == 1.0:
+        return None
+    return {"head_lr_factor": factor, "head_lr_modules": list(config.get("head_lr_modules", ("head", "fc")))}
+
+
+def check_same_lr_groups(saved_meta: dict[str, Any], config, workdir: str) -> None:
+    """`WorkdirMismatchError` if the workdir's run has other learning-rate groups: its optimizer
+    state has another structure (checkpoints without the field have one group)."""
+    saved, wanted = saved_meta.get("lr_groups"), _lr_groups(config)
+    if saved == wanted:
+        return
+    describe = lambda g: (
+        "one learning rate" if g is None else f"head_lr_factor={g['head_lr_factor']} for {g['head_lr_modules']}"
+    )  # noqa: E731
+    raise checkpointing.WorkdirMismatchError(
+        f"{workdir} holds a run trained with {describe(saved)}, but the config asks for {describe(wanted)}; "
+        "its optimizer state cannot continue with other groups. Set config.head_lr_factor / head_lr_modules as "
+        "the run had them, or use a new --workdir. Nothing in the workdir was changed."
+    )
+
+
+def check_same_batch(saved_meta: dict[str, Any], config, workdir: str) -> None:
+    """`WorkdirMismatchError` if the workdir's run was trained with another global batch size
+    (from its checkpoint's meta; checkpoints that predate that field: its config.json)."""
+    saved = saved_meta.get("batch_size")
+    if saved is None:
+        path = epath.Path(workdir) / "config.json"
+        try:
+            saved = json.loads(path.read_text()).get("batch_size") if path.exists() else None
+        except ValueError:
+            saved = None
+    if saved is None or int(saved) == int(config.batch_size):
+        return
+    raise checkpointing.WorkdirMismatchError(
+        f"{workdir} holds a run trained with a global batch of {saved}, but the config asks for "
+        f"{config.batch_size}. The epoch length and the learning rate (scaled with the batch) depend on it, so "
+        f"the run would not continue as it started. To continue it, pass --config.batch_size={saved}; to train "
+        f"with {config.batch_size}, use a new --workdir. Nothing in the workdir was changed."
     )
 
 
@@ -150,11 +225,11 @@ def _load_pretrained(config, mesh, image_size: int):
         variables, meta, _ = checkpointing.restore_variables(
             path, abstract_fn, lambda a: sharding.replicated_tree(a, mesh)
         )
-    except FileNotFoundError as e:
-        raise FileNotFoundError(
+    except FileNotFoundError:
+        raise checkpointing.CheckpointNotFoundError(
             f"config.init_from={path!r} is neither a variables directory (as written by "
             "`python -m gg_jax.convert ... --out DIR`) nor a training workdir or checkpoint."
-        ) from e
+        ) from None
     return jax.device_get(variables), meta
 
 
@@ -216,7 +291,6 @@ class _MetricBuffer:
 
     def __init__(self):
         self.metrics: list[dict[str, jax.Array]] = []
-        self.start_time = time.time()
 
     def add(self, metrics):
         self.metrics.append(metrics)
@@ -232,7 +306,70 @@ class _MetricBuffer:
         return bool(all(np.isfinite(m["loss"]) for m in jax.device_get(self.metrics)))
 
     def reset(self):
-        self.metrics, self.start_time = [], time.time()
+        self.metrics = []
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class _Progress:
+    """The console progress line of each log step, timed when that step's metrics are on the host.
+
+    Steps are dispatched asynchronously: a step call returns long before the device has run
+    it, so the time between calls says nothing. The progress is taken right after the log
+    step's metrics were read, which waits for the device. The first reference point is the
+    end of the run's first step (compilation excluded); evaluations are timed apart and kept
+    out of the rate, and the ETA adds the evaluations still due at their mean duration.
+    """
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+        self._mark: tuple[int, float] | None = None  # (step, time) of the last reference point.
+        self._eval_since_mark = 0.0
+        self._eval_seconds: list[float] = []
+
+    def start(self, step: int) -> None:
+        """`step` has just completed on the device (the run's first step)."""
+        self._mark, self._eval_since_mark = (step, time.monotonic()), 0.0
+        logging.info(
+            "Step %d of %d: the first step of this run (compilation included) is done.", step, self.total_steps
+        )
+
+    def add_eval(self, seconds: float) -> None:
+        self._eval_since_mark += seconds
+        self._eval_seconds.append(seconds)
+
+    def report(self, step: int, evals_left: int) -> float | None:
+        """Logs the progress of `step` (completed); returns the steps per second since the
+        last report, or None when there is no interval yet (the first step)."""
+        now = time.monotonic()
+        if self._mark is None or step <= self._mark[0]:
+            return None  # `start` said it.
+        rate = (step - self._mark[0]) / max(now - self._mark[1] - self._eval_since_mark, 1e-9)
+        eta = (self.total_steps - step) / rate
+        if evals_left and self._eval_seconds:
+            eta += evals_left * float(np.mean(self._eval_seconds))
+        note = " plus evaluations" if evals_left and not self._eval_seconds else ""
+        logging.info(
+            "Step %d of %d (%.1f%%): %.2f steps/s, ETA %s%s.",
+            step,
+            self.total_steps,
+            100.0 * step / self.total_steps,
+            rate,
+            _duration(eta),
+            note,
+        )
+        self._mark, self._eval_since_mark = (step, now), 0.0
+        return rate
+
+
+def _evals_left(step: int, total_steps: int, eval_every: int | None) -> int:
+    """Evaluations after `step`: every `eval_every` steps and at the end."""
+    periodic = (total_steps // eval_every - step // eval_every) if eval_every else 0
+    return periodic + (0 if eval_every and total_steps % eval_every == 0 else 1) if step < total_steps else 0
 
 
 def _diverged(step: int, last_good: int | None, workdir: str, config) -> NonFiniteLossError:
@@ -261,20 +398,35 @@ def _write_config(config, workdir: str) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+    Every check that can fail without training (config values, model name and options,
+    workdir writable, batch size over the devices, dataset present, workdir holding the
+    same model and batch size, latest checkpoint readable) runs before the first step.
+    On SIGTERM the current step's checkpoint is saved and committed before this returns
+    with `preempted=True` (further SIGTERMs are logged and ignored meanwhile).
+    """
+    validation.check_train_config(config)
     workdir = os.fspath(workdir)
+    create_model(config, 10)  # Unknown name or option -> ConfigError, before reading any data.
+    validation.check_writable(workdir)
     mesh = sharding.make_mesh()
     check_batch_sizes(config, mesh)
-    create_model(config, 10)  # Unknown name or option -> ConfigError, before reading any data.
     info = data.get_dataset_info(config.dataset.name, config.dataset.data_dir)  # Missing -> how to prepare.
-    model = create_model(config, info.num_classes)
-    meta = _model_meta(config, info)
-
     steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} is larger than the {info.num_train_examples} training examples "
+            f"of {info.name}: use a batch of at most {info.num_train_examples}."
+        )
+    model = create_model(config, info.num_classes)
+    meta = {**_model_meta(config, info, batch_size=config.batch_size), "lr_groups": _lr_groups(config)}
     total_steps = num_train_steps(config, info)
     tx, schedule = optim.create(config, steps_per_epoch=steps_per_epoch, num_train_steps=total_steps)
 
-    # Restore (same workdir = continue) or initialise.
+    # Restore (same workdir = continue) or initialise. Nothing in the workdir is changed
+    # until every check has passed (Orbax only removes the temporary directories of
+    # interrupted saves here).
     manager = checkpointing.create_manager(
         checkpointing.checkpoint_dir(workdir),
         max_to_keep=config.keep_checkpoints,
@@ -282,7 +434,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
     latest = manager.latest_step()
     if latest is not None:
-        checkpointing.check_compatible(checkpointing.read_meta(manager, latest), meta, workdir)
+        saved_meta = checkpointing.read_meta_checked(manager, latest)
+        checkpointing.check_compatible(saved_meta, meta, workdir)
+        check_same_batch(saved_meta, config, workdir)
+        check_same_lr_groups(saved_meta, config, workdir)
     abstract = state_lib.abstract_train_state(model, tx, image_size=config.image_size)
     state_sharding = sharding.replicated_tree(abstract, mesh)
     if latest is not None:
@@ -340,73 +495,93 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     log_every = max(int(config.log_every_steps), 1)
     eval_every = _every(config.eval_every_steps, steps_per_epoch)
     checkpoint_every = _every(config.checkpoint_every_steps, steps_per_epoch)
-    # Console progress with ETA at every log step (and at least once a minute).
-    hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=log_every)]
+    progress = _Progress(total_steps)
+    profile = None
     if config.profile and jax.process_index() == 0:
         # One trace of 5 steps, after compilation and warm-up, into WORKDIR/plugins/profile.
-        hooks.append(
-            periodic_actions.Profile(
-                logdir=workdir,
-                num_profile_steps=5,
-                profile_duration_ms=None,
-                first_profile=start_step + 10,
-                every_secs=None,
-            )
+        profile = periodic_actions.Profile(
+            logdir=workdir,
+            num_profile_steps=5,
+            profile_duration_ms=None,
+            first_profile=start_step + 10,
+            every_secs=None,
         )
 
-    last_saved = latest
+    committed = latest  # The latest checkpoint known to be complete on disk.
+    pending = None  # The step of a save started but not known to be committed.
     eval_metrics = None
     buffer = _MetricBuffer()
     step = start_step
     preempted = False
-    try:
-        with preemption.PreemptionWatcher() as watcher:
+    # The watcher's SIGTERM handler stays until the checkpoints are committed (the `finally`
+    # below): a second SIGTERM must not kill the process while the preemption save is written.
+    with preemption.PreemptionWatcher() as watcher:
+        try:
             while step < total_steps:
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                    batch = next(train_iter)
+                    try:
+                        batch = next(train_iter)
+                    except data.CorruptImageError as e:
+                        saved = committed if pending is None else pending
+                        raise _corrupt(e, f"reading the training batch of step {step + 1}", saved) from None
                     train_state, metrics = train_step(train_state, batch)
                 step += 1
                 buffer.add(metrics)
-                for hook in hooks:
-                    hook(step)
+                if step == start_step + 1:
+                    jax.block_until_ready(metrics)  # Compilation and the first step are done.
+                    progress.start(step)
+                if profile is not None:
+                    profile(step)
                 last = step == total_steps
                 preempted = watcher.reached(step)
+                if pending is not None and checkpointing.check_saves(manager, pending, committed):
+                    committed, pending = pending, None
 
                 if step % log_every == 0 or last or preempted:
                     summary = buffer.summary()
                     if not np.isfinite(summary["loss"]):  # The mean of the losses: NaN/inf if any is.
-                        raise _diverged(step, last_saved, workdir, config)
-                    seconds = time.time() - buffer.start_time
-                    writer.write_scalars(
-                        step,
-                        {
-                            "train/loss": summary["loss"],
-                            "train/top1_error": summary["top1_error"],
-                            "train/learning_rate": float(schedule(step - 1)),
-                            "train/images_per_sec": len(buffer.metrics) * config.batch_size / max(seconds, 1e-9),
-                        },
-                    )
+                        raise _diverged(step, committed if pending is None else pending, workdir, config)
+                    rate = progress.report(step, _evals_left(step, total_steps, eval_every))
+                    scalars = {
+                        "train/loss": summary["loss"],
+                        "train/top1_error": summary["top1_error"],
+                        "train/learning_rate": float(schedule(step - 1)),
+                    }
+                    if rate is not None:
+                        scalars.update({"train/images_per_sec": rate * config.batch_size, "steps_per_sec": float(rate)})
+                    writer.write_scalars(step, scalars)
                     buffer.reset()
 
                 if (checkpoint_every and step % checkpoint_every == 0) or last or preempted:
                     # A checkpoint is written only if every loss since the last log and every
                     # variable is finite, so the latest checkpoint is always a good one.
                     if not (buffer.all_finite() and bool(state_is_finite(train_state))):
-                        raise _diverged(step, last_saved, workdir, config)
-                    if last_saved is None or step > last_saved:
-                        checkpointing.save(manager, step, train_state, meta)
-                        last_saved = step
+                        raise _diverged(step, committed if pending is None else pending, workdir, config)
+                    if (committed is None or step > committed) and step != pending:
+                        if pending is not None:  # The previous save must be complete first.
+                            checkpointing.finish(manager, pending, committed)
+                            committed, pending = pending, None
+                        checkpointing.save(manager, step, train_state, meta, last_good=committed)
+                        pending = step
                     if preempted:
+                        checkpointing.finish(manager, pending, committed)
+                        committed, pending = pending or committed, None
                         logging.warning(
                             "Preempted: saved the checkpoint of step %d in %s; rerun the same command to resume.",
-                            step,
+                            committed,
                             workdir,
                         )
                         break
 
                 if (eval_every and step % eval_every == 0) or last:
-                    with hooks[0].timed("eval"):
+                    started = time.monotonic()
+                    try:
                         eval_metrics = evaluate_variables(eval_step, train_state.variables, config, mesh)
+                    except data.CorruptImageError as e:
+                        raise _corrupt(
+                            e, f"evaluating step {step}", committed if pending is None else pending
+                        ) from None
+                    progress.add_eval(time.monotonic() - started)
                     writer.write_scalars(
                         step,
                         {
@@ -415,13 +590,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                             "eval/loss": eval_metrics["loss"],
                         },
                     )
-                    buffer.start_time = time.time()  # Do not count the eval in images/s.
-    finally:
-        manager.wait_until_finished()  # Good checkpoints already started are completed.
+            if pending is not None:
+                checkpointing.finish(manager, pending, committed)
+                committed, pending = pending, None
+        finally:
+            # Whatever stopped the loop, a good checkpoint already started is completed.
+            _close(manager, writer)
+    if step == total_steps and eval_metrics is not None:
+        logging.info(
+            "Finished: %d steps in %s; top-1 error %.2f %%, top-5 error %.2f %% on the %d examples of %s/%s.",
+            step,
+            workdir,
+            100 * eval_metrics["top1_error"],
+            100 * eval_metrics["top5_error"],
+            eval_metrics["num_examples"],
+            info.name,
+            info.eval_split,
+        )
+    return TrainResult(train_state, step, eval_metrics if step == total_steps else None, preempted)
+
+
+def _corrupt(error, doing: str, saved: int | None) -> data.CorruptImageError:
+    kept = (
+        f"the checkpoint of step {saved} is kept, and rerunning the same command resumes from it"
+        if saved is not None
+        else "rerun the same command"
+    )
+    return data.CorruptImageError(
+        error.path, f"{error.reason} (found while {doing}). Remove or replace the file; {kept}"
+    )
+
+
+def _close(manager, writer) -> None:
+    """Waits for the running save and closes the manager and the writer. A save error here
+    (the loop stopped for another reason) is logged in one line, not raised over the first."""
+    try:
         manager.close()
+    except Exception as e:
+        reason = checkpointing.storage_error(e)
+        if reason is None:
+            raise
+        logging.error("The last checkpoint save failed: %s; the checkpoints before it are kept.", reason)
+    finally:
         writer.flush()
         writer.close()
-    return TrainResult(train_state, step, eval_metrics if step == total_steps else None, preempted)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -440,9 +652,12 @@ def evaluate(
     path = checkpoint or workdir
     if not path:
         raise ConfigError("Give --workdir (evaluates its latest checkpoint) or --checkpoint=PATH.")
+    validation.check_eval_config(config)
+    create_model(config, 10)
+    if workdir:
+        validation.check_writable(workdir, hint=validation.EVAL_HINT, create=False)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(eval_batch_size(config), mesh.size, field="eval.batch_size")
-    create_model(config, 10)
     info = data.get_dataset_info(config.dataset.name, config.dataset.data_dir)
     model = create_model(config, info.num_classes)
     expected = _model_meta(config, info)
