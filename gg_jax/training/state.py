@@ -6,6 +6,7 @@ The trainer knows models only through `gg_jax.models.create(name, num_classes=..
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -69,6 +70,16 @@ def _init_variables(model, rng, image_size: int):
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
+def _fresh_state(model, tx, rng, image_size: int) -> TrainState:
+    variables = _init_variables(model, rng, image_size)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+    )
+
+
 def create_train_state(model, tx, *, rng, image_size: int, sharding=None) -> TrainState:
     """A fresh state (step 0), computed by one jitted function placed with `sharding`.
 
@@ -76,16 +87,7 @@ def create_train_state(model, tx, *, rng, image_size: int, sharding=None) -> Tra
     several hosts every process computes the same values, so the result is one global
     replicated array per leaf.
     """
-
-    def init(rng):
-        variables = _init_variables(model, rng, image_size)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=variables["params"],
-            batch_stats=variables["batch_stats"],
-            opt_state=tx.init(variables["params"]),
-        )
-
+    init = functools.partial(_fresh_state, model, tx, image_size=image_size)
     # A one-off program: compiled with the platform's options for those (gg_jax.cpu).
     options = cpu.init_compiler_options(jax.default_backend())
     return jax.jit(init, out_shardings=sharding, compiler_options=options)(rng)
@@ -93,9 +95,7 @@ def create_train_state(model, tx, *, rng, image_size: int, sharding=None) -> Tra
 
 def abstract_train_state(model, tx, *, image_size: int) -> TrainState:
     """Shapes and dtypes of the state, without computing anything."""
-    return jax.eval_shape(
-        lambda rng: create_train_state(model, tx, rng=rng, image_size=image_size), jax.random.PRNGKey(0)
-    )
+    return jax.eval_shape(functools.partial(_fresh_state, model, tx, image_size=image_size), jax.random.PRNGKey(0))
 
 
 def abstract_variables(model, *, image_size: int):
