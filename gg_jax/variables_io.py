@@ -95,7 +95,7 @@ def load_model(path: str, *, dtype=None, image_size: int = 224):
 
     def abstract_variables(model):
         images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-        shapes = jax.eval_shape(lambda rng: model.init(rng, images, train=False), jax.random.PRNGKey(0))
+        shapes = jax.eval_shape(lambda rng, x: model.init(rng, x, train=False), jax.random.PRNGKey(0), images)
         return {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})}
 
     if is_variables_dir(path):
