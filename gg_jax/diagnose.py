@@ -686,7 +686,9 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(open(os.path.join(args.out, "summary.md")).read())
+    with open(os.path.join(args.out, "summary.md")) as f:
+        print(f.read())
+    print(f"Wrote {', '.join(summary['files'])} to {args.out}.")
     print(json.dumps({layer: entry["per_image"] for layer, entry in summary["layers"].items()}, sort_keys=True))
     return 0
 

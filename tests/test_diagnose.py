@@ -1,9 +1,9 @@
 """gg_jax.diagnose: per-channel generalized Gaussian fits of a model's activations (the paper's Figure 1).
 
-The end-to-end tests diagnose a tiny model trained for one step (the training tests' tiny demo),
-once through the Python function with TensorBoard output into the run, once through the
-command line on image files; the fitting itself is checked on synthetic activations of
-ImageNet size (2 images x 1024 channels x 14 x 14 positions).
+End to end: a tiny model trained for one step (the training tests' tiny demo) is diagnosed
+through the command line (which runs `diagnose.run`), with its summary going into the run's
+TensorBoard. The fitting is checked on synthetic activations of ImageNet size (2 images x
+1024 channels x 14 x 14 positions), the image loading on files.
 """
 
 import json
@@ -14,7 +14,7 @@ import pytest
 import test_training_common as common
 from scipy import stats
 
-from gg_jax import diagnose, mggd
+from gg_jax import diagnose
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("tensorflow")
@@ -39,13 +39,15 @@ def test_fit_channels_vectorised_with_degenerate_channels():
     assert abs(np.median(fits.beta[:, 3:]) - 1.0) < 0.1
     assert np.all(fits.ll_gain[fits.status == diagnose.FITTED] > -1e-5)  # the GGD contains the Gaussian
     assert np.mean(fits.converged[:, 2:]) > 0.97
-    # The Gaussian is mggd's beta = 1 fit; the gain is the difference of mean log-likelihoods.
-    x = values[0, 2][values[0, 2] > 0][None, :, None]
-    gauss = mggd.fit(x, beta=1.0)
-    np.testing.assert_allclose(fits.variance[0, 2], gauss.delta[0], rtol=1e-5)
-    ggd = mggd.MGGD(np.ones((1, 1, 1), np.float32), fits.beta[0, 2:3], fits.delta[0, 2:3])
-    gain = np.mean(mggd.log_prob(x, ggd)) - np.mean(mggd.log_prob(x, gauss))
-    np.testing.assert_allclose(fits.ll_gain[0, 2], gain, rtol=1e-3, atol=1e-5)
+    # The gain is the difference of the mean log-likelihoods (SciPy's densities, x 2 on x > 0 for
+    # both): the generalized Gaussian exp(-(x^2 / delta)^beta / 2) is gennorm with shape 2 beta and
+    # scale (2 delta^beta)^(1 / (2 beta)); the Gaussian the zero-mean MLE, variance mean x^2.
+    x = values[0, 2][values[0, 2] > 0].astype(np.float64)
+    np.testing.assert_allclose(fits.variance[0, 2], np.mean(x * x), rtol=1e-5)
+    beta, delta = float(fits.beta[0, 2]), float(fits.delta[0, 2])
+    ggd = stats.gennorm(2 * beta, scale=(2 * delta**beta) ** (1 / (2 * beta))).logpdf(x)
+    gauss = stats.norm(scale=np.sqrt(np.mean(x * x))).logpdf(x)
+    np.testing.assert_allclose(fits.ll_gain[0, 2], np.mean(ggd) - np.mean(gauss), rtol=1e-3, atol=1e-5)
     summary = diagnose.summarize(fits)
     assert summary["channels"] == b * c and summary["all_zero"] == 2 and summary["too_few"] == 2
     assert summary["fitted"] == b * (c - 2) and 0 <= summary["share_beta_below_1"] <= 1
@@ -55,15 +57,6 @@ def test_fit_channels_vectorised_with_degenerate_channels():
     assert centred.status[0, 0] == diagnose.ALL_ZERO and np.all(centred.status[0, 1:] == diagnose.FITTED)
     with pytest.raises(ValueError, match="negative values; use mode='centered'"):
         diagnose.fit_channels(values[:1, :8] - 5.0)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from gg_jax.training import trainer
-
-    workdir = tmp_path_factory.mktemp("diagnose") / "run"
-    trainer.train_and_evaluate(common.tiny_config(num_train_steps=1), str(workdir))
-    return workdir
 
 
 def _tensorboard_tags(workdir) -> set:
@@ -77,44 +70,52 @@ def _tensorboard_tags(workdir) -> set:
     return tags
 
 
-def test_run_on_a_trained_model_writes_figures_summaries_and_tensorboard(trained, tmp_path):
+def test_load_images_preprocesses_files_like_the_eval_pipeline(tmp_path):
+    import matplotlib.image
+
+    from gg_jax import data
+
+    rng = np.random.default_rng(2)
+    for i in range(3):  # photos of other sizes: shorter side resized to 55, centre crop 48
+        matplotlib.image.imsave(tmp_path / f"img{i}.png", rng.random((60 + 10 * i, 80, 3)))
+    images, names = diagnose.load_images(str(tmp_path), image_size=48, num_images=2)
+    assert images.shape == (2, 48, 48, 3) and images.dtype == np.float32
+    assert [pathlib.Path(n).name for n in names] == ["img0.png", "img1.png"]
+    # Normalised by the data package's mean and standard deviation: pixels in [0, 1] after undoing it.
+    pixels = images * np.array(data.STDDEV_RGB) + np.array(data.MEAN_RGB)
+    assert -0.01 < pixels.min() and pixels.max() < 1.01 and pixels.std() > 0.1
+    glob_images, _ = diagnose.load_images(f"{tmp_path}/img2.*", image_size=48)
+    assert glob_images.shape == (1, 48, 48, 3)
+    with pytest.raises(FileNotFoundError, match="no image files found"):
+        diagnose.load_images(f"{tmp_path}/none/*.jpg", image_size=48)
+
+
+def test_command_line_on_a_trained_model(tmp_path_factory):
+    """Train a tiny model for one step, diagnose it from the command line with --workdir."""
+    from gg_jax.training import trainer
+
+    tmp_path = tmp_path_factory.mktemp("diagnose")
+    workdir = tmp_path / "run"
+    trainer.train_and_evaluate(common.tiny_config(num_train_steps=1), str(workdir))
+    with pytest.raises(ValueError, match="is not a training run"):
+        diagnose.run(str(workdir), workdir=str(tmp_path), out=str(tmp_path / "x"))
+
     out = tmp_path / "diag"
-    summary = diagnose.run(workdir=str(trained), out=str(out), images="digits", num_images=4)
+    args = ["-m", "gg_jax.diagnose", f"--workdir={workdir}", "--images=digits", "--num_images=4", f"--out={out}"]
+    proc = common.run([*args, "--channels=0,5"], common.subprocess_env(tmp_path))
+    summary = json.loads((out / "summary.json").read_text())
+    assert common.last_json(proc.stdout) == {layer: entry["per_image"] for layer, entry in summary["layers"].items()}
     assert summary["model"] == "resnet18_3g" and summary["step"] == 1 and summary["image_size"] == 48
-    assert set(summary["layers"]) == {"layer4", "reduced"}
+    assert summary["num_images"] == 4 and summary["mode"] == "positive"
     assert summary["layers"]["layer4"]["map"] == "3x3x512" and summary["layers"]["reduced"]["map"] == "3x3x16"
+    assert summary["layers"]["reduced"]["figure_channels"] == [0, 5]
     for name in ("figure1_layer4.png", "figure1_reduced.png", "beta_hist.png", "summary.json", "summary.md"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "beta_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "summary.json").read_text()) == summary
     pooled = summary["layers"]["reduced"]["pooled"]
     assert pooled["channels"] == 16 and pooled["fitted"] + pooled["all_zero"] + pooled["too_few"] == 16
-    assert "| reduced |" in (out / "summary.md").read_text()
-    tags = _tensorboard_tags(trained)
-    assert {"diagnose/reduced/pooled/beta_median", "diagnose/layer4/per_image/zero_share"} <= tags
+    assert "| reduced |" in (out / "summary.md").read_text() and "summary.md" in proc.stdout
+    # The summary in the run's TensorBoard, next to its training curves.
+    tags = _tensorboard_tags(workdir)
+    assert {"train/loss", "diagnose/reduced/pooled/beta_median", "diagnose/layer4/per_image/zero_share"} <= tags
     assert {"diagnose/figure1_reduced", "diagnose/beta_hist"} <= tags
-    with pytest.raises(ValueError, match="is not a training run"):
-        diagnose.run(str(trained), workdir=str(tmp_path), out=str(tmp_path / "x"))
-
-
-def test_command_line_on_image_files(trained, tmp_path):
-    import matplotlib.image
-
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(3):  # photos of other sizes: resized and centre-cropped to the run's 48 px
-        matplotlib.image.imsave(folder / f"img{i}.png", rng.random((60 + 10 * i, 80, 3)))
-    out = tmp_path / "cli"
-    args = ["-m", "gg_jax.diagnose", f"--checkpoint={trained}/checkpoints/1", f"--images={folder}", f"--out={out}"]
-    proc = common.run([*args, "--mode=centered", "--channels=0,5"], common.subprocess_env(tmp_path))
-    result = common.last_json(proc.stdout)
-    assert set(result) == {"layer4", "reduced"} and result["reduced"]["channels"] == 3 * 16
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_images"] == 3 and summary["mode"] == "centered"
-    assert summary["layers"]["reduced"]["figure_channels"] == [0, 5]
-    assert (out / "figure1_layer4.png").is_file()
-    proc = common.run(
-        [*args[:-2], f"--images={tmp_path}/none/*.jpg", f"--out={out}"], common.subprocess_env(tmp_path), check=False
-    )
-    assert proc.returncode == 1 and "no image files found" in proc.stderr
