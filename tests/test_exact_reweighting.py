@@ -190,3 +190,38 @@ def test_models_create_passes_the_exact_options():
     learned = models.create("resnet18_3g", num_classes=10, reweighting="exact", reduction_dim=16)
     shapes = jax.eval_shape(lambda rng, x: learned.init(rng, x, train=False), jax.random.PRNGKey(0), images)
     assert shapes["params"]["head"]["reweighting"]["log_beta"].shape == ()
+
+
+def _dot_lines(fn, *args):
+    text = jax.jit(fn).lower(*args).as_text()
+    return [line for line in text.splitlines() if "dot_general" in line or "stablehlo.dot " in line]
+
+
+def test_matmuls_use_highest_precision():
+    """Every matmul of the exact re-weighting and of gg_jax.mggd, forward (bf16 input) and backward,
+    is a float32 dot_general at precision HIGHEST (as test_linalg checks for gg_jax.linalg)."""
+    x = jnp.asarray(features(6, (2, 16, 4)))
+    head = layers.GeneralizedGaussianCovariance(num_blocks=2, reweighting="exact", exact_c=1.0, exact_learn_c=True)
+    params = {"params": {"reweighting": {"log_beta": jnp.float32(-0.5), "log_c": jnp.float32(0.0)}}}
+    nhwc = x.reshape(2, 4, 4, 4)
+    sigma = jnp.asarray(np.stack([np.eye(4)] * 2), jnp.float32)
+    params_mggd = mggd.MGGD(sigma, jnp.full(2, 0.7), jnp.ones(2))
+    programs = {
+        "reweighted_covariance bf16": (
+            lambda x: mggd.reweighted_covariance(x, num_steps=2, beta=0.5),
+            x.astype(jnp.bfloat16),
+        ),
+        "head grad": (jax.grad(lambda v: jnp.sum(jnp.sin(head.apply(v, nhwc, train=False)))), params),
+        "head input grad": (jax.grad(lambda x: jnp.sum(jnp.sin(head.apply(params, x, train=False)))), nhwc),
+        "fit": (lambda x: mggd.fit(x), x),
+        "fit lam": (lambda x: mggd.fit(x, lam=0.5), x),
+        "log_prob grad": (jax.grad(lambda x: jnp.sum(mggd.log_prob(x, params_mggd))), x.astype(jnp.bfloat16)),
+        "sample": (lambda k: mggd.sample(k, params_mggd, 5), jax.random.PRNGKey(0)),
+    }
+    checked = 0
+    for label, (fn, arg) in programs.items():
+        for line in _dot_lines(fn, arg):
+            assert "precision = [HIGHEST, HIGHEST]" in line, (label, line)
+            assert "bf16" not in line and "f16" not in line, (label, line)
+            checked += 1
+    assert checked >= 20, checked
