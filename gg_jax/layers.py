@@ -337,7 +337,8 @@ class ExactReweighting(nn.Module):
         else:
             c = self.c
         b, h, w, ch = x.shape
-        features = linalg._as_f32(flatten_positions(x))
+        features = flatten_positions(x)
+        features = features.astype(linalg.compute_dtype(features.dtype))
         sigma, weights = mggd.reweighted_covariance(
             features,
             num_steps=self.num_steps,

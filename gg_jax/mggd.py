@@ -500,7 +500,8 @@ def reweighted_covariance(x, *, num_steps: int, beta, c=None, num_iters: int = 5
     """
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
-    x = linalg._as_f32(x)
+    x = jnp.asarray(x)
+    x = x.astype(_dtype(x))
     if x.ndim < 2:
         raise ValueError(f"reweighted_covariance expects features of shape [..., N, C], got shape {x.shape}.")
     n, d = x.shape[-2:]
