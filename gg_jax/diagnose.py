@@ -619,8 +619,7 @@ def run(
     results = {}
     for layer, layer_image, layer_pooled in zip(layers, per_image_parts, pooled_parts):
         values = maps[layer]  # [B, N, C]
-        b, n, c = values.shape
-        h, w = feats[layer].shape[1:3]
+        h, w, c = feats[layer].shape[1:]
         results[layer] = (layer_image, layer_pooled)
         summary["layers"][layer] = {
             "map": f"{h}x{w}x{c}",
