@@ -102,7 +102,8 @@ def test_command_line_on_a_trained_model(tmp_path_factory):
 
     out = tmp_path / "diag"
     args = ["-m", "gg_jax.diagnose", f"--workdir={workdir}", "--images=digits", "--num_images=4", f"--out={out}"]
-    proc = common.run([*args, "--channels=0,5"], common.subprocess_env(tmp_path))
+    # 3x3 maps: with --min_samples=10 no single image has enough values, only the pooled fits run.
+    proc = common.run([*args, "--channels=0,5", "--min_samples=10"], common.subprocess_env(tmp_path))
     summary = json.loads((out / "summary.json").read_text())
     assert common.last_json(proc.stdout) == {layer: entry["per_image"] for layer, entry in summary["layers"].items()}
     assert summary["model"] == "resnet18_3g" and summary["step"] == 1 and summary["image_size"] == 48
@@ -113,7 +114,12 @@ def test_command_line_on_a_trained_model(tmp_path_factory):
         assert (out / name).stat().st_size > 0, name
     assert (out / "beta_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pooled = summary["layers"]["reduced"]["pooled"]
-    assert pooled["channels"] == 16 and pooled["fitted"] + pooled["all_zero"] + pooled["too_few"] == 16
+    assert pooled["channels"] == 16 and pooled["fitted"] > 0
+    assert pooled["fitted"] + pooled["all_zero"] + pooled["too_few"] == 16
+    assert 0 < pooled["beta_q25"] <= pooled["beta_median"] <= pooled["beta_q75"] and pooled["ll_gain_mean"] >= 0
+    per_image = summary["layers"]["layer4"]["per_image"]
+    assert per_image["fitted"] == 0 and per_image["beta_median"] is None
+    assert per_image["all_zero"] + per_image["too_few"] == per_image["channels"] == 4 * 512
     assert "| reduced |" in (out / "summary.md").read_text() and "summary.md" in proc.stdout
     # The summary in the run's TensorBoard, next to its training curves.
     tags = _tensorboard_tags(workdir)
