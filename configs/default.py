@@ -24,7 +24,13 @@ def get_config():
     config.model.num_iters = config_dict.placeholder(int)  # Newton-Schulz iterations (5).
     # More options of gg_jax.models.create, unset = the model's default; a model ignores (with
     # a log line) those of other heads, e.g. num_blocks for resnet50_isqrt.
-    config.model.reweighting = config_dict.placeholder(str)  # 3G re-weighting: '3g' | 'urm_v1' | 'urm_v2'.
+    config.model.reweighting = config_dict.placeholder(str)  # 3G re-weighting: '3g' | 'urm_v1' | 'urm_v2' | 'exact'.
+    # reweighting='exact' (Eqn. 9 computed): MGGD shape beta (None: learned), c (None: Eqn. 7's c_n),
+    # learn c, Newton-Schulz iterations of its inverse roots (None: num_iters).
+    config.model.exact_beta = config_dict.placeholder(float)
+    config.model.exact_c = config_dict.placeholder(float)
+    config.model.exact_learn_c = config_dict.placeholder(bool)
+    config.model.exact_num_iters = config_dict.placeholder(int)
     config.model.hidden = config_dict.placeholder(int)  # Channels inside each re-weighting block (64).
     config.model.lam = config_dict.placeholder(float)  # Robust estimator, Theorem 1: lambda in (0, 1] (1).
     config.model.estimator = config_dict.placeholder(bool)  # 3G: square root of the covariance (True).

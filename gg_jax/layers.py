@@ -24,7 +24,7 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gg_jax import linalg
+from gg_jax import linalg, mggd
 from gg_jax.backbones import blocks
 
 Dtype = Any
@@ -131,6 +131,8 @@ class ChannelReduction(_ConvModule):
 
 
 ReweightingVariant = Literal["3g", "urm_v1", "urm_v2"]
+#: `GeneralizedGaussianCovariance.reweighting`: a learned block variant, or "exact" (`ExactReweighting`).
+HeadReweighting = Literal["3g", "urm_v1", "urm_v2", "exact"]
 
 
 class ReweightingBlock(_ConvModule):
@@ -247,6 +249,80 @@ class UnrolledReweighting(_ConvModule):
         return out
 
 
+class ExactReweighting(nn.Module):
+    """The T re-weighting steps of paper Eqn. (9) computed exactly, not learned (`mggd.reweighted_covariance`).
+
+    Each step forms `Y = X^T Sigma^{-1} X` with `Sigma^{-1/2}` from Newton-Schulz (Eqn. 10),
+    weights `w = N d / (diag(Y) + c diag(Y)^{1-beta})` (rescaled to mean 1) and the weighted
+    covariance `Sigma_t = 1/N sum_n w_n xc_n xc_n^T + eps I` of the centred positions; the result
+    is `Sigma_T`, the covariance that the head then takes the root of. No BatchNorm, no 1x1 convs.
+
+    Attributes:
+      num_steps: T; 0 returns the plain covariance (`linalg.covariance`).
+      beta: the MGGD shape, fixed (> 0); None learns it as the parameter `log_beta`
+        (beta = exp(log_beta), initialised at 1: the plain covariance when `c` is None).
+      c: None for Eqn. (7)'s per-position `c_n = sum_{j != n} y_j^beta` (each step is
+        the exact fixed-point step of Eqn. (3)); a constant `c >= 0` shared by all positions
+        (Eqn. (9) as the learned block approximates it).
+      learn_c: learn the constant c as the parameter `log_c` (c = exp(log_c) > 0), initialised at
+        `c` (which must then be > 0).
+      num_iters: Newton-Schulz iterations of each inverse root.
+      eps: ridge of every `Sigma_t`.
+      unroll: unroll the scan over the T steps.
+      matmul_precision: the float32 product setting of every product (`gg_jax.linalg`).
+
+    Call: `module(x)` with NHWC `x` `[B, H, W, C]` -> `Sigma_T` `[B, C, C]` float32. Intermediates:
+    `weights` `[T, B, H, W]` and `reweighted` `[T, B, H, W, C]` (`sqrt(w_t)` times the centred map,
+    whose second moment is `Sigma_t - eps I`).
+    """
+
+    num_steps: int = 3
+    beta: float | None = None
+    c: float | None = None
+    learn_c: bool = False
+    num_iters: int = 5
+    eps: float = 1e-7
+    unroll: bool = True
+    matmul_precision: linalg.MatmulPrecision = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        check_feature_map(x, "ExactReweighting")
+        if self.beta is not None and not self.beta > 0:
+            raise ValueError(f"ExactReweighting: beta must be > 0 (or None to learn it), got {self.beta}.")
+        if self.c is not None and not self.c >= 0:
+            raise ValueError(f"ExactReweighting: c must be >= 0 (or None for Eqn. (7)'s c_n), got {self.c}.")
+        if self.learn_c and not (self.c is not None and self.c > 0):
+            raise ValueError(f"ExactReweighting: learn_c=True needs the initial c > 0, got c={self.c}.")
+        if self.num_iters < 1:
+            raise ValueError(f"ExactReweighting: num_iters must be >= 1, got {self.num_iters}.")
+        if self.beta is None:
+            beta = jnp.exp(self.param("log_beta", nn.initializers.zeros, (), jnp.float32))
+        else:
+            beta = self.beta
+        if self.learn_c:
+            c = jnp.exp(self.param("log_c", nn.initializers.constant(math.log(self.c)), (), jnp.float32))
+        else:
+            c = self.c
+        b, h, w, ch = x.shape
+        features = flatten_positions(x)
+        features = features.astype(linalg.compute_dtype(features.dtype))
+        sigma, weights = mggd.reweighted_covariance(
+            features,
+            num_steps=self.num_steps,
+            beta=beta,
+            c=c,
+            num_iters=self.num_iters,
+            eps=self.eps,
+            unroll=self.unroll,
+            matmul_precision=self.matmul_precision,
+        )
+        centred = features - jnp.mean(features, axis=1, keepdims=True)
+        self.sow("intermediates", "weights", weights.reshape((-1, b, h, w)))
+        self.sow("intermediates", "reweighted", (jnp.sqrt(weights)[..., None] * centred).reshape((-1, b, h, w, ch)))
+        return sigma
+
+
 SqrtMethod = Literal["newton_schulz", "eigh"]
 
 
@@ -269,6 +345,7 @@ class _HeadBase(_ConvModule):
             x = ChannelReduction(self.reduction_dim, self.dtype, conv=self.conv, name="reduce")(
                 x.astype(self.dtype), train=train
             )
+            self.sow("intermediates", "reduced", x)
         return x
 
 
@@ -282,7 +359,14 @@ class GeneralizedGaussianCovariance(_HeadBase):
 
     Options covering the paper's ablations:
       num_blocks: T = 0..N re-weighted blocks (T = 0 is iSQRT-COV).
-      reweighting: "3g" (the paper's block), "urm_v1", "urm_v2" (Fig. 5).
+      reweighting: "3g" (the paper's block), "urm_v1", "urm_v2" (Fig. 5), or "exact": the T
+        steps of Eqn. (9) computed rather than learned (`ExactReweighting`), configured by
+        exact_beta: the MGGD shape (> 0); None (default) learns it (`log_beta`, starts at 1);
+        exact_c: None (default) for Eqn. (7)'s per-position c_n (exact fixed-point steps of
+          Eqn. (3); with beta = 1 the weights are 1 and the head is iSQRT-COV); a constant
+          c >= 0 for all positions;
+        exact_learn_c: learn the constant c (`log_c`), starting at exact_c (> 0);
+        exact_num_iters: Newton-Schulz iterations of the inverse roots (None: num_iters).
       estimator: False drops the square root ("3G-Net w/o Estimator (5)").
       lam: regularisation of Theorem 1, in (0, 1].
       sqrt_method: "newton_schulz" (iSQRT, `num_iters` iterations) or "eigh".
@@ -294,13 +378,14 @@ class GeneralizedGaussianCovariance(_HeadBase):
         (the platform's default), "highest", "bf16_6x" or "tf32_3x" (`gg_jax.linalg`).
 
     Call: `head(x, train=...)` with NHWC `x` `[B, H, W, C]` -> `[B, C(C+1)/2]` float32.
-    Intermediates (`apply(..., mutable=['intermediates'])`): `reweighted`, `covariance`, `sqrt`.
+    Intermediates (`apply(..., mutable=['intermediates'])`): `reduced` (with `reduction_dim`),
+    `reweighting/reweighted` (and `reweighting/weights` for "exact"), `covariance`, `sqrt`.
     """
 
     num_blocks: int = 3
     num_iters: int = 5
     lam: float = 1.0
-    reweighting: ReweightingVariant = "3g"
+    reweighting: HeadReweighting = "3g"
     hidden: int = 64
     estimator: bool = True
     sqrt_method: SqrtMethod = "newton_schulz"
@@ -308,16 +393,35 @@ class GeneralizedGaussianCovariance(_HeadBase):
     reduction_dim: int | None = None
     in_features: int | None = None
     lower_triangle: bool = True
+    exact_beta: float | None = None
+    exact_c: float | None = None
+    exact_learn_c: bool = False
+    exact_num_iters: int | None = None
     dtype: Dtype = jnp.float32
     matmul_precision: linalg.MatmulPrecision = "auto"
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = self._prepare(x, train, "GeneralizedGaussianCovariance")
-        x = UnrolledReweighting(self.num_blocks, self.hidden, self.reweighting, self.dtype, name="reweighting")(
-            x, train=train
-        )
-        s = linalg.covariance(flatten_positions(x), self.cov_eps, self.matmul_precision)
+        if self.reweighting == "exact":
+            check_feature_map(x, "GeneralizedGaussianCovariance")
+            if self.num_blocks < 0:
+                raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks}.")
+            s = ExactReweighting(
+                self.num_blocks,
+                beta=self.exact_beta,
+                c=self.exact_c,
+                learn_c=self.exact_learn_c,
+                num_iters=self.num_iters if self.exact_num_iters is None else self.exact_num_iters,
+                eps=self.cov_eps,
+                matmul_precision=self.matmul_precision,
+                name="reweighting",
+            )(x)
+        else:
+            x = UnrolledReweighting(
+                self.num_blocks, self.hidden, self.reweighting, self.dtype, conv=self.conv, name="reweighting"
+            )(x, train=train)
+            s = linalg.covariance(flatten_positions(x), self.cov_eps, self.matmul_precision)
         self.sow("intermediates", "covariance", s)
         if self.estimator:
             s = _matrix_root(s, self.sqrt_method, self.num_iters, self.lam, self.matmul_precision)

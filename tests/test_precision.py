@@ -137,6 +137,11 @@ def test_gpu_program_uses_the_setting_for_every_product(name):
     assert len(dots) == 4 * 20 + 2, len(dots)
     for line in dots:
         assert ALGORITHM_TEXT[name] in line, line
+    # The exact re-weighting (Eqn. 9 computed: inverse roots, weighted covariances) too.
+    exact = layers.GeneralizedGaussianCovariance(num_blocks=2, reweighting="exact", matmul_precision=value)
+    v = jax.eval_shape(functools.partial(exact.init, train=False), jax.random.PRNGKey(0), x)
+    dots = _cuda_dots(jax.grad(lambda v, x: jnp.sum(jnp.sin(exact.apply(v, x, train=False))), argnums=(0, 1)), v, x)
+    assert len(dots) > 20 and all(ALGORITHM_TEXT[name] in line for line in dots), dots
     # eigh (MPN-COV): its products carry the setting too (checked on the jaxpr: the
     # eigendecomposition itself needs the CUDA plugin to be lowered).
     jaxpr = jax.make_jaxpr(jax.grad(lambda a: jnp.sum(linalg.sqrtm_eigh(a, matmul_precision=value) ** 2)))(

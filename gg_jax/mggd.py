@@ -1,0 +1,534 @@
+"""Zero-mean multivariate generalized Gaussian distributions (MGGD): density, sampling, fitting.
+
+The distribution of the paper's Eqn. (1), in the parametrisation of Pascal, Bombrun,
+Tourneret and Berthoumieu, "Parameter estimation for multivariate generalized Gaussian
+distributions", IEEE TSP 2013 (the paper's [33]; their `M, m, beta` are our
+`sigma, delta**beta, beta`):
+
+    p(x) = Gamma(d/2) beta / (pi^{d/2} Gamma(d/(2 beta)) 2^{d/(2 beta)} delta^{d/2} |Sigma|^{1/2})
+           * exp(-(x^T Sigma^{-1} x)^beta / (2 delta^beta)),
+
+for `x` in R^d, shape `beta > 0` (1: Gaussian with covariance `delta * Sigma`; 1/2: Laplace-like;
+below 1: heavier tails than a Gaussian), scale `delta > 0` and scatter `Sigma`, normalised to
+`trace(Sigma) = d` so that `(Sigma, beta, delta)` is unique. `d = 1` is the univariate
+generalized Gaussian (`Sigma = [[1]]`), with the same code.
+
+`fit` is the maximum-likelihood estimator of [33] that the 3G layer's re-weighting blocks
+approximate: the fixed point of the paper's Eqn. (3) for the scatter, Newton-Raphson on the
+profile-likelihood equation (Eqn. (4); [33] Eqn. (13)) for the shape, the closed form for
+the scale. Everything is pure JAX, batched over leading axes and `jit`/`vmap` friendly;
+float64 input stays float64 (under `jax.enable_x64`), anything else is computed in float32,
+and every matrix product runs at `precision=HIGHEST` (see `gg_jax.linalg`), except in
+`reweighted_covariance`, the 3G head's exact re-weighting, which takes the head's
+`matmul_precision`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy import special
+
+from gg_jax import linalg
+
+__all__ = [
+    "MGGD",
+    "FitInfo",
+    "BETA_BOUNDS",
+    "log_prob",
+    "sample",
+    "covariance",
+    "fit",
+    "fit_with_info",
+    "profile_score",
+    "reweighted_covariance",
+]
+
+HIGHEST = linalg.HIGHEST
+#: The range searched for the shape beta. A root of the profile-likelihood equation outside it
+#: (or none: e.g. samples exactly at 0, whose likelihood grows without bound as beta -> 0) gives
+#: the bound and `FitInfo.converged = False`.
+BETA_BOUNDS = (2.0**-8, 2.0**8)
+_MAX_BETA_STEPS = 60
+
+
+class MGGD(NamedTuple):
+    """Parameters of zero-mean MGGDs, batched over leading axes.
+
+    sigma: `[..., d, d]` symmetric positive-definite scatter with `trace(sigma) = d`.
+    beta: `[...]` shape (> 0).
+    delta: `[...]` scale (> 0).
+    """
+
+    sigma: jax.Array
+    beta: jax.Array
+    delta: jax.Array
+
+
+class FitInfo(NamedTuple):
+    """How `fit_with_info` ended, per problem (`[...]`).
+
+    num_iters: int32, iterations of the scatter fixed point (each with a full beta solve).
+    converged: bool, the relative change of sigma and beta fell below `tol` within
+      `max_iters` iterations with beta inside `BETA_BOUNDS` (and more than d samples).
+    """
+
+    num_iters: jax.Array
+    converged: jax.Array
+
+
+def _dtype(*arrays):
+    return linalg.compute_dtype(jnp.result_type(*arrays))
+
+
+def _log_normalizer(beta, d: int):
+    """log of `Gamma(d/2) beta / (pi^{d/2} Gamma(d/(2 beta)) 2^{d/(2 beta)})`."""
+    a = d / (2.0 * beta)
+    return math.lgamma(d / 2.0) + jnp.log(beta) - 0.5 * d * math.log(math.pi) - special.gammaln(a) - a * math.log(2.0)
+
+
+def _quadratic_form(x, sigma):
+    """`y_n = x_n^T sigma^{-1} x_n` for x `[..., N, d]`, sigma `[..., d, d]` -> `([..., N], log|sigma|)`."""
+    chol = jnp.linalg.cholesky(sigma)
+    z = jax.scipy.linalg.solve_triangular(chol, jnp.swapaxes(x, -1, -2), lower=True)  # [..., d, N]
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+    return jnp.sum(z * z, axis=-2), logdet
+
+
+def _check_params(params: MGGD):
+    sigma = jnp.asarray(params.sigma)
+    if sigma.ndim < 2 or sigma.shape[-1] != sigma.shape[-2]:
+        raise ValueError(f"MGGD.sigma must have shape [..., d, d], got {sigma.shape}.")
+    dtype = _dtype(sigma, params.beta, params.delta)
+    return sigma.astype(dtype), jnp.asarray(params.beta, dtype), jnp.asarray(params.delta, dtype)
+
+
+def log_prob(x, params: MGGD):
+    """Log-density of paper Eqn. (1) at `x`.
+
+    Args:
+      x: `[..., N, d]` points (any float dtype).
+      params: an `MGGD` whose batch shape broadcasts with `x.shape[:-2]`.
+
+    Returns:
+      `[..., N]` log-densities (float32, or float64 for float64 input).
+    """
+    sigma, beta, delta = _check_params(params)
+    x = jnp.asarray(x)
+    d = sigma.shape[-1]
+    if x.ndim < 2 or x.shape[-1] != d:
+        raise ValueError(f"log_prob expects x of shape [..., N, {d}] for a {d}-dimensional MGGD, got {x.shape}.")
+    x = x.astype(_dtype(x, sigma))
+    batch = jnp.broadcast_shapes(x.shape[:-2], sigma.shape[:-2], beta.shape, delta.shape)
+    x = jnp.broadcast_to(x, batch + x.shape[-2:])
+    sigma = jnp.broadcast_to(sigma.astype(x.dtype), batch + (d, d))
+    beta = jnp.broadcast_to(beta, batch)[..., None].astype(x.dtype)
+    delta = jnp.broadcast_to(delta, batch)[..., None].astype(x.dtype)
+    y, logdet = _quadratic_form(x, sigma)
+    return _log_normalizer(beta, d) - 0.5 * d * jnp.log(delta) - 0.5 * logdet[..., None] - 0.5 * (y / delta) ** beta
+
+
+def sample(key, params: MGGD, num_samples: int):
+    """Draws from the MGGDs by their stochastic representation ([33], Sec. II).
+
+    `x = sqrt(t) A u` with `u` uniform on the unit sphere, `A A^T = sigma` (the Cholesky factor;
+    any factor gives the same distribution), `t = delta (2 s)^{1/beta}` and
+    `s ~ Gamma(d / (2 beta))`, so that `x^T sigma^{-1} x = t`.
+
+    Args:
+      key: a PRNG key.
+      params: an `MGGD` with batch shape `[...]`.
+      num_samples: N.
+
+    Returns:
+      `[..., N, d]` samples (float32, or float64 for float64 parameters).
+    """
+    sigma, beta, delta = _check_params(params)
+    d = sigma.shape[-1]
+    batch = jnp.broadcast_shapes(sigma.shape[:-2], beta.shape, delta.shape)
+    beta = jnp.broadcast_to(beta, batch)[..., None]
+    delta = jnp.broadcast_to(delta, batch)[..., None]
+    chol = jnp.linalg.cholesky(jnp.broadcast_to(sigma, batch + (d, d)))
+    key_u, key_s = jax.random.split(key)
+    g = jax.random.normal(key_u, batch + (num_samples, d), sigma.dtype)
+    u = g / jnp.linalg.norm(g, axis=-1, keepdims=True)
+    s = jax.random.gamma(key_s, jnp.broadcast_to(d / (2.0 * beta), batch + (num_samples,)), dtype=sigma.dtype)
+    t = delta * (2.0 * s) ** (1.0 / beta)
+    x = jnp.einsum("...nj,...ij->...ni", u, chol, precision=HIGHEST)
+    return jnp.sqrt(t)[..., None] * x
+
+
+def covariance(params: MGGD):
+    """Covariance `E[x x^T]` of the MGGDs.
+
+    `E[t] / d * sigma` with `E[t] = delta 2^{1/beta} Gamma((d + 2)/(2 beta)) / Gamma(d/(2 beta))`
+    (the representation of `sample`); `delta * sigma` for beta = 1.
+
+    Returns:
+      `[..., d, d]`.
+    """
+    sigma, beta, delta = _check_params(params)
+    d = sigma.shape[-1]
+    log_scale = (
+        jnp.log(delta)
+        + jnp.log(2.0) / beta
+        + special.gammaln((d + 2) / (2.0 * beta))
+        - special.gammaln(d / (2.0 * beta))
+    )
+    return (jnp.exp(log_scale) / d)[..., None, None] * sigma
+
+
+# ---------------------------------------------------------------------------------------- fitting
+
+
+def _beta_moments(beta, log_y, valid):
+    """`S, S'/S, S''/S - (S'/S)^2` of `S(beta) = sum_n y_n^beta` (y normalised, max 1)."""
+    t = jnp.where(valid, jnp.exp(beta * log_y), 0.0)
+    s = jnp.sum(t, axis=-1)
+    m1 = jnp.sum(t * log_y, axis=-1) / s
+    m2 = jnp.sum(t * log_y * log_y, axis=-1) / s
+    return s, m1, jnp.maximum(m2 - m1 * m1, 0.0)
+
+
+def _score(beta, log_y, valid, n, d: int):
+    """Profile-likelihood score `f(beta)` and `f'(beta)` (see `profile_score`); beta `[...]` per problem."""
+    a = d / (2.0 * beta)
+    s, m1, var = _beta_moments(beta[..., None], log_y, valid)
+    f = 2.0 * beta / d + special.digamma(a) + jnp.log(2.0 * beta / (n * d)) + jnp.log(s) - beta * m1
+    fp = 2.0 / d - (d / (2.0 * beta * beta)) * special.polygamma(1, a) + 1.0 / beta - beta * var
+    return f, fp
+
+
+def _normalised_log_y(y, valid):
+    """(log(y / max y) where y > 0, 0 elsewhere; mask of those; max y)."""
+    valid = valid & (y > 0)
+    y_max = jnp.max(jnp.where(valid, y, 0.0), axis=-1, keepdims=True)
+    safe = jnp.where(valid, y / jnp.where(y_max > 0, y_max, 1.0), 1.0)
+    return jnp.where(valid, jnp.log(safe), 0.0), valid, y_max[..., 0]
+
+
+def profile_score(y, beta, d: int, mask=None):
+    """The profile-likelihood equation for beta (paper Eqn. (4); [33] Eqn. (13), rescaled).
+
+    With the scatter fixed and the scale at its optimum `delta^beta = beta S / (N d)`, where
+    `S = sum_n y_n^beta`, the log-likelihood per sample is, up to a constant,
+    `g(beta) = log beta - log Gamma(d/(2 beta)) - d/(2 beta) log(2 e beta S / (N d))`, and
+    `f = (2 beta^2 / d) g'(beta)` is
+
+        f(beta) = 2 beta / d + digamma(d/(2 beta)) + log(2 beta S / (N d)) - beta S'/S,
+
+    `S' = sum_n y_n^beta log y_n`. `f` does not change when all `y_n` are scaled (computed on
+    `y / max y`); it is positive near 0 for samples away from the origin and changes sign from +
+    to - at each local maximum of the likelihood.
+
+    Args:
+      y: `[..., N]` quadratic forms `x_n^T sigma^{-1} x_n` (>= 0).
+      beta: shapes broadcasting with `y.shape[:-1]`.
+      d: the dimension.
+      mask: optional `[..., N]` bool, False for samples to leave out.
+
+    Returns:
+      `(f, f')`, each of shape `y.shape[:-1]`.
+    """
+    y = jnp.asarray(y)
+    y = y.astype(_dtype(y))
+    valid = jnp.ones(y.shape, bool) if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), y.shape)
+    n = jnp.sum(valid, axis=-1).astype(y.dtype)
+    log_y, valid_pos, _ = _normalised_log_y(y, valid)
+    beta = jnp.broadcast_to(jnp.asarray(beta, y.dtype), y.shape[:-1])
+    return _score(beta, log_y, valid_pos, n, d)
+
+
+def _solve_beta(log_y, valid, n, d: int, beta0, bracket, tol):
+    """Root of `f` (the nearest local maximum of the likelihood from beta0) by bracketed Newton.
+
+    First a bracket `lo < hi` with `f(lo) > 0 > f(hi)`: `bracket` (the previous one) if it still
+    holds, else by doubling or halving beta0 within `BETA_BOUNDS`; then Newton-Raphson steps,
+    replaced by the bracket's geometric midpoint whenever a step would leave the bracket (and
+    so leave (0, inf)). One `lax.while_loop` does both phases (one evaluation of `f` per step,
+    one copy of it in the program). Returns `(beta, found, bracket)`, the bracket as found
+    before the Newton steps narrowed it.
+    """
+    lo_bound, hi_bound = BETA_BOUNDS
+    dtype = log_y.dtype
+    score = lambda b: _score(b, log_y, valid, n, d)
+    beta0 = jnp.clip(beta0, lo_bound, hi_bound)
+    lo_prev, hi_prev = bracket
+    f_init, _ = score(jnp.stack([beta0, lo_prev, hi_prev]))
+    f0 = f_init[0]
+    # Keep the previous bracket when it still brackets a root (its end points moved little):
+    # a fresh search from a beta0 at the root could step past a nearby second root.
+    reuse = (lo_prev < hi_prev) & (f_init[1] > 0) & (f_init[2] < 0)
+    up = f0 > 0  # search direction: double from a positive f, halve from a negative one
+    lo = jnp.where(reuse, lo_prev, jnp.where(up, beta0, lo_bound)).astype(dtype)
+    hi = jnp.where(reuse, hi_prev, jnp.where(up, hi_bound, beta0)).astype(dtype)
+    start = jnp.where(up, jnp.minimum(2.0 * beta0, hi_bound), jnp.maximum(0.5 * beta0, lo_bound))
+    b = jnp.where(reuse, beta0, jnp.where(f0 == 0, beta0, start))
+    newton = reuse | (f0 == 0)
+
+    def cond(state):
+        *_, it, done = state
+        return ~done & (it < 2 * _MAX_BETA_STEPS)
+
+    def body(state):
+        b, lo, hi, lo_e, hi_e, newton, it, _ = state
+        f, fp = score(b)
+        flipped = jnp.where(up, f <= 0, f >= 0)
+        lo = jnp.where(f > 0, b, lo)
+        hi = jnp.where(f < 0, b, hi)
+        to_newton = newton | flipped
+        lo_e = jnp.where(newton, lo_e, lo)
+        hi_e = jnp.where(newton, hi_e, hi)
+        step = b - f / fp
+        inside = jnp.isfinite(step) & (step > lo) & (step < hi)
+        b_newton = jnp.where(inside, step, jnp.sqrt(lo * hi))
+        # Stopping keeps b, not the last (rounding-sized) step: a solve started at its own
+        # result returns it unchanged, so the outer fixed point can settle.
+        settled = (jnp.abs(b_newton - b) <= tol * b) | (f == 0) | (hi - lo <= tol * lo)
+        at_bound = jnp.where(up, b >= hi_bound, b <= lo_bound)
+        expand = jnp.where(up, jnp.minimum(2.0 * b, hi_bound), jnp.maximum(0.5 * b, lo_bound))
+        b_next = jnp.where(to_newton, jnp.where(settled, b, b_newton), expand)
+        done = jnp.where(to_newton, settled, at_bound)
+        return b_next, lo, hi, lo_e, hi_e, to_newton, it + 1, done
+
+    state = (b, lo, hi, lo, hi, newton, 0, jnp.asarray(False))
+    b, _, _, lo_e, hi_e, found, _, _ = jax.lax.while_loop(cond, body, state)
+    beta = jnp.where(found, b, jnp.where(up, hi_bound, lo_bound).astype(dtype))
+    return beta, found, (lo_e, hi_e)
+
+
+def _normalise_trace(s):
+    d = s.shape[-1]
+    return s * (d / jnp.trace(s, axis1=-2, axis2=-1))[..., None, None]
+
+
+def _fit_one(x, valid, beta_fixed, *, estimate_beta: bool, max_iters: int, tol: float, lam: float):
+    """One problem: x `[N, d]`, valid `[N]` bool, beta_fixed scalar -> (sigma, beta, delta, iters, converged)."""
+    d = x.shape[-1]
+    dtype = x.dtype
+    n = jnp.sum(valid).astype(dtype)
+    enough = n > d
+    xv = jnp.where(valid[:, None], x, 0.0)
+    second_moment = jnp.einsum("nc,nd->cd", xv, xv, precision=HIGHEST) / jnp.maximum(n, 1.0)
+    sigma0 = _normalise_trace(jnp.where(enough, second_moment, jnp.eye(d, dtype=dtype)))
+    beta0 = jnp.asarray(1.0, dtype) if estimate_beta else beta_fixed.astype(dtype)
+    beta_tol = 16 * jnp.finfo(dtype).eps
+
+    def scatter_step(y, beta):
+        # Paper Eqn. (3): Sigma_t = 1/N sum_n w_n x_n x_n^T with w_n = N d y_n^{beta-1} / sum_j y_j^beta,
+        # written as (d / S) sum_n (y_n / y_max)^beta (x_n x_n^T / y_n): no power of a small y_n overflows.
+        log_y, pos, _ = _normalised_log_y(y, valid)
+        t = jnp.where(pos, jnp.exp(beta * log_y), 0.0)
+        u = jnp.where(pos[:, None], x / jnp.sqrt(jnp.where(pos, y, 1.0))[:, None], 0.0)
+        s = (d / jnp.sum(t)) * jnp.einsum("n,nc,nd->cd", t, u, u, precision=HIGHEST)
+        if lam != 1.0:
+            s = linalg.regularized_sqrtm(s, lam, method="eigh")
+        return _normalise_trace(0.5 * (s + s.T))
+
+    def cond(state):
+        _, _, _, it, stop, _ = state
+        return ~stop & (it < max_iters)
+
+    def body(state):
+        sigma, beta, bracket, it, _, _ = state
+        y, _ = _quadratic_form(x, sigma)
+        found = jnp.asarray(True)
+        if estimate_beta:
+            log_y, pos, _ = _normalised_log_y(y, valid)
+            beta_new, found, bracket = _solve_beta(log_y, pos, n, d, beta, bracket, beta_tol)
+        else:
+            beta_new = beta
+        sigma_new = scatter_step(y, beta_new)
+        sigma_change = jnp.linalg.norm(sigma_new - sigma) / jnp.linalg.norm(sigma_new)
+        beta_change = jnp.abs(beta_new - beta) / beta_new
+        # Where the likelihood is flat in beta (few samples), rounding moves its root by a few
+        # float32 ulps from one solve to the next: beta settles at 4x the solver's tolerance.
+        settled = (sigma_change <= tol) & (beta_change <= jnp.maximum(tol, 4 * beta_tol))
+        change = jnp.maximum(sigma_change, beta_change)
+        # A beta at its bound does not move either: stop there too, but not as converged.
+        return sigma_new, beta_new, bracket, it + 1, settled | ~jnp.isfinite(change), settled & found
+
+    one = jnp.asarray(1.0, dtype)
+    state = (sigma0, beta0, (one, one), jnp.asarray(0, jnp.int32), ~enough, jnp.asarray(False))
+    sigma, beta, _, iters, _, converged = jax.lax.while_loop(cond, body, state)
+    # Closed-form scale given (sigma, beta): delta^beta = beta sum_n y_n^beta / (N d).
+    y, _ = _quadratic_form(x, sigma)
+    log_y, pos, y_max = _normalised_log_y(y, valid)
+    s = jnp.sum(jnp.where(pos, jnp.exp(beta * log_y), 0.0))
+    delta = y_max * (beta * s / (n * d)) ** (1.0 / beta)
+    nan = jnp.asarray(jnp.nan, dtype)
+    sigma = jnp.where(enough, sigma, nan)
+    return sigma, jnp.where(enough, beta, nan), jnp.where(enough, delta, nan), iters, converged & enough
+
+
+@functools.partial(jax.jit, static_argnames=("estimate_beta", "max_iters", "tol", "lam"))
+def _fit_batched(x, valid, beta_fixed, *, estimate_beta, max_iters, tol, lam):
+    fn = functools.partial(_fit_one, estimate_beta=estimate_beta, max_iters=max_iters, tol=tol, lam=lam)
+    return jax.vmap(fn)(x, valid, beta_fixed)
+
+
+def fit_with_info(x, *, beta=None, mask=None, max_iters: int = 100, tol: float = 1e-6, lam: float = 1.0):
+    """Maximum-likelihood MGGD of zero-mean samples, with iteration counts and convergence flags.
+
+    Alternates, until the relative change of both falls below `tol` (or `max_iters`):
+      1. beta: the root of the profile-likelihood equation (`profile_score`, paper Eqn. (4))
+         given the current scatter, by Newton-Raphson inside a bracket (the nearest local
+         maximum of the likelihood, searched from the previous beta, 1 at the start);
+      2. the scatter: one step of the fixed point of paper Eqn. (3),
+         `Sigma_t = 1/N sum_n w_n x_n x_n^T`, `w_n = N d / (y_n + y_n^{1-beta} sum_{j != n} y_j^beta)`,
+         `y_n = x_n^T Sigma_{t-1}^{-1} x_n`, normalised to trace d; with `lam < 1` the step is
+         followed by the robust estimator of Theorem 1 / Eqn. (6), `sqrt(c^2 I + Sigma_t/lam) - c I`,
+         `c = (1 - lam)/lam` (`linalg.regularized_sqrtm`).
+    Then `delta = (beta / (N d) sum_n y_n^beta)^{1/beta}` in closed form. Starts from the
+    normalised second-moment matrix.
+
+    The samples must span R^d: with N <= d the zero-mean likelihood is unbounded (the scatter
+    collapses onto the samples' span) and `lam` does not help (Theorem 1's estimator keeps zero
+    eigenvalues at zero), so fewer than d + 1 samples are an error; reduce d (e.g. one fit per
+    channel, d = 1) or pool more samples. Samples exactly at the origin make the likelihood
+    grow without bound as beta -> 0: beta then ends at `BETA_BOUNDS[0]`, not converged (leave
+    them out with `mask`).
+
+    Args:
+      x: `[..., N, d]` samples (any float dtype), taken as zero-mean (centre them first if not).
+      beta: None to estimate the shape, or a fixed shape (a number or an array broadcasting
+        to `x.shape[:-2]`): then only sigma and delta are fitted.
+      mask: optional `[..., N]` bool, False for samples to leave out (e.g. padding). A problem
+        with at most d samples left gives NaN parameters and `converged = False`.
+      max_iters: cap on the fixed-point iterations.
+      tol: relative change of sigma (Frobenius) and beta at which to stop.
+      lam: in (0, 1]; 1 is the plain MLE, smaller values apply Theorem 1 to each iterate.
+
+    Returns:
+      `(MGGD, FitInfo)` with batch shape `x.shape[:-2]`, float32 (float64 for float64 input).
+    """
+    x = jnp.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"fit expects samples of shape [..., N, d], got shape {x.shape}.")
+    n, d = x.shape[-2:]
+    if n <= d:
+        raise ValueError(
+            f"fit needs more samples than dimensions (N > d), got N={n} samples of dimension d={d}: the "
+            "zero-mean MGGD likelihood is unbounded otherwise (lam does not change that). Fit fewer "
+            "dimensions (e.g. each channel on its own, d = 1) or pool samples (e.g. positions of several images)."
+        )
+    if not 0.0 < lam <= 1.0:
+        raise ValueError(f"lam must lie in (0, 1], got {lam}.")
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {max_iters}.")
+    x = x.astype(_dtype(x))
+    batch = x.shape[:-2]
+    valid = jnp.ones(x.shape[:-1], bool) if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), x.shape[:-1])
+    if beta is None:
+        beta_fixed = jnp.ones(batch, x.dtype)
+    else:
+        beta_fixed = jnp.broadcast_to(jnp.asarray(beta, x.dtype), batch)
+        if not isinstance(beta_fixed, jax.core.Tracer) and not bool(jnp.all(beta_fixed > 0)):
+            raise ValueError(f"A fixed beta must be positive, got {beta}.")
+    size = math.prod(batch)
+    sigma, beta_hat, delta, iters, converged = _fit_batched(
+        x.reshape((size, n, d)),
+        valid.reshape((size, n)),
+        beta_fixed.reshape((size,)),
+        estimate_beta=beta is None,
+        max_iters=int(max_iters),
+        tol=float(tol),
+        lam=float(lam),
+    )
+    params = MGGD(sigma.reshape(batch + (d, d)), beta_hat.reshape(batch), delta.reshape(batch))
+    return params, FitInfo(iters.reshape(batch), converged.reshape(batch))
+
+
+def fit(x, *, beta=None, mask=None, max_iters: int = 100, tol: float = 1e-6, lam: float = 1.0) -> MGGD:
+    """Maximum-likelihood MGGD of zero-mean samples `x` `[..., N, d]` -> `MGGD` (batch `x.shape[:-2]`).
+
+    See `fit_with_info` for the algorithm and the arguments; this drops the `FitInfo`.
+    """
+    return fit_with_info(x, beta=beta, mask=mask, max_iters=max_iters, tol=tol, lam=lam)[0]
+
+
+# ------------------------------------------------------------------ the 3G head's exact re-weighting
+
+
+def _log_weights(y, beta, c):
+    """log of Eqn. (9)'s `w_n = N d / (y_n + c_n y_n^{1-beta})`, up to a constant per problem.
+
+    `c=None` is Eqn. (7)'s `c_n = sum_{j != n} y_j^beta`, for which `w_n` is
+    proportional to `y_n^{beta-1}`; a number (or array) `c >= 0` is the same constant for every
+    position, `log w_n = -log y_n - softplus(log c - beta log y_n)` (no overflow of y^{1-beta}).
+    """
+    log_y = jnp.log(y)
+    if c is None:
+        return (beta - 1.0) * log_y
+    return -log_y - jnp.logaddexp(0.0, jnp.log(c) - beta * log_y)
+
+
+def reweighted_covariance(
+    x, *, num_steps: int, beta, c=None, num_iters: int = 5, eps: float = 1e-7, unroll=True, matmul_precision="auto"
+):
+    """T steps of the generalized-Gaussian re-weighting, paper Eqn. (9), as the 3G head computes it.
+
+    The positions of each map are the samples; they are centred (`xc_n = x_n - mean`, as the
+    covariance of the 3G head is) and taken as zero-mean MGGD samples. From
+    `Sigma_0 = 1/N sum_n xc_n xc_n^T + eps I` (`linalg.covariance`), each step computes
+
+        P = Sigma_{t-1}^{-1/2}                      Newton-Schulz, `num_iters` iterations (Eqn. 10)
+        y_n = |P xc_n|^2                            diag(Y), Y = X^T Sigma^{-1} X
+        w_n = N d / (y_n + c_n y_n^{1-beta})        Eqn. (9), then rescaled to mean 1
+        Sigma_t = 1/N sum_n w_n xc_n xc_n^T + eps I
+
+    and returns `Sigma_T`. The fixed point of Eqn. (3) defines the scatter only up to scale, and
+    with a truncated Newton-Schulz inverse root the unnormalised weights carry its error as an
+    overall factor: mean-1 weights keep `Sigma_t` on the scale of the plain covariance, so that
+    beta = 1 with Eqn. (7)'s `c_n` (weights exactly 1) is the plain covariance, whatever
+    `num_iters`.
+
+    Args:
+      x: `[..., N, C]` features (any float dtype; computed in float32, float64 kept).
+      num_steps: T >= 0.
+      beta: the shape (> 0), a number or a scalar array (e.g. a learned parameter).
+      c: None for Eqn. (7)'s `c_n = sum_{j != n} y_j^beta` (each step is then exactly
+        the fixed-point step of Eqn. (3), `w_n` proportional to `y_n^{beta-1}`); or a constant
+        `c >= 0` shared by all positions, Eqn. (9) as the learned block approximates it.
+      num_iters: Newton-Schulz iterations of each inverse root.
+      eps: ridge of every `Sigma_t` (the head's `cov_eps`).
+      unroll: unroll the `lax.scan` over the T steps.
+      matmul_precision: the float32 product setting of every product, the head's
+        (`gg_jax.linalg`).
+
+    Returns:
+      `(Sigma_T [..., C, C], weights [T, ..., N])`, float32 (float64 for float64 input); the
+      weights of step t are those of `Sigma_t`, mean 1 over the N positions.
+    """
+    if num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
+    x = jnp.asarray(x)
+    x = x.astype(_dtype(x))
+    if x.ndim < 2:
+        raise ValueError(f"reweighted_covariance expects features of shape [..., N, C], got shape {x.shape}.")
+    n, d = x.shape[-2:]
+    xc = x - jnp.mean(x, axis=-2, keepdims=True)
+    eye = jnp.eye(d, dtype=x.dtype)
+    beta = jnp.asarray(beta, x.dtype)
+    c = None if c is None else jnp.asarray(c, x.dtype)
+    tiny = jnp.finfo(x.dtype).tiny
+
+    precision = linalg.lax_precision(matmul_precision, x.dtype)
+
+    def weighted_cov(w):
+        return jnp.einsum("...nc,...nd->...cd", w[..., None] * xc, xc, precision=precision) / n + eps * eye
+
+    def step(sigma, _):
+        p = linalg.inv_sqrtm_newton_schulz(sigma, num_iters, matmul_precision=matmul_precision)
+        z = jnp.matmul(xc, p, precision=precision)  # rows P xc_n (P is symmetric)
+        y = jnp.maximum(jnp.sum(z * z, axis=-1), tiny)
+        w = n * jax.nn.softmax(_log_weights(y, beta, c), axis=-1)
+        return weighted_cov(w), w
+
+    sigma0 = weighted_cov(jnp.ones(x.shape[:-1], x.dtype))
+    unroll = max(num_steps, 1) if unroll is True else unroll
+    return jax.lax.scan(step, sigma0, None, length=num_steps, unroll=unroll)
