@@ -10,8 +10,8 @@ learns much more slowly from scratch at this size), iSQRT square root of the cov
 linear classifier.
 Six epochs (264 steps of 32 images), SGD momentum 0.9 with cosine decay: about 1 % top-1
 error on the 360 test digits (0.8-1.7 % depending on the machine's float32 rounding; the
-tests require <= 3 %) in about 1.5 minutes of wall time on 2 idle CPU cores, compilation
-and six evaluations included (README, "Results").
+tests require <= 3 %) in 1.5-3.5 minutes of wall time on 2 idle CPU cores, compilation
+and six evaluations included (README; BENCHMARKS.md, "Demo and tiny-run wall time").
 """
 
 from configs import default

@@ -90,13 +90,9 @@ def test_load_images_preprocesses_files_like_the_eval_pipeline(tmp_path):
         diagnose.load_images(f"{tmp_path}/none/*.jpg", image_size=48)
 
 
-def test_command_line_on_a_trained_model(tmp_path_factory):
-    """Train a tiny model for one step, diagnose it from the command line with --workdir."""
-    from gg_jax.training import trainer
-
-    tmp_path = tmp_path_factory.mktemp("diagnose")
-    workdir = tmp_path / "run"
-    trainer.train_and_evaluate(common.tiny_config(num_train_steps=1), str(workdir))
+def test_command_line_on_a_trained_model(tmp_path, tiny_run):
+    """A tiny model trained for one step, diagnosed from the command line with --workdir."""
+    workdir, _ = tiny_run
     with pytest.raises(ValueError, match="is not a training run"):
         diagnose.run(str(workdir), workdir=str(tmp_path), out=str(tmp_path / "x"))
 

@@ -1,13 +1,13 @@
 """gg_jax.export: a trained model as a jax.export artifact, called without gg_jax.
 
-A tiny 3G-Net trains one step with train.py (the training tests' demo model). The command
+A tiny 3G-Net trained for one step (the `tiny_run` fixture of conftest.py). The command
 line (run in this process) exports it for pixel input, lowered for CPU, CUDA and TPU; the
 function exports it for normalised input from one checkpoints/<step> directory. Both
 artifacts run in a fresh Python that imports only jax and NumPy, on the digits eval
 images as the eval pipeline makes them. Their logits are those of the checkpoint's
 eval-mode model (as evaluate.py builds it), and the loss and top-1 error over the eval
-split are those of the run's own evaluation. Everything compiles at XLA backend
-optimisation level 0: compile time is the cost of this test.
+split are those of the run's own evaluation. The artifacts and the reference compile at XLA
+backend optimisation level 0: compile time is the cost of this test.
 """
 
 import json
@@ -58,14 +58,12 @@ print("consumer ok")
 """
 
 
-def test_export_round_trip_gives_the_evaluated_models_logits(tmp_path, capsys):
-    # One train step of the demo model by train.py (final evaluation included). Everything
-    # here compiles at backend optimisation level 0 (compile time is the cost of this test;
-    # XLA:CPU otherwise spends most of it optimising the initialisers' random-number code).
-    workdir = tmp_path / "run"
+def test_export_round_trip_gives_the_evaluated_models_logits(tmp_path, capsys, tiny_run):
+    # One train step of the demo model (final evaluation included). The consumer and the
+    # reference compile at backend optimisation level 0 (compile time is the cost of this
+    # test; XLA:CPU otherwise spends most of it optimising random-number code).
+    workdir, _ = tiny_run
     env = common.subprocess_env(tmp_path, XLA_FLAGS=f"{FAST_FLAGS} --xla_force_host_platform_device_count=1")
-    train = ["train.py", "--config=configs/demo.py", f"--workdir={workdir}"]
-    common.run([*train, *common.flags({**common.TINY, "num_train_steps": 1})], env)
     evaluated = {k: v[1] for k, v in common.read_scalars(workdir).items() if k.startswith("eval/")}
     out = tmp_path / "artifacts"
 
@@ -124,13 +122,13 @@ def test_export_round_trip_gives_the_evaluated_models_logits(tmp_path, capsys):
         assert errors[name] <= 1e-5 * scale, f"{name}: max abs diff {errors[name]:.3g}, max |logit| {scale:.3g}"
     print("export round trip, max |artifact logits - eval model logits|:", errors, "max |logit|:", scale)
 
-    # The loss and top-1 error of train.py's final evaluation, from the artifact's logits.
+    # The loss and top-1 error of the run's final evaluation, from the artifact's logits.
     labels = np.asarray(batch["label"])
     logits = got["normalized"].astype(np.float64)
     log_probs = logits - logits.max(-1, keepdims=True)
     log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
     loss = float(-np.mean(log_probs[np.arange(len(labels)), labels]))
-    print(f"eval loss from the artifact {loss:.7f}, from train.py's evaluation {evaluated['eval/loss']:.7f}")
+    print(f"eval loss from the artifact {loss:.7f}, from the run's evaluation {evaluated['eval/loss']:.7f}")
     np.testing.assert_allclose(loss, evaluated["eval/loss"], rtol=1e-5)
     # One example may change places where two logits agree to within the rounding.
     top1_error = float(np.mean(np.argmax(logits, -1) != labels))

@@ -142,8 +142,9 @@ def checkpoint_steps(workdir) -> list:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
-def load_params(workdir, step=None) -> dict:
-    """Flat {'a/b/kernel': array} of the params of a training checkpoint (host arrays)."""
+def load_params(workdir, step=None, collection: str = "params") -> dict:
+    """Flat {'a/b/kernel': array} of the params (or another collection, e.g. 'batch_stats')
+    of a training checkpoint (host arrays)."""
     import orbax.checkpoint as ocp
     from flax import traverse_util
 
@@ -153,7 +154,7 @@ def load_params(workdir, step=None) -> dict:
         # NumPy arrays, whatever devices saved them.
         meta = ckptr.metadata(path).item_metadata.tree
         tree = ckptr.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
-    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree["params"], sep="/").items()}
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree[collection], sep="/").items()}
 
 
 def assert_trees_close(a: dict, b: dict, atol, rtol=0.0):

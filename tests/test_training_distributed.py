@@ -57,11 +57,20 @@ def test_8_devices_match_1_device_and_checkpoints_restore_onto_another_device_co
     out1, proc1 = _run_devices(tmp_path, 1, w1, source=w8)
     assert "config.batch_size=12 is not divisible by the number of devices, 8" in out8["batch_error"]
 
-    # One step on the same global batch (BatchNorm statistics over the global batch) gives
-    # the same parameters. (Later steps drift apart faster than rounding suggests: the
-    # 16x16 covariance of a 3x3 map is singular, and its square root's gradient amplifies
-    # the 1e-7 differences of the reduction order.)
-    common.assert_trees_close(common.load_params(w8, 1), common.load_params(w1, 1), atol=1e-5, rtol=1e-5)
+    # One step on the same global batch. Its forward pass (BatchNorm statistics over the
+    # global batch, not per device) is well conditioned: the same running statistics.
+    common.assert_trees_close(
+        common.load_params(w8, 1, "batch_stats"), common.load_params(w1, 1, "batch_stats"), atol=1e-6, rtol=1e-5
+    )
+    # Its gradient is not: the 16x16 covariance of a 3x3 map is singular, and the square
+    # root's gradient amplifies the 1e-7 differences of two programs' reduction orders into
+    # float32 gradients that differ by up to a few % (either program against float64, too).
+    # So the updates agree to 10 % of the size of an update (that of step 2), which still
+    # fails on a per-device loss or learning rate (8x) or per-device statistics (~100 %).
+    p8, p1, p1_next = common.load_params(w8, 1), common.load_params(w1, 1), common.load_params(w1, 2)
+    for k in p1:
+        update = float(np.max(np.abs(p1_next[k] - p1[k])))
+        np.testing.assert_allclose(p8[k], p1[k], atol=0.1 * update + 1e-7, rtol=0, err_msg=f"{k}: update {update}")
     # 360 test digits in 8 batches of 48 (the last one padded): every example counted once.
     assert out8["eval"]["num_examples"] == out1["eval"]["num_examples"] == 360
     # The same (8-device) checkpoint evaluated on 8 devices and restored onto 1 device.

@@ -88,11 +88,11 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
 
 def test_sigterm_commits_the_checkpoint_despite_a_second_sigterm_then_resumes(tmp_path):
     """SIGTERM saves the current step and exits with 143 once the checkpoint is committed; a
-    second SIGTERM during the save (sent 0.05, 0.2 and 0.6 s after the first) is ignored."""
+    second SIGTERM during the save (sent 0.05 or 0.6 s after the first) is ignored."""
     env = common.subprocess_env(tmp_path)
     overrides = dict(num_train_steps=100_000, checkpoint_every_steps=3, keep_checkpoints=2)
     stopped = {}
-    for delay in (0.05, 0.2, 0.6):
+    for delay in (0.05, 0.6):
         work = tmp_path / f"w{delay}"
         cmd = _train_cmd(work, **overrides)
         proc = _start(cmd, env)

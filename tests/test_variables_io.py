@@ -31,7 +31,7 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
-def test_load_model_reads_variables_dirs_and_training_runs(tmp_path):
+def test_load_model_reads_variables_dirs_and_training_runs(tmp_path, tiny_run):
     # A variables directory, as the converter writes it.
     model = models.create("resnet18_isqrt", num_classes=7, reduction_dim=8)
     variables = jax.device_get(model.init(jax.random.PRNGKey(1), np.zeros((1, 32, 32, 3), np.float32), train=False))
@@ -42,8 +42,7 @@ def test_load_model_reads_variables_dirs_and_training_runs(tmp_path):
     _assert_trees_equal(loaded, variables)
 
     # A training workdir (its latest step), and one step directory of it.
-    workdir = tmp_path / "run"
-    result = trainer.train_and_evaluate(common.tiny_config(num_train_steps=1), str(workdir))
+    workdir, result = tiny_run
     for path in (workdir, workdir / "checkpoints" / "1"):
         loaded_model, loaded, loaded_meta = variables_io.load_model(str(path))
         assert loaded_meta["model"] == "resnet18_3g" and loaded_meta["step"] == 1
