@@ -1,8 +1,8 @@
 """Forward / forward+backward time of every pooling head, and of a PyTorch reference 3G head.
 
-    python benchmarks/bench_layers.py                       # batch 32, 14x14x256, table
-    python benchmarks/bench_layers.py --json bench.json     # also write the results as JSON
-    python benchmarks/bench_layers.py --heads 3g gap --reps 5
+    python -m benchmarks.bench_layers                       # batch 32, 14x14x256, table
+    python -m benchmarks.bench_layers --json bench.json     # also write the results as JSON
+    python -m benchmarks.bench_layers --heads 3g gap --reps 5
 
 Each head gets a `[B, H, W, C]` float32 feature map (no channel reduction: C is the
 reduced width) and runs as in training: BatchNorm with batch statistics (running
@@ -33,13 +33,10 @@ import statistics
 import sys
 import time
 
-import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-
 import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np
 
 from gg_jax import layers  # noqa: E402
 
@@ -105,9 +102,10 @@ class JaxHead:
 def make_torch_reference(batch, height, width, channels, device, seed=0):
     """The reference 3G head in PyTorch, built from `tests/reference/torch_reference.py`'s pieces."""
     import torch
-    from torch_ref import torch_reference  # benchmarks/torch_ref.py
 
-    ref = torch_reference()
+    from tests.reference import torch_reference
+
+    ref = torch_reference
 
     class ReferenceHead3G(torch.nn.Module):
         """AtMp1..3 -> cov_pool -> sqrt_newton_schulz (autograd) -> tril_vec_per_sample."""

@@ -1,7 +1,7 @@
 """Where the activation memory of a train step goes: backbone vs covariance head vs square root.
 
-    python benchmarks/bench_memory.py                              # resnet50_3g, batch 256, bf16
-    python benchmarks/bench_memory.py --model resnet101_3g --batch_size 128 --dtype float32 --json m.json
+    python -m benchmarks.bench_memory                              # resnet50_3g, batch 256, bf16
+    python -m benchmarks.bench_memory --model resnet101_3g --batch_size 128 --dtype float32 --json m.json
 
 Compile-only: XLA's `memory_analysis()` of the compiled programs gives the temporary
 (activation and workspace) bytes, so this runs on any device, a 2-core CPU included,
@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from gg_jax import linalg, models  # noqa: E402
 
 

@@ -4,7 +4,7 @@ Explains the train-step and head comparisons of BENCHMARKS.md: for each operatio
 same computation is timed in JAX (jitted, as gg_jax computes it) and in PyTorch on the
 same device, with the same thread count, in the same process.
 
-  python benchmarks/bench_ops.py --threads 2 --json ops.json
+  python -m benchmarks.bench_ops --threads 2 --json ops.json
 
 Operations (batch 4 for the ResNet-50 layers, 32 for the head's matrices):
 - the 3x3 convolutions of ResNet-50's stages and the 7x7 stem (`gg_jax.cpu.conv.conv2d`,
@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 
 import numpy as np
 
@@ -46,9 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
-
+from benchmarks.timing import median_seconds  # noqa: E402
 from gg_jax import layers, linalg  # noqa: E402
 from gg_jax.cpu import conv  # noqa: E402
 

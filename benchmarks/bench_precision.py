@@ -1,9 +1,9 @@
 """Accuracy (and, on a GPU, speed) of the head's float32 product settings against float64.
 
-    python benchmarks/bench_precision.py                    # CPU: emulated products, C = 64
-    python benchmarks/bench_precision.py --channels 256     # on a GPU: the GPU's own products
+    python -m benchmarks.bench_precision                    # CPU: emulated products, C = 64
+    python -m benchmarks.bench_precision --channels 256     # on a GPU: the GPU's own products
 
-For every setting (tests/precision_emulation.py `STUDY_SETTINGS`: the offered "highest",
+For every setting (tests/reference/precision_emulation.py `STUDY_SETTINGS`: the offered "highest",
 "bf16_6x", "tf32_3x" and the rejected "bf16_9x", "bf16_3x", "bf16", "tf32") and every
 input class, the relative error (Frobenius norm) against float64 of the output and of
 the input gradient (cotangent: fixed random numbers), and each over float32 HIGHEST's;
@@ -22,27 +22,21 @@ The re-weighting blocks' own 1x1 convolutions run at float32 (`jax.default_matmu
 so that only the head's covariance and root products vary. float64 references run on the
 host CPU (`jax_enable_x64` inside this script only).
 
-Imports jax, flax and numpy (and tests/precision_emulation.py); no torch, no tensorflow.
+Imports jax, flax and numpy (and tests/reference/precision_emulation.py); no torch, no tensorflow.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, os.pardir))
-sys.path.insert(0, os.path.join(HERE, os.pardir, "tests"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import precision_emulation as pe  # noqa: E402  (tests/precision_emulation.py)
 
 from gg_jax import linalg  # noqa: E402
+from tests.reference import precision_emulation as pe  # noqa: E402
 
 FACTOR = 2.0
 CONDS = (1e2, 1e4, 1e6)
@@ -113,7 +107,7 @@ def accuracy(args, emulated):
 
 def product_times(args):
     """Median seconds of one `[batch, C, C] @ [batch, C, C]` float32 product per setting."""
-    from timing import median_seconds  # benchmarks/timing.py
+    from benchmarks.timing import median_seconds
 
     rng = np.random.default_rng(args.seed)
     c = 256

@@ -15,11 +15,11 @@ with --torch_modes, `torch.compile`d (its compilation time reported).
 Imports only jax, flax, optax, numpy and torch (no tensorflow), so it runs as is on a
 GPU machine:
 
-    python benchmarks/bench_train_step.py --models resnet50_3g --batch_sizes 4 \
+    python -m benchmarks.bench_train_step --models resnet50_3g --batch_sizes 4 \
         --dtypes float32 --threads 2 --json /tmp/train_step.json        # the CPU target
-    python benchmarks/bench_train_step.py --models resnet50_3g,resnet101_3g,resnet50_isqrt,resnet50_gap \
+    python -m benchmarks.bench_train_step --models resnet50_3g,resnet101_3g,resnet50_isqrt,resnet50_gap \
         --batch_sizes 64,128,256 --dtypes float32,bfloat16                # a GPU
-    python benchmarks/bench_train_step.py --models resnet50_3g --batch_sizes 256 --dtypes bfloat16 \
+    python -m benchmarks.bench_train_step --models resnet50_3g --batch_sizes 256 --dtypes bfloat16 \
         --matmul_precisions auto,highest,bf16_6x --torch_modes eager --head_share   # settings (GPU)
 """
 
@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -93,7 +92,6 @@ def parse_args(argv=None):
 
 
 ARGS = parse_args()
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from gg_jax.cpu import malloc as hugepages  # noqa: E402  (imports no jax)
 
 # Both re-execute this script before jax and torch are loaded; the second sees the first's.
@@ -111,9 +109,9 @@ if ARGS.xla_flags:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
-from timing import call_times, median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 import gg_jax.cpu  # noqa: E402
+from benchmarks.timing import call_times, median_seconds  # noqa: E402
 from gg_jax import linalg, models  # noqa: E402
 
 TORCH_HEADS = {"3g": "3g", "isqrt": "isqrt", "gap": "gap"}
@@ -225,9 +223,10 @@ def bench_jax_head(model, variables, images, batch, args):
 
 def bench_torch(name, batch, dtype, args, mode="eager"):
     import torch
-    from torch_ref import torch_reference  # benchmarks/torch_ref.py
 
-    ReferenceResNet3G = torch_reference().ReferenceResNet3G
+    from tests.reference import torch_reference
+
+    ReferenceResNet3G = torch_reference.ReferenceResNet3G
     backbone, head = models.parse_name(name)
     if head not in TORCH_HEADS:
         return None, None

@@ -1,7 +1,7 @@
 """Matrix products, convolutions and their FLOPs in one train step of a pooling head.
 
-    python benchmarks/count_products.py                      # resnet50_3g's head, batch 256
-    python benchmarks/count_products.py --heads 3g isqrt --batch 256 --json counts.json
+    python -m benchmarks.count_products                      # resnet50_3g's head, batch 256
+    python -m benchmarks.count_products --heads 3g isqrt --batch 256 --json counts.json
 
 The head as the models build it (1x1 reduction 2048 -> 256, BatchNorm, ReLU; 3G: three
 re-weighting blocks; covariance; iSQRT, K = 5; vector) on a `layer4`-shaped bf16 input
@@ -19,18 +19,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import sys
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, os.pardir))
-sys.path.insert(0, os.path.join(HERE, os.pardir, "tests"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from program_counts import count_products  # noqa: E402  (tests/program_counts.py)
 
 from gg_jax import layers  # noqa: E402
+from tests.reference.program_counts import count_products  # noqa: E402
 
 HEADS = {
     "3g": lambda dtype: layers.GeneralizedGaussianCovariance(reduction_dim=256, num_blocks=3, num_iters=5, dtype=dtype),

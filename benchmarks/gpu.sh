@@ -64,15 +64,15 @@ step() {  # step NAME EXPECTED_SECONDS COMMAND...
 train() {  # train NAME EXPECTED_SECONDS BENCH_TRAIN_STEP_ARGS...
   local name=$1 need=$2
   shift 2
-  step "$name" "$need" "$py" benchmarks/bench_train_step.py --no_keep_freed_memory "$@"
+  step "$name" "$need" "$py" -m benchmarks.bench_train_step --no_keep_freed_memory "$@"
   if (( last_rc == 134 )); then
-    step "${name}_no_triton_gemm" "$need" "$py" benchmarks/bench_train_step.py --no_keep_freed_memory \
+    step "${name}_no_triton_gemm" "$need" "$py" -m benchmarks.bench_train_step --no_keep_freed_memory \
       --xla_flags=--xla_gpu_enable_triton_gemm=false "$@"
   fi
 }
 
 smoke() {  # the stack imports, sees the GPU, and a 3G head trains one step there at every setting
-  $py benchmarks/gpu_smoke.py --platform "${GG_JAX_SMOKE_PLATFORM:-gpu}"
+  $py -m benchmarks.gpu_smoke --platform "${GG_JAX_SMOKE_PLATFORM:-gpu}"
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv; date -u; } 2>&1 | tee -a "$log"
@@ -90,7 +90,7 @@ fi
 
 # --no_keep_freed_memory (in train): that glibc setting is for CPU steps; on a GPU both
 # frameworks keep device memory in their own caching allocators.
-step accuracy 60 "$py" benchmarks/bench_precision.py --channels 256 --settings highest bf16_6x tf32_3x bf16_3x tf32 \
+step accuracy 60 "$py" -m benchmarks.bench_precision --channels 256 --settings highest bf16_6x tf32_3x bf16_3x tf32 \
   --product_times --json "$out/precision.json"
 train r50_3g_bf16_256 140 --models resnet50_3g --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
   --matmul_precisions auto,highest --torch_modes eager --head_share --json "$out/train_r50_3g_bf16.json"
@@ -98,12 +98,12 @@ train r50_gap_bf16_256 60 --models resnet50_gap --dtypes bfloat16 --batch_sizes 
   --torch_modes eager --json "$out/train_r50_gap_bf16.json"
 # torch.compile: the reference only (--no_jax), both models in one process (PyTorch's peak
 # counter is reset between them).
-step torch_compile_bf16_256 150 "$py" benchmarks/bench_train_step.py --no_keep_freed_memory --no_jax \
+step torch_compile_bf16_256 150 "$py" -m benchmarks.bench_train_step --no_keep_freed_memory --no_jax \
   --models resnet50_3g,resnet50_gap --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
   --torch_modes default --json "$out/train_torch_compile_bf16.json"
 train r50_3g_bf16_256_bf16_6x 80 --models resnet50_3g --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
   --matmul_precisions bf16_6x --no_torch --head_share --json "$out/train_r50_3g_bf16_6x.json"
-step torch_autotune_bf16_256 300 "$py" benchmarks/bench_train_step.py --no_keep_freed_memory --no_jax \
+step torch_autotune_bf16_256 300 "$py" -m benchmarks.bench_train_step --no_keep_freed_memory --no_jax \
   --models resnet50_3g,resnet50_gap --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
   --torch_modes max-autotune --json "$out/train_torch_autotune_bf16.json"
 train r50_isqrt_bf16_256 70 --models resnet50_isqrt --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
@@ -115,6 +115,6 @@ train r50_3g_f32_128 80 --models resnet50_3g --dtypes float32 --batch_sizes 128 
 train r101_3g_bf16_128 100 --models resnet101_3g --dtypes bfloat16 --batch_sizes 128 --steps 10 --warmup 3 \
   --head_share --json "$out/train_r101_3g_bf16.json"
 # The 3G and iSQRT heads and the reference (every head: 2 minutes of compilation on an H200).
-step layers_128 40 "$py" benchmarks/bench_layers.py --batch 128 --reps 20 --heads 3g isqrt --json "$out/layers.json"
-step ops 40 "$py" benchmarks/bench_ops.py  # table in log.txt (a device call returns at most 8 files)
+step layers_128 40 "$py" -m benchmarks.bench_layers --batch 128 --reps 20 --heads 3g isqrt --json "$out/layers.json"
+step ops 40 "$py" -m benchmarks.bench_ops  # table in log.txt (a device call returns at most 8 files)
 echo "== $(date -u +%T) done, $(( $(date +%s) - start )) s" | tee -a "$log"

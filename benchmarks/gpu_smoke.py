@@ -1,7 +1,7 @@
 """Smoke test of a device lease, before anything is timed (`benchmarks/gpu.sh` runs it first).
 
-    python benchmarks/gpu_smoke.py                      # on a GPU
-    python benchmarks/gpu_smoke.py --platform cpu       # anywhere
+    python -m benchmarks.gpu_smoke                      # on a GPU
+    python -m benchmarks.gpu_smoke --platform cpu       # anywhere
 
 Prints the versions of the stack (jax, flax, optax, torch) and what the head's "auto"
 product setting resolves to; checks that JAX's default device is on `--platform`; then
@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 
 def parse_args(argv=None):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -29,11 +30,6 @@ from gg_jax.backbones import blocks
 
 Dtype = Any
 ModuleDef = Any
-
-# Building blocks of the backbones, used by the heads too (importable from here as before).
-conv_kernel_init = blocks.conv_kernel_init
-batch_norm = blocks.batch_norm
-Conv1x1 = blocks.Conv1x1
 
 
 class _Conv1x1Kernel(nn.Module):
@@ -47,7 +43,7 @@ class _Conv1x1Kernel(nn.Module):
 
     @nn.compact
     def __call__(self, in_features: int):
-        return self.param("kernel", conv_kernel_init, (1, 1, in_features, self.features), jnp.float32)
+        return self.param("kernel", blocks.conv_kernel_init, (1, 1, in_features, self.features), jnp.float32)
 
 
 class _ConvModule(nn.Module):
@@ -116,21 +112,86 @@ def flatten_positions(x):
     return x.reshape(b, h * w, c)
 
 
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_options(module: nn.Module, rules) -> None:
+    """ValueError naming the module and every option out of its range: `rules` holds
+    `(option, ok, what it must be)` checked on the module's value of the option."""
+    problems = [
+        f"{name}={getattr(module, name)!r} must be {what}" for name, ok, what in rules if not ok(getattr(module, name))
+    ]
+    if problems:
+        raise ValueError(f"{type(module).__name__}: {'; '.join(problems)}.")
+
+
+def _matmul_precision_ok(value) -> bool:
+    try:
+        linalg.lax_precision(value, platform="cpu")
+    except ValueError:
+        return False
+    return True
+
+
+# Rules shared by the heads (`check_options`).
+_NUM_ITERS = ("num_iters", lambda v: _is_int(v, 1), "an integer >= 1 (Newton-Schulz iterations)")
+_COV_EPS = ("cov_eps", lambda v: _is_number(v) and v >= 0, "a number >= 0 (the covariance's ridge)")
+_REDUCTION_DIM = (
+    "reduction_dim",
+    lambda v: v is None or _is_int(v, 0),
+    "None or an integer >= 0 (channels of the 1x1 reduction; 0: none)",
+)
+_IN_FEATURES = ("in_features", lambda v: v is None or _is_int(v, 1), "None or an integer >= 1")
+_SQRT_METHOD = ("sqrt_method", lambda v: v in ("newton_schulz", "eigh"), "'newton_schulz' or 'eigh'")
+_MATMUL_PRECISION = (
+    "matmul_precision",
+    _matmul_precision_ok,
+    "'auto', 'highest', 'bf16_6x' or 'tf32_3x' (the covariance's float32 products)",
+)
+
+
 class ChannelReduction(_ConvModule):
     """1x1 conv -> BN -> ReLU to `features` channels (reference head step 1)."""
 
     features: int = 256
     dtype: Dtype = jnp.float32
 
+    def __post_init__(self):
+        check_options(self, [("features", lambda v: _is_int(v, 1), "an integer >= 1")])
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x, *, train: bool):
         check_param_channels(self, x, "layer_reduce", "ChannelReduction")
         x = self.conv1x1(self.features, self.dtype, name="layer_reduce")(x)
-        x = batch_norm(train, self.dtype, name="layer_reduce_bn")(x)
+        x = blocks.batch_norm(train, self.dtype, name="layer_reduce_bn")(x)
         return nn.relu(x)
 
 
 ReweightingVariant = Literal["3g", "urm_v1", "urm_v2"]
+_NUM_BLOCKS = ("num_blocks", lambda v: _is_int(v, 0), "an integer >= 0 (re-weighting blocks T)")
+_HIDDEN = ("hidden", lambda v: _is_int(v, 1), "an integer >= 1 (channels inside a re-weighting block)")
+_BLOCK_REWEIGHTING = ("reweighting", lambda v: v in ("3g", "urm_v1", "urm_v2"), "'3g', 'urm_v1' or 'urm_v2'")
+
+
+def _check_learn_c(module) -> None:
+    if module.exact_learn_c and not (module.exact_c is not None and module.exact_c > 0):
+        raise ValueError(
+            f"{type(module).__name__}: exact_learn_c=True needs the initial exact_c > 0, "
+            f"got exact_c={module.exact_c!r}."
+        )
+
+
+_EXACT_RULES = (
+    ("exact_beta", lambda v: v is None or (_is_number(v) and v > 0), "None (learned) or a number > 0"),
+    ("exact_c", lambda v: v is None or (_is_number(v) and v >= 0), "None (Eqn. (7)'s c_n) or a number >= 0"),
+    ("exact_num_iters", lambda v: v is None or _is_int(v, 1), "an integer >= 1 (Newton-Schulz iterations)"),
+)
 #: `GeneralizedGaussianCovariance.reweighting`: a learned block variant, or "exact" (`ExactReweighting`).
 HeadReweighting = Literal["3g", "urm_v1", "urm_v2", "exact"]
 
@@ -148,7 +209,7 @@ class ReweightingBlock(_ConvModule):
         w = sigmoid(s + atmap3(s))                 # atmap3: 1 -> 1, the c * L^(1-beta) term
         return Xh * w                              # one weight per position
 
-    `variant` selects the ablations of Sec. 4.2 / Fig. 5: "urm_v1" computes
+    `reweighting` selects the ablations of Sec. 4.2 / Fig. 5: "urm_v1" computes
     `w = sigmoid(atmap2(ReLU(BN(atmap1(Xh)))))` (a plain spatial-attention map),
     "urm_v2" first forms `a = BN(map1(Xh)) * BN(map2(Xh))` and then `w` from `a` the same
     way. Both ignore X.
@@ -158,8 +219,12 @@ class ReweightingBlock(_ConvModule):
     """
 
     hidden: int = 64
-    variant: ReweightingVariant = "3g"
+    reweighting: ReweightingVariant = "3g"
     dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        check_options(self, [_HIDDEN, _BLOCK_REWEIGHTING])
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x_hat, x=None, *, train: bool):
@@ -168,24 +233,22 @@ class ReweightingBlock(_ConvModule):
         x = x_hat if x is None else x
         c = x_hat.shape[-1]
         conv = functools.partial(self.conv1x1, dtype=self.dtype)
-        bn = functools.partial(batch_norm, train, self.dtype)
+        bn = functools.partial(blocks.batch_norm, train, self.dtype)
         # map1/map2 (and map3/map4) read the same input: one convolution each pair.
         pair = functools.partial(self.conv1x1_parallel, features=c, dtype=self.dtype)
-        if self.variant == "3g":
+        if self.reweighting == "3g":
             m1, m2 = pair(x_hat, names=("map1", "map2"))
             a = bn(name="bn1")(m1) * bn(name="bn2")(m2)
             z = nn.relu(a + bn(name="bn21")(conv(c, name="map21")(x)))
             m3, m4 = pair(z, names=("map3", "map4"))
             feat = nn.relu(bn(name="bn3")(m3)) * nn.relu(bn(name="bn4")(m4))
-        elif self.variant == "urm_v2":
+        elif self.reweighting == "urm_v2":
             m1, m2 = pair(x_hat, names=("map1", "map2"))
             feat = bn(name="bn1")(m1) * bn(name="bn2")(m2)
-        elif self.variant == "urm_v1":
+        else:  # "urm_v1"
             feat = x_hat
-        else:
-            raise ValueError(f"Unknown re-weighting variant {self.variant!r}; choose '3g', 'urm_v1' or 'urm_v2'.")
         s = conv(1, name="atmap2")(nn.relu(bn(name="bnat1")(conv(self.hidden, name="atmap1")(feat))))
-        if self.variant == "3g":
+        if self.reweighting == "3g":
             s = s + conv(1, name="atmap3")(s)
         w = nn.sigmoid(s)
         return x_hat * w.astype(x_hat.dtype)
@@ -195,13 +258,13 @@ class _ScannedReweightingBlock(_ConvModule):
     """`ReweightingBlock` as a scan body: carry `Xh`, broadcast `X`, emit each output."""
 
     hidden: int
-    variant: ReweightingVariant
+    reweighting: ReweightingVariant
     train: bool
     dtype: Dtype
 
     @nn.compact
     def __call__(self, x_hat, x):
-        block = ReweightingBlock(self.hidden, self.variant, self.dtype, conv=self.conv, name="block")
+        block = ReweightingBlock(self.hidden, self.reweighting, self.dtype, conv=self.conv, name="block")
         out = block(x_hat, x, train=self.train)
         return out, out
 
@@ -224,15 +287,17 @@ class UnrolledReweighting(_ConvModule):
 
     num_blocks: int = 3
     hidden: int = 64
-    variant: ReweightingVariant = "3g"
+    reweighting: ReweightingVariant = "3g"
     dtype: Dtype = jnp.float32
     unroll: bool = True
+
+    def __post_init__(self):
+        check_options(self, [_NUM_BLOCKS, _HIDDEN, _BLOCK_REWEIGHTING])
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         check_feature_map(x, "UnrolledReweighting")
-        if self.num_blocks < 0:
-            raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks}.")
         if self.num_blocks == 0:
             return x
         x = x.astype(self.dtype)
@@ -243,7 +308,7 @@ class UnrolledReweighting(_ConvModule):
             in_axes=nn.broadcast,
             length=self.num_blocks,
             unroll=self.num_blocks if self.unroll else 1,
-        )(self.hidden, self.variant, train, self.dtype, conv=self.conv, name="blocks")
+        )(self.hidden, self.reweighting, train, self.dtype, conv=self.conv, name="blocks")
         out, per_block = scanned(x, x)
         self.sow("intermediates", "reweighted", per_block)
         return out
@@ -256,18 +321,19 @@ class ExactReweighting(nn.Module):
     weights `w = N d / (diag(Y) + c diag(Y)^{1-beta})` (rescaled to mean 1) and the weighted
     covariance `Sigma_t = 1/N sum_n w_n xc_n xc_n^T + eps I` of the centred positions; the result
     is `Sigma_T`, the covariance that the head then takes the root of. No BatchNorm, no 1x1 convs.
+    The fields are the 3G head's options of the same names (`GeneralizedGaussianCovariance`).
 
     Attributes:
-      num_steps: T; 0 returns the plain covariance (`linalg.covariance`).
-      beta: the MGGD shape, fixed (> 0); None learns it as the parameter `log_beta`
-        (beta = exp(log_beta), initialised at 1: the plain covariance when `c` is None).
-      c: None for Eqn. (7)'s per-position `c_n = sum_{j != n} y_j^beta` (each step is
+      num_blocks: T; 0 returns the plain covariance (`linalg.covariance`).
+      exact_beta: the MGGD shape beta, fixed (> 0); None learns it as the parameter `log_beta`
+        (beta = exp(log_beta), initialised at 1: the plain covariance when `exact_c` is None).
+      exact_c: None for Eqn. (7)'s per-position `c_n = sum_{j != n} y_j^beta` (each step is
         the exact fixed-point step of Eqn. (3)); a constant `c >= 0` shared by all positions
         (Eqn. (9) as the learned block approximates it).
-      learn_c: learn the constant c as the parameter `log_c` (c = exp(log_c) > 0), initialised at
-        `c` (which must then be > 0).
-      num_iters: Newton-Schulz iterations of each inverse root.
-      eps: ridge of every `Sigma_t`.
+      exact_learn_c: learn the constant c as the parameter `log_c` (c = exp(log_c) > 0),
+        initialised at `exact_c` (which must then be > 0).
+      exact_num_iters: Newton-Schulz iterations of each inverse root.
+      cov_eps: ridge eps of every `Sigma_t`.
       unroll: unroll the scan over the T steps.
       matmul_precision: the float32 product setting of every product (`gg_jax.linalg`).
 
@@ -276,44 +342,41 @@ class ExactReweighting(nn.Module):
     whose second moment is `Sigma_t - eps I`).
     """
 
-    num_steps: int = 3
-    beta: float | None = None
-    c: float | None = None
-    learn_c: bool = False
-    num_iters: int = 5
-    eps: float = 1e-7
+    num_blocks: int = 3
+    exact_beta: float | None = None
+    exact_c: float | None = None
+    exact_learn_c: bool = False
+    exact_num_iters: int = 5
+    cov_eps: float = 1e-7
     unroll: bool = True
     matmul_precision: linalg.MatmulPrecision = "auto"
+
+    def __post_init__(self):
+        check_options(self, [_NUM_BLOCKS, *_EXACT_RULES, _COV_EPS, _MATMUL_PRECISION])
+        _check_learn_c(self)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x):
         check_feature_map(x, "ExactReweighting")
-        if self.beta is not None and not self.beta > 0:
-            raise ValueError(f"ExactReweighting: beta must be > 0 (or None to learn it), got {self.beta}.")
-        if self.c is not None and not self.c >= 0:
-            raise ValueError(f"ExactReweighting: c must be >= 0 (or None for Eqn. (7)'s c_n), got {self.c}.")
-        if self.learn_c and not (self.c is not None and self.c > 0):
-            raise ValueError(f"ExactReweighting: learn_c=True needs the initial c > 0, got c={self.c}.")
-        if self.num_iters < 1:
-            raise ValueError(f"ExactReweighting: num_iters must be >= 1, got {self.num_iters}.")
-        if self.beta is None:
+        if self.exact_beta is None:
             beta = jnp.exp(self.param("log_beta", nn.initializers.zeros, (), jnp.float32))
         else:
-            beta = self.beta
-        if self.learn_c:
-            c = jnp.exp(self.param("log_c", nn.initializers.constant(math.log(self.c)), (), jnp.float32))
+            beta = self.exact_beta
+        if self.exact_learn_c:
+            c = jnp.exp(self.param("log_c", nn.initializers.constant(math.log(self.exact_c)), (), jnp.float32))
         else:
-            c = self.c
+            c = self.exact_c
         b, h, w, ch = x.shape
         features = flatten_positions(x)
         features = features.astype(linalg.compute_dtype(features.dtype))
         sigma, weights = mggd.reweighted_covariance(
             features,
-            num_steps=self.num_steps,
+            num_steps=self.num_blocks,
             beta=beta,
             c=c,
-            num_iters=self.num_iters,
-            eps=self.eps,
+            num_iters=self.exact_num_iters,
+            eps=self.cov_eps,
             unroll=self.unroll,
             matmul_precision=self.matmul_precision,
         )
@@ -331,9 +394,7 @@ def _matrix_root(s, method: SqrtMethod, num_iters: int, lam: float, matmul_preci
         return linalg.regularized_sqrtm(s, lam, method=method, num_iters=num_iters, matmul_precision=matmul_precision)
     if method == "newton_schulz":
         return linalg.sqrtm_newton_schulz(s, num_iters, matmul_precision=matmul_precision)
-    if method == "eigh":
-        return linalg.sqrtm_eigh(s, 0.5, matmul_precision=matmul_precision)
-    raise ValueError(f"Unknown square-root method {method!r}; choose 'newton_schulz' or 'eigh'.")
+    return linalg.sqrtm_eigh(s, 0.5, matmul_precision=matmul_precision)
 
 
 class _HeadBase(_ConvModule):
@@ -400,20 +461,47 @@ class GeneralizedGaussianCovariance(_HeadBase):
     dtype: Dtype = jnp.float32
     matmul_precision: linalg.MatmulPrecision = "auto"
 
+    def __post_init__(self):
+        check_options(
+            self,
+            [
+                _NUM_BLOCKS,
+                _NUM_ITERS,
+                ("lam", lambda v: _is_number(v) and 0 < v <= 1, "in (0, 1] (Theorem 1's lambda; 1: plain root)"),
+                (
+                    "reweighting",
+                    lambda v: v in ("3g", "urm_v1", "urm_v2", "exact"),
+                    "'3g', 'urm_v1', 'urm_v2' or 'exact'",
+                ),
+                _HIDDEN,
+                _SQRT_METHOD,
+                _COV_EPS,
+                _REDUCTION_DIM,
+                _IN_FEATURES,
+                *_EXACT_RULES,
+                _MATMUL_PRECISION,
+            ],
+        )
+        exact = [f for f in ("exact_beta", "exact_c", "exact_num_iters") if getattr(self, f) is not None]
+        if self.reweighting != "exact" and (exact or self.exact_learn_c):
+            raise ValueError(
+                f"GeneralizedGaussianCovariance: {', '.join(exact or ['exact_learn_c'])} only applies with "
+                f"reweighting='exact', not {self.reweighting!r}."
+            )
+        _check_learn_c(self)
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = self._prepare(x, train, "GeneralizedGaussianCovariance")
         if self.reweighting == "exact":
-            check_feature_map(x, "GeneralizedGaussianCovariance")
-            if self.num_blocks < 0:
-                raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks}.")
             s = ExactReweighting(
                 self.num_blocks,
-                beta=self.exact_beta,
-                c=self.exact_c,
-                learn_c=self.exact_learn_c,
-                num_iters=self.num_iters if self.exact_num_iters is None else self.exact_num_iters,
-                eps=self.cov_eps,
+                exact_beta=self.exact_beta,
+                exact_c=self.exact_c,
+                exact_learn_c=self.exact_learn_c,
+                exact_num_iters=self.num_iters if self.exact_num_iters is None else self.exact_num_iters,
+                cov_eps=self.cov_eps,
                 matmul_precision=self.matmul_precision,
                 name="reweighting",
             )(x)
@@ -451,6 +539,21 @@ class CovariancePooling(_HeadBase):
     dtype: Dtype = jnp.float32
     matmul_precision: linalg.MatmulPrecision = "auto"
 
+    def __post_init__(self):
+        check_options(
+            self,
+            [
+                ("method", lambda v: v in ("isqrt", "mpncov", "plain"), "'isqrt', 'mpncov' or 'plain'"),
+                _NUM_ITERS,
+                ("power", lambda v: _is_number(v) and v > 0, "a number > 0 (MPN-COV's matrix power)"),
+                _COV_EPS,
+                _REDUCTION_DIM,
+                _IN_FEATURES,
+                _MATMUL_PRECISION,
+            ],
+        )
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = self._prepare(x, train, "CovariancePooling")
@@ -460,8 +563,6 @@ class CovariancePooling(_HeadBase):
             s = linalg.sqrtm_newton_schulz(s, self.num_iters, matmul_precision=self.matmul_precision)
         elif self.method == "mpncov":
             s = linalg.sqrtm_eigh(s, self.power, matmul_precision=self.matmul_precision)
-        elif self.method != "plain":
-            raise ValueError(f"Unknown covariance pooling method {self.method!r}; choose 'isqrt', 'mpncov' or 'plain'.")
         return linalg.triu_vector(s, lower=self.lower_triangle)
 
 
@@ -481,6 +582,10 @@ class BilinearPooling(_HeadBase):
     dtype: Dtype = jnp.float32
     matmul_precision: linalg.MatmulPrecision = "auto"
 
+    def __post_init__(self):
+        check_options(self, [_REDUCTION_DIM, _IN_FEATURES, _MATMUL_PRECISION])
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = self._prepare(x, train, "BilinearPooling")
@@ -496,7 +601,7 @@ class BilinearPooling(_HeadBase):
         v = linalg.l2_normalize(linalg.signed_sqrt(gram.reshape(gram.shape[0], -1)))
         if self.batch_norm:
             # Normalising a float32 vector: keep this BatchNorm in float32.
-            v = batch_norm(train, jnp.float32, name="bn")(v)
+            v = blocks.batch_norm(train, jnp.float32, name="bn")(v)
         return v
 
 
@@ -518,6 +623,10 @@ class GaussianEmbedding(_HeadBase):
     dtype: Dtype = jnp.float32
     matmul_precision: linalg.MatmulPrecision = "auto"
 
+    def __post_init__(self):
+        check_options(self, [_SQRT_METHOD, _NUM_ITERS, _COV_EPS, _REDUCTION_DIM, _IN_FEATURES, _MATMUL_PRECISION])
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = self._prepare(x, train, "GaussianEmbedding")
@@ -535,6 +644,10 @@ class GlobalAveragePooling(_HeadBase):
     reduction_dim: int | None = None
     in_features: int | None = None
     dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        check_options(self, [_REDUCTION_DIM, _IN_FEATURES])
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x, *, train: bool):

@@ -6,7 +6,7 @@ import pytest
 @pytest.fixture(scope="session", autouse=True)
 def _persistent_compilation_cache(tmp_path_factory):
     """One persistent XLA compilation cache per worker, shared with the subprocesses its tests
-    start (`test_training_common.subprocess_env` names the same directory): every
+    start (`tests.runs.subprocess_env` names the same directory): every
     `trainer.train_and_evaluate` call jits fresh functions, so without it the training tests
     would compile the same few programs again and again."""
     import jax
@@ -19,16 +19,15 @@ def _persistent_compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """(workdir, TrainResult) of one step of the tiny demo model (test_training_common.TINY),
+    """(workdir, TrainResult) of one step of the tiny demo model (tests.runs.TINY),
     trained in this process: its checkpoint of step 1 and final evaluation. Shared by the
     tests that need a trained run, which must only add files to it."""
     pytest.importorskip("tensorflow")
-    import test_training_common as common
-
     from gg_jax.training import trainer
+    from tests import runs
 
     workdir = tmp_path_factory.mktemp("tiny_run") / "run"
-    return workdir, trainer.train_and_evaluate(common.tiny_config(num_train_steps=1), str(workdir))
+    return workdir, trainer.train_and_evaluate(runs.tiny_config(num_train_steps=1), str(workdir))
 
 
 # Whole training runs in subprocesses (minutes each) go first, so that pytest-xdist hands
@@ -39,3 +38,12 @@ _LONG_MODULES_FIRST = ("test_training_demo.py", "test_training_distributed.py", 
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name not in _LONG_MODULES_FIRST)  # stable: same order otherwise
+
+
+@pytest.fixture
+def x64():
+    """float64 enabled in JAX for one test (the float64 references of the accuracy tests)."""
+    import jax
+
+    with jax.enable_x64(True):
+        yield

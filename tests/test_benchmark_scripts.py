@@ -2,7 +2,7 @@
 selection and time budget (with a stand-in Python that records its arguments), its smoke
 test, the scripts' arguments, and tiny CPU runs of the accuracy study and product count."""
 
-import importlib.util
+import importlib
 import json
 import os
 import pathlib
@@ -16,14 +16,7 @@ BENCH = ROOT / "benchmarks"
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def _gpu_sh(tmp_path, *args):
@@ -43,8 +36,8 @@ def test_gpu_sh_runs_named_steps_within_the_budget(tmp_path):
     subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")], check=True)
     log = _gpu_sh(tmp_path, "0", "accuracy", "torch_compile_bf16_256")
     ran = [line for line in log.splitlines() if line.startswith("ran: ")]
-    assert ran[0].startswith("ran: benchmarks/gpu_smoke.py --platform gpu")
-    assert ran[1].startswith("ran: benchmarks/bench_precision.py --channels 256")
+    assert ran[0].startswith("ran: -m benchmarks.gpu_smoke --platform gpu")
+    assert ran[1].startswith("ran: -m benchmarks.bench_precision --channels 256")
     assert "--no_jax" in ran[2] and "--torch_modes default" in ran[2] and len(ran) == 3, ran
     # Without names every step, in order, that fits the time left (here nothing takes
     # time, so those expected to take more than the whole budget); the rest is skipped,
@@ -78,16 +71,14 @@ def test_gpu_smoke_on_cpu(capsys):
 
 def test_bench_train_step_arguments():
     out = subprocess.run(
-        [sys.executable, str(BENCH / "bench_train_step.py"), "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "benchmarks.bench_train_step", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for flag in ("--matmul_precisions", "--torch_modes", "--no_jax", "--head_share", "--no_torch"):
         assert flag in out, flag
-
-
-def test_torch_reference_is_found():
-    torch_ref = _load("torch_ref")
-    module = torch_ref.torch_reference()
-    assert hasattr(module, "ReferenceResNet3G") and hasattr(module, "AtMp")
 
 
 def test_bench_precision_tiny_cpu_run(tmp_path, capsys):

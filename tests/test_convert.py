@@ -8,35 +8,24 @@ it against the golden files and layout.json).
 import functools
 import json
 import os
-import pathlib
 import pickle
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import test_training_common as common
-from reference.reference_weights import make_state_dict
 
 from gg_jax import convert, models, variables_io
+from tests import helpers, runs
+from tests.helpers import LAYOUT, assert_close
+from tests.reference.reference_weights import make_state_dict
 
 torch = pytest.importorskip("torch")
-from reference.torch_reference import ReferenceResNet3G, layout_of, random_state_dict  # noqa: E402
+from tests.reference.torch_reference import ReferenceResNet3G, layout_of, random_state_dict  # noqa: E402
 
 torch.set_num_threads(2)
 
-DATA = pathlib.Path(__file__).parent / "data"
-LAYOUT = DATA / "layout.json"
-REPO = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-4
-
-
-def assert_close(actual, expected, rtol=RTOL, name=""):
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-    scale = max(np.abs(expected).max(), 1e-30)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=name)
 
 
 def assert_trees_equal(a, b):
@@ -272,7 +261,7 @@ def test_load_torch_checkpoint_released_dict_and_cli(tmp_path):
     assert rmeta["model"] == arch and rmeta["num_classes"] == meta["num_classes"]
     assert rmeta["source"] == str(path.resolve()) and rmeta["epoch"] == ckpt["epoch"]
     assert_trees_equal(restored, variables)
-    z = np.load(DATA / f"{arch}_golden.npz")
+    z = helpers.golden(arch)
     assert_close(jax_logits(arch, restored, z["input_nchw"]), z["logits_eval"], name="restored logits")
     # An existing checkpoint is not replaced without --overwrite.
     assert convert.main(["--arch", arch, "--torch_checkpoint", str(path), "--out", str(out)]) == 1
@@ -421,8 +410,7 @@ def test_torch_is_not_needed(tmp_path):
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
 import gg_jax, gg_jax.models, gg_jax.convert, gg_jax.layers, gg_jax.variables_io
-sys.path.insert(0, {str(REPO / "tests")!r})
-from reference.reference_weights import make_state_dict
+from tests.reference.reference_weights import make_state_dict
 v = gg_jax.convert.from_torch(make_state_dict("resnet18_3g", 0, layout={str(LAYOUT)!r}), "resnet18_3g")
 assert v["params"]["fc"]["kernel"].shape == (32896, 1000)
 try:
@@ -433,14 +421,14 @@ else:
     raise SystemExit("load_torch_checkpoint worked without torch")
 print("ok")
 """
-    proc = common.run(["-c", code], dict(os.environ), check=False)
+    proc = runs.run(["-c", code], dict(os.environ), check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 def test_module_entry_point():
-    proc = common.run(["-m", "gg_jax.convert", "--help"], dict(os.environ), check=False)
+    proc = runs.run(["-m", "gg_jax.convert", "--help"], dict(os.environ), check=False)
     assert proc.returncode == 0 and "--torch_checkpoint" in proc.stdout and "resnet50_3g" in proc.stdout
-    proc = common.run(
+    proc = runs.run(
         ["-m", "gg_jax.convert", "--arch", "resnet50_3x", "--torch_checkpoint", "x.pth", "--out", "y"],
         dict(os.environ),
         check=False,

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import test_training_common as common
 
 import gg_jax.cpu
 from gg_jax import layers, models, sharding
@@ -21,6 +20,7 @@ from gg_jax.backbones import blocks
 from gg_jax.cpu import conv, malloc
 from gg_jax.training import optim, steps
 from gg_jax.training import state as state_lib
+from tests import runs
 
 
 def _xla_kernel_grad(x, kernel, g, stride, padding):
@@ -148,7 +148,7 @@ def test_hugepages_reexec_sets_the_tunable():
         capture_output=True,
         text=True,
         check=True,
-        timeout=common.HANG_GUARD_S,
+        timeout=runs.HANG_GUARD_S,
     )
     applies = (
         sys.platform.startswith("linux")
@@ -163,7 +163,7 @@ def test_hugepages_reexec_sets_the_tunable():
         capture_output=True,
         text=True,
         check=True,
-        timeout=common.HANG_GUARD_S,
+        timeout=runs.HANG_GUARD_S,
     )
     assert "glibc.malloc.hugetlb" not in off.stdout
 
@@ -195,7 +195,7 @@ def test_reexec_with_tunables_keeps_freed_memory():
             capture_output=True,
             text=True,
             check=True,
-            timeout=common.HANG_GUARD_S,
+            timeout=runs.HANG_GUARD_S,
         )
         setting, keeps, faults = out.stdout.split()
         return setting.split(":"), keeps == "True", int(faults)
@@ -375,7 +375,7 @@ def test_jax_runs_on_cpu_only_decides_without_starting_jax(tmp_path):
             env=dict(base, **env),
             capture_output=True,
             text=True,
-            timeout=common.HANG_GUARD_S,
+            timeout=runs.HANG_GUARD_S,
         )
         assert out.returncode == 0, out.stderr
         return out.stdout.split()
@@ -405,7 +405,7 @@ def test_entry_points_never_reexecute_on_accelerator_hosts(tmp_path):
         (evaluate, {"PYTHONPATH": os.pathsep.join([plugins, str(repo)])}, False),
         (evaluate, {}, True),
     ):
-        out = common.run([script, *flags, *extra], dict(base, **env), check=False)
+        out = runs.run([script, *flags, *extra], dict(base, **env), check=False)
         log = out.stdout + out.stderr
         assert out.returncode == 1, log[-3000:]  # the missing dataset (or, for cuda/tpu here, no such backend)
         assert ("malloc: transparent huge pages" in log) == tuned, (script, env, log[-3000:])

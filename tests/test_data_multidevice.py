@@ -4,7 +4,8 @@ import os
 import textwrap
 
 import pytest
-import test_training_common as common
+
+from tests import runs
 
 pytest.importorskip("tensorflow")
 
@@ -86,5 +87,5 @@ def fake_tfds(tmp_path_factory):
 def test_global_batches_and_exactly_once_eval(fake_tfds, num_devices):
     name, data_dir = fake_tfds
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}")
-    proc = common.run(["-c", _SCRIPT, str(num_devices), name, data_dir], env, check=False)
-    assert proc.returncode == 0 and "OK" in proc.stdout, common.tail(proc)
+    proc = runs.run(["-c", _SCRIPT, str(num_devices), name, data_dir], env, check=False)
+    assert proc.returncode == 0 and "OK" in proc.stdout, runs.tail(proc)

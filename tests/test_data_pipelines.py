@@ -4,7 +4,8 @@ import os
 
 import numpy as np
 import pytest
-import test_training_common as common
+
+from tests import runs
 
 pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -355,7 +356,7 @@ def test_import_does_not_load_tensorflow_and_tf_sees_no_gpu():
         "assert tf.config.get_visible_devices('GPU') == []\n"
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    common.run(["-c", code], env)
+    runs.run(["-c", code], env)
 
 
 def test_corrupt_image_error_finder(tmp_path):

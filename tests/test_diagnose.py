@@ -11,10 +11,10 @@ import pathlib
 
 import numpy as np
 import pytest
-import test_training_common as common
 from scipy import stats
 
 from gg_jax import diagnose
+from tests import runs
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("tensorflow")
@@ -99,9 +99,9 @@ def test_command_line_on_a_trained_model(tmp_path, tiny_run):
     out = tmp_path / "diag"
     args = ["-m", "gg_jax.diagnose", f"--workdir={workdir}", "--images=digits", "--num_images=4", f"--out={out}"]
     # 3x3 maps: with --min_samples=10 no single image has enough values, only the pooled fits run.
-    proc = common.run([*args, "--channels=0,5", "--min_samples=10"], common.subprocess_env(tmp_path))
+    proc = runs.run([*args, "--channels=0,5", "--min_samples=10"], runs.subprocess_env(tmp_path))
     summary = json.loads((out / "summary.json").read_text())
-    assert common.last_json(proc.stdout) == {layer: entry["per_image"] for layer, entry in summary["layers"].items()}
+    assert runs.last_json(proc.stdout) == {layer: entry["per_image"] for layer, entry in summary["layers"].items()}
     assert summary["model"] == "resnet18_3g" and summary["step"] == 1 and summary["image_size"] == 48
     assert summary["num_images"] == 4 and summary["mode"] == "positive"
     assert summary["layers"]["layer4"]["map"] == "3x3x512" and summary["layers"]["reduced"]["map"] == "3x3x16"

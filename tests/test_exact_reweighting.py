@@ -14,12 +14,7 @@ import numpy as np
 import pytest
 
 from gg_jax import layers, linalg, mggd, models
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
+from tests.helpers import rel_err
 
 
 def features(seed, shape=(2, 6, 6, 8)):
@@ -77,11 +72,6 @@ def np_head(x_nhwc, num_steps, beta, c=None, num_iters=5):
         root = q * np.sqrt(trace)
         out.append(root[np.tril_indices(len(root))])
     return np.stack(out)
-
-
-def rel_err(actual, expected):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
 @functools.cache

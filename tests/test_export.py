@@ -18,9 +18,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-import test_training_common as common
 
 from gg_jax import data, export, variables_io
+from tests import runs
 
 pytest.importorskip("tensorflow")
 
@@ -63,8 +63,8 @@ def test_export_round_trip_gives_the_evaluated_models_logits(tmp_path, capsys, t
     # reference compile at backend optimisation level 0 (compile time is the cost of this
     # test; XLA:CPU otherwise spends most of it optimising random-number code).
     workdir, _ = tiny_run
-    env = common.subprocess_env(tmp_path, XLA_FLAGS=f"{FAST_FLAGS} --xla_force_host_platform_device_count=1")
-    evaluated = {k: v[1] for k, v in common.read_scalars(workdir).items() if k.startswith("eval/")}
+    env = runs.subprocess_env(tmp_path, XLA_FLAGS=f"{FAST_FLAGS} --xla_force_host_platform_device_count=1")
+    evaluated = {k: v[1] for k, v in runs.read_scalars(workdir).items() if k.startswith("eval/")}
     out = tmp_path / "artifacts"
 
     # The command line (in this process): pixel input (the default), three platforms, the
@@ -95,7 +95,7 @@ def test_export_round_trip_gives_the_evaluated_models_logits(tmp_path, capsys, t
     pixels = (normalized.astype(np.float64) / inv_std + mean).astype(np.float32)
     np.savez(out / "images.npz", normalized=normalized, pixels=pixels)
     (tmp_path / "consumer.py").write_text(CONSUMER)
-    proc = common.run([tmp_path / "consumer.py", out], env)
+    proc = runs.run([tmp_path / "consumer.py", out], env)
     assert "consumer ok" in proc.stdout
     got = dict(np.load(out / "logits.npz"))
 
@@ -136,12 +136,12 @@ def test_export_round_trip_gives_the_evaluated_models_logits(tmp_path, capsys, t
 
 
 def test_cli_errors_say_what_to_do(tmp_path, capsys):
-    proc = common.run(
+    proc = runs.run(
         ["-m", "gg_jax.export", f"--checkpoint={tmp_path}", f"--out={tmp_path / 'a.jax'}", "--platforms=gpu"],
-        common.subprocess_env(tmp_path),
+        runs.subprocess_env(tmp_path),
         check=False,
     )
-    assert proc.returncode == 2 and "Unknown platform 'gpu' (for NVIDIA GPUs 'cuda'" in proc.stderr, common.tail(proc)
+    assert proc.returncode == 2 and "Unknown platform 'gpu' (for NVIDIA GPUs 'cuda'" in proc.stderr, runs.tail(proc)
     (tmp_path / "taken.jax").write_bytes(b"keep")
     with pytest.raises(SystemExit):
         export.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "a.jax"), "--platforms", "cpu,gpu"])
@@ -166,6 +166,6 @@ def test_export_and_nnx_modules_import_without_tensorflow_or_torch():
         "mean, inv_std = gg_jax.export.normalization_constants()\n"
         "print('imported', mean.dtype)\n"
     )
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(common.REPO))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(runs.REPO))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "imported float32" in proc.stdout, common.tail(proc)
+    assert proc.returncode == 0 and "imported float32" in proc.stdout, runs.tail(proc)

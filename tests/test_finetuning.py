@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import test_training_common as common
 
 from gg_jax import models, variables_io
 from gg_jax.training import optim, trainer
+from tests import runs
 
 pytest.importorskip("tensorflow")
 
@@ -54,7 +54,7 @@ def _check_run(result, config, pretrained, num_classes, workdir):
     labels = optim.param_groups(result.state.params, config.head_lr_modules)
     assert labels["fc"]["kernel"] == "head" and labels["head"]["reduce"]["layer_reduce"]["kernel"] == "head"
     assert labels["layer1_0"]["conv1"]["kernel"] == "backbone"
-    params = common.load_params(workdir)
+    params = runs.load_params(workdir)
     assert params["fc/kernel"].shape == (16 * 17 // 2, num_classes)  # re-initialised for the dataset
     assert not np.array_equal(params["layer1_0/conv1/kernel"], pretrained["params"]["layer1_0"]["conv1"]["kernel"])
 
@@ -64,7 +64,7 @@ def test_cub_and_cars_configs_fine_tune_from_pretrained_on_mock_tfds(tmp_path):
 
     path, pretrained = _pretrained(tmp_path)
     data_dir = tmp_path / "tfds"
-    config = common.tiny_config("cub200_r50", init_from=path, dataset__data_dir=str(data_dir), **SMALL)
+    config = runs.tiny_config("cub200_r50", init_from=path, dataset__data_dir=str(data_dir), **SMALL)
     assert config.dataset.name == "caltech_birds2011" and config.dataset.augment == "center_crop_flip"
     with testing.mock_tfds("caltech_birds2011", data_dir, image_size=(60, 80), train=12, test=6):
         result = trainer.train_and_evaluate(config, str(tmp_path / "cub"))
@@ -72,7 +72,7 @@ def test_cub_and_cars_configs_fine_tune_from_pretrained_on_mock_tfds(tmp_path):
     _check_run(result, config, pretrained, 200, tmp_path / "cub")
 
     # Stanford Cars: the same recipe, its classes and transforms, read from TFDS.
-    cars = common.tiny_config("cars196_r50", init_from=path, dataset__data_dir=str(data_dir), **SMALL)
+    cars = runs.tiny_config("cars196_r50", init_from=path, dataset__data_dir=str(data_dir), **SMALL)
     assert cars.dataset.augment == "square_center_crop_flip" and cars.eval.resize_mode == "shorter"
     with testing.mock_tfds("cars196", data_dir, image_size=(60, 80), train=12, test=6):
         from gg_jax import data
@@ -98,7 +98,7 @@ def test_aircraft_config_fine_tunes_from_an_image_folder(tmp_path):
 
     path, pretrained = _pretrained(tmp_path)
     folder = testing.write_image_folder(tmp_path / "aircraft", train_per_class=4, val_per_class=2)["root"]
-    config = common.tiny_config("aircraft_r50", init_from=path, dataset__data_dir=folder, **SMALL)
+    config = runs.tiny_config("aircraft_r50", init_from=path, dataset__data_dir=folder, **SMALL)
     assert config.dataset.name == "image_folder" and config.eval.resize_mode == "square"
     result = trainer.train_and_evaluate(config, str(tmp_path / "aircraft_run"))
     assert result.eval_metrics["num_examples"] == 6

@@ -8,35 +8,21 @@ Everything else uses small shapes and NumPy references of the documented computa
 """
 
 import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference.reference_weights import make_state_dict
 
 from gg_jax import convert, cpu, layers, linalg
 from gg_jax.backbones import blocks
+from tests import helpers
+from tests.helpers import LAYOUT, assert_close, nhwc
+from tests.reference.reference_weights import make_state_dict
 
-DATA = pathlib.Path(__file__).parent / "data"
-LAYOUT = DATA / "layout.json"
 BN_EPS = 1e-5
 CONVS = ("map1", "map2", "map21", "map3", "map4", "atmap1", "atmap2", "atmap3")
 BNS = ("bn1", "bn2", "bn21", "bn3", "bn4", "bnat1")
-
-
-def assert_close(actual, expected, rtol=1e-4, name=""):
-    """max |actual - expected| <= rtol * max |expected| (relative to the tensor's scale)."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-    err = float(np.max(np.abs(actual - expected)))
-    scale = float(np.max(np.abs(expected)))
-    assert err <= rtol * scale, f"{name}: max abs err {err:.3g} > {rtol:g} * {scale:.3g}"
-
-
-def nhwc(x):
-    return np.asarray(x).transpose(0, 2, 3, 1)
 
 
 def leaves_equal(a, b):
@@ -68,10 +54,10 @@ def stacked(blocks):
 
 @pytest.fixture(scope="module")
 def golden():
-    z = np.load(DATA / "resnet23_3g_golden.npz")
+    z = helpers.golden("resnet23_3g")
     state_dict = make_state_dict("resnet23_3g", seed=0, layout=LAYOUT)
     blocks = [block_variables(state_dict, t) for t in (1, 2, 3)]
-    return {k: z[k] for k in z.files}, state_dict, blocks
+    return dict(z), state_dict, blocks
 
 
 def head_variables(blocks):

@@ -18,19 +18,7 @@ import scipy.linalg
 from jax.test_util import check_grads
 
 from gg_jax import linalg
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
-def rel_err(actual, expected):
-    """max |actual - expected| / max |expected|."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
+from tests.helpers import rel_err
 
 
 def random_features(rng, shape):

@@ -11,38 +11,20 @@ files in test_torch_reference.py).
 import functools
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference.reference_weights import make_state_dict
 
 from gg_jax import convert, linalg, models
+from tests import helpers
+from tests.helpers import LAYOUT, assert_close, nchw, nhwc
+from tests.reference.reference_weights import make_state_dict
 
-DATA = pathlib.Path(__file__).parent / "data"
-LAYOUT = DATA / "layout.json"
 GOLDEN = ["resnet18_3g", "resnet23_3g"]
 RTOL = 1e-4
 INTERMEDIATES = ["layer4", "reduced", "reweighted1", "reweighted2", "reweighted3", "covariance", "sqrt", "vector"]
-
-
-def assert_close(actual, expected, rtol=RTOL, name=""):
-    """Agreement to ~rtol relative to the tensor's scale (max |expected|)."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-    scale = max(np.abs(expected).max(), 1e-30)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=name)
-
-
-def nhwc(x):
-    return np.asarray(x).transpose(0, 2, 3, 1)
-
-
-def nchw(x):
-    return np.asarray(x).transpose(0, 3, 1, 2)
 
 
 def _capture_head(module, method_name):
@@ -80,11 +62,11 @@ def intermediates_nchw(name, variables, x_nhwc, dtype=jnp.float32):
 @pytest.fixture(scope="module", params=GOLDEN)
 def golden(request):
     arch = request.param
-    z = np.load(DATA / f"{arch}_golden.npz")
+    z = helpers.golden(arch)
     state_dict = make_state_dict(arch, seed=0, layout=LAYOUT)
     variables = convert.from_torch(state_dict, arch)
     model = models.create(arch, num_classes=z["logits_eval"].shape[1])
-    return arch, model, variables, state_dict, {k: z[k] for k in z.files}
+    return arch, model, variables, state_dict, dict(z)
 
 
 def test_golden_eval_logits_and_intermediates(golden):
@@ -168,8 +150,9 @@ def _layout_param_count(arch_3g):
 def _torch_counts(backbone, num_classes=1000):
     """Independent counts from PyTorch modules (meta device: nothing allocated)."""
     torch = pytest.importorskip("torch")
-    from reference.torch_reference import ReferenceResNet3G
     from torch import nn as tnn
+
+    from tests.reference.torch_reference import ReferenceResNet3G
 
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     with torch.device("meta"):
@@ -258,7 +241,7 @@ def test_converter_refuses_backbones_without_a_pytorch_original():
 # --------------------------------------------------------------- resnet50_3g vs PyTorch
 def test_resnet50_3g_matches_torch_reference():
     torch = pytest.importorskip("torch")
-    from reference.torch_reference import ReferenceResNet3G
+    from tests.reference.torch_reference import ReferenceResNet3G
 
     torch.set_num_threads(2)
     state_dict = make_state_dict("resnet50_3g", seed=1, layout=LAYOUT)
@@ -277,7 +260,7 @@ def test_resnet50_3g_matches_torch_reference():
 # ------------------------------------------------------------------------------- bf16
 def test_bf16_compute_close_to_float32_with_float32_head():
     arch = "resnet18_3g"
-    z = np.load(DATA / f"{arch}_golden.npz")
+    z = helpers.golden(arch)
     x = nhwc(z["input_nchw"])
     variables = convert.from_torch(make_state_dict(arch, seed=0, layout=LAYOUT), arch)
     m16 = models.create(arch, num_classes=1000, dtype=jnp.bfloat16)

@@ -1,7 +1,7 @@
 """The head's product precision: the option, its platform mapping, what the GPU program
 carries, and the accuracy of every setting by emulation against float64.
 
-Accuracy is measured on CPU with `tests/precision_emulation.py`: the float32 products of
+Accuracy is measured on CPU with `tests/reference/precision_emulation.py`: the float32 products of
 the traced program (forward and backward) are recomputed as bf16 / TF32 split products
 with float32 accumulation, what `jax.lax.DotAlgorithmPreset` computes on a GPU. A setting
 is acceptable if its relative error (Frobenius norm) against float64, of the output and
@@ -10,7 +10,7 @@ golden tensors of the reference, random SPD matrices and features with condition
 1e2 / 1e4 / 1e6, and near-singular covariances of ReLU features (N < C positions). The
 same study, on a GPU with the real products: benchmarks/bench_precision.py.
 
-Product counts of the head's GPU program (`tests/program_counts.py`) are pinned at the end.
+Product counts of the head's GPU program (`tests/reference/program_counts.py`) are pinned at the end.
 """
 
 import functools
@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from precision_emulation import (
+
+from gg_jax import layers, linalg, models
+from tests.reference.precision_emulation import (
     emulate,
     emulated_dot_general,
     golden_head_variables,
@@ -27,16 +29,16 @@ from precision_emulation import (
     head_case,
     measure,
     pipeline_case,
-    rel_err,
     relu_features,
     root_case,
     spd_features,
     spd_matrices,
     split,
 )
-from program_counts import count_products
-
-from gg_jax import layers, linalg, models
+from tests.reference.precision_emulation import (
+    norm_rel_err as rel_err,
+)
+from tests.reference.program_counts import count_products
 
 P = jax.lax.DotAlgorithmPreset
 HIGHEST = jax.lax.Precision.HIGHEST

@@ -8,15 +8,16 @@ the iSQRT-COV and GAP baselines).
 
 import functools
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from reference.reference_weights import load_layout, make_state_dict  # noqa: E402
-from reference.torch_reference import (  # noqa: E402
+from tests import helpers  # noqa: E402
+from tests.helpers import LAYOUT, assert_close  # noqa: E402
+from tests.reference.reference_weights import load_layout, make_state_dict  # noqa: E402
+from tests.reference.torch_reference import (  # noqa: E402
     ARCHS,
     CovPoolFunction,
     ReferenceResNet3G,
@@ -31,19 +32,8 @@ from reference.torch_reference import (  # noqa: E402
 
 torch.set_num_threads(2)
 
-DATA = pathlib.Path(__file__).parent / "data"
-LAYOUT = DATA / "layout.json"
 GOLDEN_ARCHS = ["resnet18", "resnet23"]
 RTOL = 1e-4
-
-
-def assert_close(actual, expected, rtol=RTOL, name=""):
-    """max |actual - expected| <= rtol * max |expected| (relative to the tensor's scale)."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-    err = float(np.max(np.abs(actual - expected)))
-    scale = float(np.max(np.abs(expected)))
-    assert err <= rtol * scale, f"{name}: max abs err {err:.3g} > {rtol:g} * {scale:.3g}"
 
 
 @functools.cache
@@ -55,10 +45,10 @@ def seed0_state_dict(arch_key):
 @pytest.fixture(scope="module", params=GOLDEN_ARCHS)
 def golden(request):
     arch = request.param
-    z = np.load(DATA / f"{arch}_3g_golden.npz")
+    z = helpers.golden(f"{arch}_3g")
     model = ReferenceResNet3G(arch, num_classes=1000)
     model.load_state_dict(seed0_state_dict(f"{arch}_3g"), strict=True)
-    return arch, model, {k: z[k] for k in z.files}
+    return arch, model, dict(z)
 
 
 def test_golden_eval_intermediates(golden):
@@ -166,7 +156,7 @@ def test_isqrt_key_names():
 
 def test_isqrt_forward_matches_3g_pieces():
     """iSQRT-COV = same backbone/reduction, no re-weighting, triu (i <= j) vector."""
-    z = np.load(DATA / "resnet18_3g_golden.npz")
+    z = helpers.golden("resnet18_3g")
     sd3 = seed0_state_dict("resnet18_3g")
     model = ReferenceResNet3G("resnet18", head="isqrt", isqrt_keys="mpncovresnet").eval()
     model.load_state_dict({k: v for k, v in sd3.items() if not k.startswith("AtMp")})
@@ -243,7 +233,7 @@ def test_closed_form_backward_functions():
 def test_3g_head_gradients_function_vs_autograd():
     """Head gradients (re-weighting blocks, covariance, iSQRT, fc; train-mode BN) agree
     between sqrt_impl='autograd' (the released code) and 'function'."""
-    z = np.load(DATA / "resnet18_3g_golden.npz")
+    z = helpers.golden("resnet18_3g")
     grads = []
     model = ReferenceResNet3G("resnet18")
     model.train()

@@ -10,14 +10,15 @@ import shutil
 import subprocess
 
 import pytest
-import test_training_common as common
+
+from tests import runs
 
 # What `--help` must not import: the heavy modules behind the trainer.
 HEAVY = ("jax", "tensorflow", "orbax", "flax", "clu")
 
 
-def _run(args, env, timeout=common.HANG_GUARD_S, prefix=()):
-    return common.run([*args], env, timeout=timeout, check=False, prefix=prefix)
+def _run(args, env, timeout=runs.HANG_GUARD_S, prefix=()):
+    return runs.run([*args], env, timeout=timeout, check=False, prefix=prefix)
 
 
 def _imported(stderr: str) -> set:
@@ -32,24 +33,24 @@ def _imported(stderr: str) -> set:
 def _one_error_line(proc) -> str:
     """The process exited 1 and its stderr is a single `error: ...` line."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), common.tail(proc)
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), runs.tail(proc)
     return lines[0]
 
 
 @pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
 def test_help_is_instant_and_exits_0(tmp_path, script):
-    env = common.subprocess_env(tmp_path)
+    env = runs.subprocess_env(tmp_path)
     # A timeout that a 15 s import would hit, and, whatever the machine's speed, no heavy import.
     proc = _run(["-X", "importtime", script, "--help"], env, timeout=12)
-    assert proc.returncode == 0, common.tail(proc)
+    assert proc.returncode == 0, runs.tail(proc)
     assert "--config" in proc.stdout and "--workdir" in proc.stdout and "--coordinator_address" in proc.stdout
     assert not _imported(proc.stderr) & set(HEAVY), sorted(_imported(proc.stderr) & set(HEAVY))
     full = _run([script, "--helpfull"], env, timeout=12)
-    assert full.returncode == 0 and "--coordinator_address" in full.stdout, common.tail(full)
+    assert full.returncode == 0 and "--coordinator_address" in full.stdout, runs.tail(full)
 
 
 def test_user_errors_are_one_line_before_anything_is_written(tmp_path):
-    env = common.subprocess_env(tmp_path)
+    env = runs.subprocess_env(tmp_path)
     work = tmp_path / "w"
     # A workdir holding a checkpoint: a refused config must not touch it.
     (work / "checkpoints" / "5").mkdir(parents=True)
@@ -105,7 +106,7 @@ def _read_only_dir(tmp_path) -> tuple[pathlib.Path, tuple]:
 
 
 def test_a_read_only_workdir_is_one_line_before_training(tmp_path):
-    env = common.subprocess_env(tmp_path)
+    env = runs.subprocess_env(tmp_path)
     path, prefix = _read_only_dir(tmp_path)
     for args in (
         ["train.py", "--config=configs/demo.py", f"--workdir={path}"],

@@ -4,10 +4,10 @@ import pathlib
 
 import numpy as np
 import pytest
-import test_training_common as common
 
 from gg_jax import data
 from gg_jax.training import trainer
+from tests import runs
 
 pytest.importorskip("tensorflow")
 
@@ -24,7 +24,7 @@ def test_reference_config_runs_on_mock_tfds(tmp_path, config_name, dataset, num_
 
     data_dir = tmp_path / "tfds"
     # The recipe as it is, but ResNet-18 (--config.model.name=resnet18_3g), small images and batches.
-    config = common.tiny_config(
+    config = runs.tiny_config(
         config_name,
         model__name="resnet18_3g",
         num_train_steps=3,
@@ -46,12 +46,12 @@ def test_reference_config_runs_on_mock_tfds(tmp_path, config_name, dataset, num_
     # Every one of the 7 validation images once (two padded batches of 4).
     assert result.eval_metrics["num_examples"] == 7
     assert 0.0 <= result.eval_metrics["top1_error"] <= 1.0 and np.isfinite(result.eval_metrics["loss"])
-    assert common.checkpoint_steps(workdir) == [2, 3]
-    params = common.load_params(workdir)
+    assert runs.checkpoint_steps(workdir) == [2, 3]
+    params = runs.load_params(workdir)
     assert params["fc/kernel"].shape == (16 * 17 // 2, num_classes)
     assert all(np.isfinite(v).all() for v in params.values())
 
-    scalars = common.read_scalars(workdir)
+    scalars = runs.read_scalars(workdir)
     for tag in ("train/loss", "train/top1_error", "train/learning_rate"):
         assert sorted(scalars[tag]) == [1, 2, 3], tag
     # Speeds are measured from the end of the first step: compilation is not in them.
@@ -80,7 +80,7 @@ def test_finetune_folder_config_starts_from_pretrained_variables(tmp_path):
     variables_io.save_variables(str(tmp_path / "pretrained"), pretrained, {"model": "resnet18_3g", "num_classes": 10})
     folder = testing.write_image_folder(tmp_path / "images", train_per_class=4, val_per_class=2)["root"]
 
-    config = common.tiny_config(
+    config = runs.tiny_config(
         "finetune_folder",
         model__name="resnet18_3g",
         model__num_blocks=1,
@@ -96,7 +96,7 @@ def test_finetune_folder_config_starts_from_pretrained_variables(tmp_path):
     )
     result = trainer.train_and_evaluate(config, str(tmp_path / "w"))
     assert result.step == 1 and result.eval_metrics["num_examples"] == 6
-    params = common.load_params(tmp_path / "w")
+    params = runs.load_params(tmp_path / "w")
     expected = traverse_util.flatten_dict(pretrained["params"], sep="/")
     assert params["fc/kernel"].shape == (136, 3) and expected["fc/kernel"].shape == (136, 10)
     for key, value in params.items():
@@ -114,4 +114,4 @@ def test_finetune_folder_config_starts_from_pretrained_variables(tmp_path):
     assert e.value.path == str(bad) and str(bad) in message and "\n" not in message, message
     assert "while evaluating step 2" in message and "checkpoint of step 2 is kept" in message, message
     assert e.value.__cause__ is None and e.value.__suppress_context__
-    assert common.checkpoint_steps(tmp_path / "w") == [1, 2]
+    assert runs.checkpoint_steps(tmp_path / "w") == [1, 2]

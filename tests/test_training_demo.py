@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-import test_training_common as common
+
+from tests import runs
 
 pytest.importorskip("tensorflow")
 
@@ -13,17 +14,17 @@ MAX_ERROR = 0.03
 
 
 def test_demo_learns_and_evaluate_py_reproduces_its_error(tmp_path):
-    env = common.subprocess_env(tmp_path)
+    env = runs.subprocess_env(tmp_path)
     workdir = tmp_path / "demo"
-    train = common.run(["train.py", "--config=configs/demo.py", f"--workdir={workdir}", "--config.profile=True"], env)
+    train = runs.run(["train.py", "--config=configs/demo.py", f"--workdir={workdir}", "--config.profile=True"], env)
     steps = DEMO_EPOCHS * (1437 // 32)
-    assert f"for {steps} steps (44 per epoch)" in train.stderr, common.tail(train)
+    assert f"for {steps} steps (44 per epoch)" in train.stderr, runs.tail(train)
     _check_progress_lines(train.stderr, steps)
     assert list(workdir.glob("plugins/profile/*/*.xplane.pb")), "no profiler trace"  # --config.profile
     # Checkpoints every epoch, the last 2 kept.
-    assert common.checkpoint_steps(workdir) == [steps - 44, steps]
+    assert runs.checkpoint_steps(workdir) == [steps - 44, steps]
 
-    scalars = common.read_scalars(workdir)
+    scalars = runs.read_scalars(workdir)
     for tag in ("train/loss", "train/top1_error", "train/learning_rate", "train/images_per_sec"):
         assert steps in scalars[tag] and np.isfinite(scalars[tag][steps]), tag
     train_loss = scalars["train/loss"]
@@ -34,9 +35,9 @@ def test_demo_learns_and_evaluate_py_reproduces_its_error(tmp_path):
     assert scalars["eval/top5_error"][steps] <= final
 
     # evaluate.py on the workdir: the latest checkpoint, the whole test split, the same error.
-    evaluated = common.run(["evaluate.py", "--config=configs/demo.py", f"--workdir={workdir}"], env)
-    assert "read only" not in evaluated.stderr, common.tail(evaluated)  # Orbax's note on a read-only manager.
-    out = common.last_json(evaluated.stdout)
+    evaluated = runs.run(["evaluate.py", "--config=configs/demo.py", f"--workdir={workdir}"], env)
+    assert "read only" not in evaluated.stderr, runs.tail(evaluated)  # Orbax's note on a read-only manager.
+    out = runs.last_json(evaluated.stdout)
     assert out["step"] == steps and out["num_examples"] == 360
     assert abs(out["top1_error"] - final) < 1e-6 and abs(out["top5_error"] - scalars["eval/top5_error"][steps]) < 1e-6
 
@@ -83,9 +84,8 @@ def test_evaluate_py_on_a_converted_pytorch_checkpoint(tmp_path):
     """PyTorch 3G-Net file -> `python -m gg_jax.convert` -> `evaluate.py --checkpoint`: the errors
     and loss of the PyTorch model itself on the same preprocessed test digits."""
     torch = pytest.importorskip("torch")
-    from reference.torch_reference import ReferenceResNet3G
-
     from gg_jax import data
+    from tests.reference.torch_reference import ReferenceResNet3G
 
     torch.manual_seed(0)
     model = ReferenceResNet3G("resnet18", num_classes=10).eval()  # The released layout: 256 channels, T = 3.
@@ -95,9 +95,9 @@ def test_evaluate_py_on_a_converted_pytorch_checkpoint(tmp_path):
         {"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 7, "arch": "resnet18_3g"},
         pth,
     )
-    env = common.subprocess_env(tmp_path)
+    env = runs.subprocess_env(tmp_path)
     converted = tmp_path / "converted"
-    common.run(["-m", "gg_jax.convert", "--arch=resnet18_3g", f"--torch_checkpoint={pth}", f"--out={converted}"], env)
+    runs.run(["-m", "gg_jax.convert", "--arch=resnet18_3g", f"--torch_checkpoint={pth}", f"--out={converted}"], env)
 
     eval_flags = [
         "--config=configs/demo.py",
@@ -105,7 +105,7 @@ def test_evaluate_py_on_a_converted_pytorch_checkpoint(tmp_path):
         "--config.model.num_blocks=3",
         f"--checkpoint={converted}",
     ]
-    out = common.last_json(common.run(["evaluate.py", *eval_flags], env).stdout)
+    out = runs.last_json(runs.run(["evaluate.py", *eval_flags], env).stdout)
 
     top1 = top5 = 0
     losses = []
@@ -127,7 +127,7 @@ def test_evaluate_py_on_a_converted_pytorch_checkpoint(tmp_path):
     assert out["loss"] == pytest.approx(float(np.concatenate(losses).mean()), rel=1e-4)
 
     # A config naming another model is refused with both names.
-    wrong = common.run(
+    wrong = runs.run(
         ["evaluate.py", "--config=configs/demo.py", f"--checkpoint={converted}", "--config.model.name=resnet18_isqrt"],
         env,
         check=False,

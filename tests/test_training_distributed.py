@@ -6,7 +6,8 @@ import textwrap
 
 import numpy as np
 import pytest
-import test_training_common as common
+
+from tests import runs
 
 pytest.importorskip("tensorflow")
 
@@ -19,7 +20,7 @@ _DEVICES_SCRIPT = textwrap.dedent(
     import json, shutil, sys
     import jax
     from absl import logging
-    from test_training_common import tiny_config
+    from tests.runs import tiny_config
     from gg_jax import sharding
     from gg_jax.training import trainer
 
@@ -46,7 +47,7 @@ _DEVICES_SCRIPT = textwrap.dedent(
 
 
 def _run_devices(tmp_path, n, workdir, source=""):
-    proc = common.run(["-c", _DEVICES_SCRIPT, n, workdir, source], common.subprocess_env(tmp_path, devices=n))
+    proc = runs.run(["-c", _DEVICES_SCRIPT, n, workdir, source], runs.subprocess_env(tmp_path, devices=n))
     line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT ") :]), proc
 
@@ -59,15 +60,15 @@ def test_8_devices_match_1_device_and_checkpoints_restore_onto_another_device_co
 
     # One step on the same global batch. Its forward pass (BatchNorm statistics over the
     # global batch, not per device) is well conditioned: the same running statistics.
-    common.assert_trees_close(
-        common.load_params(w8, 1, "batch_stats"), common.load_params(w1, 1, "batch_stats"), atol=1e-6, rtol=1e-5
+    runs.assert_trees_close(
+        runs.load_params(w8, 1, "batch_stats"), runs.load_params(w1, 1, "batch_stats"), atol=1e-6, rtol=1e-5
     )
     # Its gradient is not: the 16x16 covariance of a 3x3 map is singular, and the square
     # root's gradient amplifies the 1e-7 differences of two programs' reduction orders into
     # float32 gradients that differ by up to a few % (either program against float64, too).
     # So the updates agree to 10 % of the size of an update (that of step 2), which still
     # fails on a per-device loss or learning rate (8x) or per-device statistics (~100 %).
-    p8, p1, p1_next = common.load_params(w8, 1), common.load_params(w1, 1), common.load_params(w1, 2)
+    p8, p1, p1_next = runs.load_params(w8, 1), runs.load_params(w1, 1), runs.load_params(w1, 2)
     for k in p1:
         update = float(np.max(np.abs(p1_next[k] - p1[k])))
         np.testing.assert_allclose(p8[k], p1[k], atol=0.1 * update + 1e-7, rtol=0, err_msg=f"{k}: update {update}")
@@ -84,7 +85,7 @@ def test_8_devices_match_1_device_and_checkpoints_restore_onto_another_device_co
     # The 8-device run continues on 1 device.
     assert "Restored the checkpoint of step 2" in proc1.stderr
     assert out1["resumed"]["step"] == 3 and out1["resumed"]["eval"]["num_examples"] == 360
-    assert common.checkpoint_steps(str(w1) + "_resumed") == [2, 3]
+    assert runs.checkpoint_steps(str(w1) + "_resumed") == [2, 3]
 
 
 _PROCESS_SCRIPT = textwrap.dedent(
@@ -98,7 +99,7 @@ _PROCESS_SCRIPT = textwrap.dedent(
     distributed_flags.initialize_distributed(True, coordinator_address=f"localhost:{port}", num_processes=2,
                                    process_id=pid)
     import jax
-    from test_training_common import tiny_config
+    from tests.runs import tiny_config
 
     assert jax.process_count() == 2 and jax.device_count() == 2, jax.devices()
     r = trainer.train_and_evaluate(tiny_config(num_train_steps=3, checkpoint_every_steps=2), workdir)
@@ -113,17 +114,17 @@ _PROCESS_SCRIPT = textwrap.dedent(
 def test_two_processes_train_the_demo_and_agree(tmp_path):
     workdir = tmp_path / "w"
     workdir.mkdir()
-    port = common.free_port()
-    env = common.subprocess_env(tmp_path, devices=1)
-    cmds = [common.command(["-c", _PROCESS_SCRIPT, pid, port, workdir]) for pid in (0, 1)]
+    port = runs.free_port()
+    env = runs.subprocess_env(tmp_path, devices=1)
+    cmds = [runs.command(["-c", _PROCESS_SCRIPT, pid, port, workdir]) for pid in (0, 1)]
     procs = [
-        subprocess.Popen(cmd, cwd=common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(cmd, cwd=runs.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for cmd in cmds
     ]
     outs = []
     try:
         for p, cmd in zip(procs, cmds):
-            out, err = common.communicate(p, cmd)
+            out, err = runs.communicate(p, cmd)
             assert p.returncode == 0, f"process exited {p.returncode}\n{out[-3000:]}\n{err[-8000:]}"
             outs.append(json.loads([s for s in out.splitlines() if s.startswith("RESULT ")][-1][len("RESULT ") :]))
     finally:
@@ -132,7 +133,7 @@ def test_two_processes_train_the_demo_and_agree(tmp_path):
                 p.kill()
     assert outs[0] == outs[1] and outs[0]["step"] == 3 and outs[0]["eval"]["num_examples"] == 360, outs
     p0, p1 = (dict(np.load(workdir / f"params_{i}.npz")) for i in (0, 1))
-    common.assert_trees_close(p0, p1, atol=0)
+    runs.assert_trees_close(p0, p1, atol=0)
     # One checkpoint for both processes, with those parameters.
-    assert common.checkpoint_steps(workdir) == [2, 3]
-    common.assert_trees_close(common.load_params(workdir, 3), p0, atol=0)
+    assert runs.checkpoint_steps(workdir) == [2, 3]
+    runs.assert_trees_close(runs.load_params(workdir, 3), p0, atol=0)

@@ -11,21 +11,21 @@ import time
 
 import numpy as np
 import pytest
-import test_training_common as common
 
 from gg_jax.training import checkpointing, trainer
+from tests import runs
 
 pytest.importorskip("tensorflow")
 
 
 def _train_cmd(workdir, **overrides):
-    return ["train.py", "--config=configs/demo.py", f"--workdir={workdir}", *common.flags({**common.TINY, **overrides})]
+    return ["train.py", "--config=configs/demo.py", f"--workdir={workdir}", *runs.flags({**runs.TINY, **overrides})]
 
 
 def _start(args, env, **kwargs):
     return subprocess.Popen(
-        common.command(args),
-        cwd=common.REPO,
+        runs.command(args),
+        cwd=runs.REPO,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -34,9 +34,9 @@ def _start(args, env, **kwargs):
     )
 
 
-def _wait_for_checkpoint(proc, workdir, timeout=common.HANG_GUARD_S):
+def _wait_for_checkpoint(proc, workdir, timeout=runs.HANG_GUARD_S):
     deadline = time.time() + timeout
-    while not common.checkpoint_steps(workdir):
+    while not runs.checkpoint_steps(workdir):
         if proc.poll() is not None:
             out, err = proc.communicate()
             raise AssertionError(
@@ -62,12 +62,12 @@ def _tmp_dirs(workdir):
 
 
 def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    env = common.subprocess_env(tmp_path)
+    env = runs.subprocess_env(tmp_path)
     total = 10
     overrides = dict(num_train_steps=total, checkpoint_every_steps=2)
     ref = tmp_path / "uninterrupted"
-    common.run(_train_cmd(ref, **overrides), env)
-    assert common.checkpoint_steps(ref)[-1] == total
+    runs.run(_train_cmd(ref, **overrides), env)
+    assert runs.checkpoint_steps(ref)[-1] == total
 
     work = tmp_path / "killed"
     proc = _start(_train_cmd(work, **overrides), env)
@@ -75,21 +75,21 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     proc.kill()  # SIGKILL: no handler runs, an async save may be cut in the middle.
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    saved = common.checkpoint_steps(work)
+    saved = runs.checkpoint_steps(work)
     assert saved and saved[-1] < total, saved
 
-    resumed = common.run(_train_cmd(work, **overrides), env)
-    assert f"Restored the checkpoint of step {saved[-1]}" in resumed.stderr, common.tail(resumed)
+    resumed = runs.run(_train_cmd(work, **overrides), env)
+    assert f"Restored the checkpoint of step {saved[-1]}" in resumed.stderr, runs.tail(resumed)
     assert f"from step {saved[-1]}." in resumed.stderr
-    assert common.checkpoint_steps(work)[-1] == total
+    assert runs.checkpoint_steps(work)[-1] == total
     # Same data order, same dropout/init keys, optimizer state restored: the same parameters.
-    common.assert_trees_close(common.load_params(work, total), common.load_params(ref, total), atol=1e-6)
+    runs.assert_trees_close(runs.load_params(work, total), runs.load_params(ref, total), atol=1e-6)
 
 
 def test_sigterm_commits_the_checkpoint_despite_a_second_sigterm_then_resumes(tmp_path):
     """SIGTERM saves the current step and exits with 143 once the checkpoint is committed; a
     second SIGTERM during the save (sent 0.05 or 0.6 s after the first) is ignored."""
-    env = common.subprocess_env(tmp_path)
+    env = runs.subprocess_env(tmp_path)
     overrides = dict(num_train_steps=100_000, checkpoint_every_steps=3, keep_checkpoints=2)
     stopped = {}
     for delay in (0.05, 0.6):
@@ -97,31 +97,31 @@ def test_sigterm_commits_the_checkpoint_despite_a_second_sigterm_then_resumes(tm
         cmd = _train_cmd(work, **overrides)
         proc = _start(cmd, env)
         _wait_for_checkpoint(proc, work)  # Training, past its first checkpoint.
-        first = common.checkpoint_steps(work)[0]
+        first = runs.checkpoint_steps(work)[0]
         proc.send_signal(signal.SIGTERM)
         time.sleep(delay)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        out, err = common.communicate(proc, cmd)
+        out, err = runs.communicate(proc, cmd)
         assert proc.returncode == 128 + signal.SIGTERM, f"delay {delay}: exit {proc.returncode}\n{err[-6000:]}"
         assert "Preempted: saved the checkpoint of step" in err, err[-6000:]
         step = int(err.split("Preempted: saved the checkpoint of step ")[1].split(" ")[0])
-        steps = common.checkpoint_steps(work)
+        steps = runs.checkpoint_steps(work)
         # Committed: the step's directory, no temporary one, and its parameters read back.
         assert step >= first and steps[-1] == step and len(steps) <= 2 and not _tmp_dirs(work), (delay, step, steps)
-        assert all(np.isfinite(v).all() for v in common.load_params(work, step).values())
+        assert all(np.isfinite(v).all() for v in runs.load_params(work, step).values())
         stopped[delay] = (work, step)
 
     # The same workdir, more steps: continues from the preemption checkpoint.
     work, step = stopped[0.6]
-    more = common.run(_train_cmd(work, num_train_steps=step + 2, checkpoint_every_steps=3, keep_checkpoints=2), env)
-    assert f"Restored the checkpoint of step {step}" in more.stderr, common.tail(more)
-    assert common.checkpoint_steps(work)[-1] == step + 2
+    more = runs.run(_train_cmd(work, num_train_steps=step + 2, checkpoint_every_steps=3, keep_checkpoints=2), env)
+    assert f"Restored the checkpoint of step {step}" in more.stderr, runs.tail(more)
+    assert runs.checkpoint_steps(work)[-1] == step + 2
     # Finished: nothing is trained or written again.
     mtime = (work / "checkpoints" / str(step + 2)).stat().st_mtime
-    again = common.run(_train_cmd(work, num_train_steps=step + 2, checkpoint_every_steps=3, keep_checkpoints=2), env)
-    assert "is finished" in again.stderr and "Training resnet18_3g" not in again.stderr, common.tail(again)
-    assert common.checkpoint_steps(work)[-1] == step + 2
+    again = runs.run(_train_cmd(work, num_train_steps=step + 2, checkpoint_every_steps=3, keep_checkpoints=2), env)
+    assert "is finished" in again.stderr and "Training resnet18_3g" not in again.stderr, runs.tail(again)
+    assert runs.checkpoint_steps(work)[-1] == step + 2
     assert (work / "checkpoints" / str(step + 2)).stat().st_mtime == mtime
 
 
@@ -148,17 +148,17 @@ def test_a_full_disk_stops_at_the_first_failed_save_with_one_line(tmp_path):
     prefix = _tmpfs_prefix(work, "120m")
     if prefix is None:
         pytest.skip("cannot mount a small tmpfs here (needs `unshare -rm` and unprivileged user namespaces)")
-    proc = common.run(
+    proc = runs.run(
         _train_cmd(work, num_train_steps=6, checkpoint_every_steps=2),
-        common.subprocess_env(tmp_path),
+        runs.subprocess_env(tmp_path),
         check=False,
         prefix=prefix,
     )
-    assert proc.returncode == 1, common.tail(proc)
+    assert proc.returncode == 1, runs.tail(proc)
     line = _error_line(proc.stderr)
     assert "Could not save the checkpoint of step 4" in line and "No space left on device" in line, line
     assert "The checkpoint of step 2 is the latest complete one (kept)" in line, line
-    assert "LEFT: 2" in proc.stdout, common.tail(proc)  # Step 2 only, no temporary directory.
+    assert "LEFT: 2" in proc.stdout, runs.tail(proc)  # Step 2 only, no temporary directory.
 
 
 def test_a_save_failing_in_the_background_stops_the_run_with_one_line(tmp_path):
@@ -173,13 +173,13 @@ def test_a_save_failing_in_the_background_stops_the_run_with_one_line(tmp_path):
 
     work = tmp_path / "w"
     cmd = _train_cmd(work, num_train_steps=20, checkpoint_every_steps=2)
-    proc = _start(cmd, common.subprocess_env(tmp_path), preexec_fn=limit_file_size)
-    out, err = common.communicate(proc, cmd)
+    proc = _start(cmd, runs.subprocess_env(tmp_path), preexec_fn=limit_file_size)
+    out, err = runs.communicate(proc, cmd)
     assert proc.returncode == 1, err[-6000:]
     line = _error_line(err)
     assert "Could not save the checkpoint of step 2" in line and "File too large" in line, line
     assert "No checkpoint was completed before" in line, line
-    assert common.checkpoint_steps(work) == [], err[-3000:]
+    assert runs.checkpoint_steps(work) == [], err[-3000:]
     # It stopped right after the failure was known, long before step 20.
     assert "Step 10 of 20" not in err, err[-6000:]
 
@@ -194,33 +194,33 @@ def _file_digests(directory) -> dict:
 
 def test_nan_wrong_workdir_and_damaged_checkpoint_keep_every_good_checkpoint(tmp_path):
     work = tmp_path / "w"
-    good = trainer.train_and_evaluate(common.tiny_config(num_train_steps=2, checkpoint_every_steps=1), str(work))
-    assert good.step == 2 and common.checkpoint_steps(work) == [1, 2]
-    before = common.load_params(work, 2)
+    good = trainer.train_and_evaluate(runs.tiny_config(num_train_steps=2, checkpoint_every_steps=1), str(work))
+    assert good.step == 2 and runs.checkpoint_steps(work) == [1, 2]
+    before = runs.load_params(work, 2)
 
     # A finished run returns at once, without training.
-    again = trainer.train_and_evaluate(common.tiny_config(num_train_steps=2, checkpoint_every_steps=1), str(work))
+    again = trainer.train_and_evaluate(runs.tiny_config(num_train_steps=2, checkpoint_every_steps=1), str(work))
     assert again.step == 2 and again.eval_metrics is None
 
     # Continue with an infinite learning rate: the parameters of step 3 are inf/NaN, so the
     # loss of step 4 is NaN; the only checkpoint due is the final one, which must not be written.
-    diverging = common.tiny_config(num_train_steps=8, checkpoint_every_steps=-1, learning_rate=float("inf"))
+    diverging = runs.tiny_config(num_train_steps=8, checkpoint_every_steps=-1, learning_rate=float("inf"))
     with pytest.raises(trainer.NonFiniteLossError, match=r"NaN/inf by step 4\..*last good checkpoint, step 2"):
         trainer.train_and_evaluate(diverging, str(work))
-    assert common.checkpoint_steps(work) == [1, 2]
-    common.assert_trees_close(common.load_params(work, 2), before, atol=0)
+    assert runs.checkpoint_steps(work) == [1, 2]
+    runs.assert_trees_close(runs.load_params(work, 2), before, atol=0)
 
     # A workdir holding another model, or trained with another batch size, is refused
     # before anything is changed.
     for other in (dict(model__reduction_dim=8), dict(model__name="resnet18_isqrt")):
         with pytest.raises(checkpointing.WorkdirMismatchError, match="holds checkpoints of resnet18_3g"):
-            trainer.train_and_evaluate(common.tiny_config(num_train_steps=4, **other), str(work))
+            trainer.train_and_evaluate(runs.tiny_config(num_train_steps=4, **other), str(work))
     with pytest.raises(
         checkpointing.WorkdirMismatchError, match=r"global batch of 16, .* asks for 32\..*--config.batch_size=16"
     ):
-        trainer.train_and_evaluate(common.tiny_config(num_train_steps=4, batch_size=32), str(work))
-    assert common.checkpoint_steps(work) == [1, 2]
-    assert all(np.isfinite(v).all() for v in common.load_params(work, 2).values())
+        trainer.train_and_evaluate(runs.tiny_config(num_train_steps=4, batch_size=32), str(work))
+    assert runs.checkpoint_steps(work) == [1, 2]
+    assert all(np.isfinite(v).all() for v in runs.load_params(work, 2).values())
 
     # The latest checkpoint damaged (half of its largest file lost): named, with what to move
     # where; nothing changed.
@@ -232,11 +232,11 @@ def test_nan_wrong_workdir_and_damaged_checkpoint_keep_every_good_checkpoint(tmp
         checkpointing.DamagedCheckpointError,
         match=rf"step 2, is damaged .*Nothing was changed\. Move {latest} out of .*resumes from step 1,",
     ):
-        trainer.train_and_evaluate(common.tiny_config(num_train_steps=3), str(work))
-    assert common.checkpoint_steps(work) == [1, 2] and _file_digests(latest) == digests
+        trainer.train_and_evaluate(runs.tiny_config(num_train_steps=3), str(work))
+    assert runs.checkpoint_steps(work) == [1, 2] and _file_digests(latest) == digests
     # Moved away as the message says, the run resumes from step 1 and saves step 2 afresh.
     os.rename(latest, work / "damaged_checkpoint_2")
-    resumed = trainer.train_and_evaluate(common.tiny_config(num_train_steps=2, checkpoint_every_steps=1), str(work))
-    assert resumed.step == 2 and common.checkpoint_steps(work) == [1, 2]
-    common.assert_trees_close(common.load_params(work, 2), before, atol=1e-6)  # The same run.
+    resumed = trainer.train_and_evaluate(runs.tiny_config(num_train_steps=2, checkpoint_every_steps=1), str(work))
+    assert resumed.step == 2 and runs.checkpoint_steps(work) == [1, 2]
+    runs.assert_trees_close(runs.load_params(work, 2), before, atol=1e-6)  # The same run.
     assert _file_digests(work / "damaged_checkpoint_2") == digests

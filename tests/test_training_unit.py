@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import test_training_common as common
 
 from gg_jax import convert, data, errors, sharding, variables_io
 from gg_jax.training import checkpointing, optim, steps, trainer, validation
 from gg_jax.training import state as state_lib
+from tests import runs
 
 # ----------------------------------------------------------------------------- optimizer
 
@@ -124,7 +124,7 @@ def test_configs_have_the_contract_fields(name):
 
 def test_num_train_steps_overrides_epochs():
     info = data.get_dataset_info("digits")
-    c = common.tiny_config(batch_size=64, num_epochs=2.0, num_train_steps=-1)
+    c = runs.tiny_config(batch_size=64, num_epochs=2.0, num_train_steps=-1)
     assert trainer.num_train_steps(c, info) == 2 * (1437 // 64)
     c.num_train_steps = 7
     assert trainer.num_train_steps(c, info) == 7
@@ -165,7 +165,7 @@ def test_eval_step_counts_masked_examples_once_and_averages_ten_crops():
 
 def test_train_step_half_precision_with_dropout():
     """bf16 compute keeps float32 parameters; dropout draws a new mask per step (needs the rng)."""
-    config = common.tiny_config(half_precision=True, model__dropout_rate=0.5, batch_size=8)
+    config = runs.tiny_config(half_precision=True, model__dropout_rate=0.5, batch_size=8)
     model = trainer.create_model(config, 10)
     assert model.dtype == jnp.bfloat16 and steps.needs_dropout_rng(model)
     tx = optim.create_optimizer(0.1)
@@ -224,7 +224,7 @@ def test_train_step_half_precision_with_dropout():
     ],
 )
 def test_nonsense_configs_are_refused_before_anything_is_built(tmp_path, overrides, message):
-    config = common.tiny_config(**overrides)
+    config = runs.tiny_config(**overrides)
     with pytest.raises(validation.ConfigError) as e:
         validation.check_train_config(config)
     assert message in str(e.value) and "\n" not in str(e.value)
@@ -235,7 +235,7 @@ def test_nonsense_configs_are_refused_before_anything_is_built(tmp_path, overrid
 
 
 def test_every_problem_is_in_the_one_line_and_sound_configs_pass():
-    config = common.tiny_config(learning_rate=-1.0, batch_size=0, lr_schedule="poly")
+    config = runs.tiny_config(learning_rate=-1.0, batch_size=0, lr_schedule="poly")
     with pytest.raises(validation.ConfigError) as e:
         validation.check_train_config(config)
     assert all(f in str(e.value) for f in ("learning_rate=-1.0", "batch_size=0", "lr_schedule='poly'"))
@@ -246,7 +246,7 @@ def test_every_problem_is_in_the_one_line_and_sound_configs_pass():
         validation.check_train_config(config)
         validation.check_eval_config(config)
     # The documented model options are fields of the config, so --config.model.X=... works.
-    config = common.tiny_config(model__dropout_rate=0.2, model__last_stride=2, model__lam=0.5, model__hidden=8)
+    config = runs.tiny_config(model__dropout_rate=0.2, model__last_stride=2, model__lam=0.5, model__hidden=8)
     assert state_lib.model_options(config.model) == {
         "dropout_rate": 0.2,
         "hidden": 8,
@@ -301,18 +301,18 @@ def test_config_errors_are_clear(tmp_path):
     ):
         sharding.check_batch_size(12, 8, field="eval.batch_size")
     with pytest.raises(trainer.ConfigError, match="Unknown model name 'resnet50_4g'.*resnet50_3g"):
-        trainer.train_and_evaluate(common.tiny_config(model__name="resnet50_4g"), str(tmp_path / "a"))
+        trainer.train_and_evaluate(runs.tiny_config(model__name="resnet50_4g"), str(tmp_path / "a"))
     with pytest.raises(trainer.ConfigError, match=r"Unknown option\(s\) \['colour'\]"):
-        trainer.train_and_evaluate(common.tiny_config(model__colour=3), str(tmp_path / "b"))
+        trainer.train_and_evaluate(runs.tiny_config(model__colour=3), str(tmp_path / "b"))
     # Options of other heads (the demo's num_blocks) do not stop a baseline.
-    assert state_lib.model_options(common.tiny_config(model__name="resnet18_isqrt").model) == {"reduction_dim": 16}
+    assert state_lib.model_options(runs.tiny_config(model__name="resnet18_isqrt").model) == {"reduction_dim": 16}
     with pytest.raises(data.DatasetNotFoundError, match="tfds build imagenet2012"):
         trainer.train_and_evaluate(
-            common.tiny_config(dataset__name="imagenet2012", dataset__data_dir=str(tmp_path)), str(tmp_path / "c")
+            runs.tiny_config(dataset__name="imagenet2012", dataset__data_dir=str(tmp_path)), str(tmp_path / "c")
         )
     with pytest.raises(data.DatasetNotFoundError, match="train/<class_name>"):
         trainer.train_and_evaluate(
-            common.tiny_config(dataset__name="image_folder", dataset__data_dir=str(tmp_path)), str(tmp_path / "d")
+            runs.tiny_config(dataset__name="image_folder", dataset__data_dir=str(tmp_path)), str(tmp_path / "d")
         )
     assert not (tmp_path / "a" / "checkpoints").exists()
 

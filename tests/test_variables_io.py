@@ -5,10 +5,10 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-import test_training_common as common
 
 from gg_jax import models, variables_io
 from gg_jax.training import trainer
+from tests import runs
 
 pytest.importorskip("tensorflow")
 
@@ -46,7 +46,7 @@ def test_load_model_reads_variables_dirs_and_training_runs(tmp_path, tiny_run):
     for path in (workdir, workdir / "checkpoints" / "1"):
         loaded_model, loaded, loaded_meta = variables_io.load_model(str(path))
         assert loaded_meta["model"] == "resnet18_3g" and loaded_meta["step"] == 1
-        assert _same_model(loaded_model, trainer.create_model(common.tiny_config(), 10))
+        assert _same_model(loaded_model, trainer.create_model(runs.tiny_config(), 10))
         _assert_trees_equal(loaded, jax.device_get(result.state.variables))
 
     with pytest.raises(FileNotFoundError, match="holds no gg_jax checkpoint"):

@@ -9,10 +9,9 @@ average pooling). A new backbone is a file here and a line in `BACKBONES`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
-from gg_jax.backbones import resnet, vgg
+from gg_jax.backbones import blocks, resnet, vgg
 
 BACKBONES = {
     "resnet18": functools.partial(resnet.ResNet, stage_sizes=(2, 2, 2, 2), block_cls=resnet.BasicBlock),
@@ -26,14 +25,16 @@ BACKBONES = {
 }
 
 #: Fields set by `gg_jax.models.create`, not by the user's options.
-_INTERNAL_FIELDS = ("parent", "name", "dtype", "conv")
+_INTERNAL_FIELDS = ("dtype", "conv")
 
 
-def option_names(name: str) -> tuple[str, ...]:
+def options(name: str) -> tuple[str, ...]:
     """The fields of backbone `name` a user may set (e.g. `last_stride`)."""
     factory = BACKBONES[name]
-    return tuple(
-        f.name
-        for f in dataclasses.fields(factory.func)
-        if f.name not in _INTERNAL_FIELDS and f.name not in factory.keywords
-    )
+    return blocks.module_options(factory.func, exclude=_INTERNAL_FIELDS + tuple(factory.keywords))
+
+
+def feature_map_size(name: str, image_size: int, last_stride: int = 1) -> int:
+    """Side of backbone `name`'s output map on square `image_size` images (its strides and paddings)."""
+    factory = BACKBONES[name]
+    return factory.func.output_size(image_size, last_stride=last_stride, **factory.keywords)

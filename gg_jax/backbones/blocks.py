@@ -6,6 +6,7 @@ settings in Flax, so that a checkpoint converts by renaming and transposing only
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -57,3 +58,10 @@ class Conv1x1(nn.Conv):
     padding: Any = "VALID"
     use_bias: bool = False
     kernel_init: Any = conv_kernel_init
+
+
+def module_options(module_cls, exclude: Sequence[str] = ()) -> tuple[str, ...]:
+    """The fields of a Flax module class that its user sets: the constructor's dataclass fields
+    without Flax's `parent` and `name`, and without `exclude`, in declaration order."""
+    skip = {"parent", "name", *exclude}
+    return tuple(f.name for f in dataclasses.fields(module_cls) if f.init and f.name not in skip)

@@ -89,6 +89,20 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
     conv: ModuleDef = blocks.Conv
 
+    def __post_init__(self):
+        if self.last_stride not in (1, 2):
+            raise ValueError(f"ResNet: last_stride={self.last_stride!r} must be 1 (the covariance heads) or 2.")
+        super().__post_init__()
+
+    @staticmethod
+    def output_size(image_size: int, *, last_stride: int = 1, **_) -> int:
+        """Side of the output map on square `image_size` inputs (the stem and every strided stage)."""
+        strided = lambda n, k, s, p: (n + 2 * p - k) // s + 1  # noqa: E731
+        n = strided(strided(image_size, 7, 2, 3), 3, 2, 1)  # conv1, max-pool
+        for stride in (1, 2, 2, last_stride):  # each stage's strided 3x3 convolution (padding 1)
+            n = strided(n, 3, stride, 1)
+        return n
+
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = x.astype(self.dtype)

@@ -41,10 +41,20 @@ class VGG(nn.Module):
     dtype: Dtype = jnp.float32
     conv: ModuleDef = blocks.Conv
 
+    @staticmethod
+    def output_size(image_size: int, *, last_stride: int = 1, stage_sizes: Sequence[int] = VGG16) -> int:
+        """Side of the output map on square `image_size` inputs (one 2x2 max-pool per stage, the
+        last one only with `last_stride=2`)."""
+        pools = len(stage_sizes) - (1 if last_stride == 1 else 0)
+        return image_size // 2**pools
+
+    def __post_init__(self):
+        if self.last_stride not in (1, 2):
+            raise ValueError(f"VGG: last_stride={self.last_stride!r} must be 1 (no last max-pool) or 2.")
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x, *, train: bool):
-        if self.last_stride not in (1, 2):
-            raise ValueError(f"VGG's last_stride is 1 (no last max-pool) or 2, got {self.last_stride}.")
         x = x.astype(self.dtype)
         widths = (64, 128, 256, 512, 512)
         for stage, (num_convs, width) in enumerate(zip(self.stage_sizes, widths), start=1):

@@ -1,7 +1,7 @@
 """Models by name: a backbone, a global pooling head and a linear classifier.
 
-    model = gg_jax.models.create("resnet50_3g", num_classes=1000, dtype=jnp.bfloat16)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False)
+    model = gg_jax.models.create("resnet50_3g", num_classes=1000, dtype="bfloat16")
+    variables = gg_jax.models.init_variables(model, jax.random.PRNGKey(0))
     logits = model.apply(variables, images_nhwc, train=False)
 
 Names are `{backbone}_{head}`: backbones `resnet{18,34,23,50,101,152}` (the reference's)
@@ -15,11 +15,14 @@ and `vgg{11,16}` (`gg_jax.backbones`), heads
   gap     global average pooling (the original ResNet: stride-2 last stage)
 All covariance heads reduce the last feature map to 256 channels by 1x1 conv -> BN -> ReLU
 and keep the last stage at stride 1, as the reference does.
+
+Options go straight through: a training config's `model` section is `create`'s keyword
+arguments (`create(**config.model, num_classes=...)`), each option under the name of the
+module field it sets (the head's, the backbone's or the classifier's).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -28,62 +31,56 @@ import jax.numpy as jnp
 
 from gg_jax import backbones, layers
 from gg_jax.backbones import blocks
-from gg_jax.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from gg_jax.models.classifier import Classifier
 
-__all__ = [
-    "BACKBONES",
-    "HEADS",
-    "BasicBlock",
-    "Bottleneck",
-    "Classifier",
-    "ResNet",
-    "create",
-    "head_options",
-    "names",
-    "parse_name",
-]
+__all__ = ["HEADS", "Classifier", "create", "feature_map_size", "init_variables", "names", "options", "parse_name"]
 
-BACKBONES = backbones.BACKBONES
-
-# head name -> (layer class, default options, default backbone options)
+# head name -> (layer class, the model's options where they differ from the layer's defaults,
+# the backbone's options where they differ from its defaults).
 HEADS: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {
-    "3g": (layers.GeneralizedGaussianCovariance, dict(reduction_dim=256, num_blocks=3, num_iters=5), {}),
-    "isqrt": (layers.CovariancePooling, dict(reduction_dim=256, method="isqrt", num_iters=5), {}),
+    "3g": (layers.GeneralizedGaussianCovariance, dict(reduction_dim=256), {}),
+    "isqrt": (layers.CovariancePooling, dict(reduction_dim=256, method="isqrt"), {}),
     "mpncov": (layers.CovariancePooling, dict(reduction_dim=256, method="mpncov"), {}),
     "cov": (layers.CovariancePooling, dict(reduction_dim=256, method="plain"), {}),
     "bcnn": (layers.BilinearPooling, dict(reduction_dim=256), {}),
     "g2de": (layers.GaussianEmbedding, dict(reduction_dim=256), {}),
-    "gap": (layers.GlobalAveragePooling, dict(), dict(last_stride=2)),
+    "gap": (layers.GlobalAveragePooling, {}, dict(last_stride=2)),
 }
+# The options of every model: the compute dtype and the classifier's dropout.
+MODEL_OPTIONS = ("dtype", "dropout_rate")
+# Fields `create` sets itself.
+_INTERNAL_FIELDS = ("dtype", "conv")
+# Side of the zero images that variables are initialised (or traced) on: every model's
+# variables are independent of the image size.
+INIT_IMAGE_SIZE = 64
 
-_CLASSIFIER_OPTIONS = ("dropout_rate",)
-# Head fields that `create` sets itself.
-_INTERNAL_HEAD_FIELDS = ("parent", "name", "dtype", "conv")
 
-
-def names():
+def names() -> list[str]:
     """All registered model names, sorted."""
-    return sorted(f"{b}_{h}" for b in BACKBONES for h in HEADS)
+    return sorted(f"{b}_{h}" for b in backbones.BACKBONES for h in HEADS)
 
 
 def parse_name(name: str) -> tuple[str, str]:
     """`"resnet50_3g" -> ("resnet50", "3g")`; ValueError listing valid names otherwise."""
-    backbone, _, head = name.partition("_")
-    if backbone not in BACKBONES or head not in HEADS:
+    backbone, _, head = str(name).partition("_")
+    if backbone not in backbones.BACKBONES or head not in HEADS:
         raise ValueError(f"Unknown model name {name!r}. Valid names: {', '.join(names())}.")
     return backbone, head
 
 
-def _head_fields(head: str) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(HEADS[head][0]) if f.name not in _INTERNAL_HEAD_FIELDS)
+def _option_groups(backbone: str, head: str) -> dict[str, tuple[str, ...]]:
+    return {
+        "backbone": backbones.options(backbone),
+        "head": blocks.module_options(HEADS[head][0], exclude=_INTERNAL_FIELDS),
+        "model": MODEL_OPTIONS,
+    }
 
 
-def head_options(name: str) -> tuple[str, ...]:
-    """Option names that `create(name, **options)` accepts: the head's, the backbone's
-    (`last_stride`) and the classifier's (`dropout_rate`)."""
-    backbone, head = parse_name(name)
-    return _head_fields(head) + backbones.option_names(backbone) + _CLASSIFIER_OPTIONS
+def options(name: str) -> tuple[str, ...]:
+    """The options `create(name, **options)` takes: the head's fields, the backbone's
+    (`last_stride`), the classifier's `dropout_rate` and the compute `dtype`."""
+    groups = _option_groups(*parse_name(name))
+    return groups["head"] + groups["backbone"] + groups["model"]
 
 
 def conv_for_platform(platform: str):
@@ -96,40 +93,85 @@ def conv_for_platform(platform: str):
     return blocks.Conv
 
 
-def create(name: str, *, num_classes: int, dtype=jnp.float32, platform: str | None = None, **options):
+def create(name: str, *, num_classes: int, platform: str | None = None, **options: Any) -> Classifier:
     """Build a model by name.
 
     Args:
       name: e.g. "resnet50_3g", "resnet101_isqrt", "resnet50_gap", "vgg16_3g" (see `names()`).
       num_classes: classifier outputs.
-      dtype: compute dtype of the backbone and head convolutions (bf16 for TPU/GPU
-        training). Parameters stay float32; covariance math and the classifier run in float32.
       platform: the platform the model will run on ('cpu', 'gpu', 'cuda', 'tpu', ...; default
         `jax.default_backend()`); it selects the convolution module (`conv_for_platform`).
         Variables do not depend on it.
-      **options: passed to the head (e.g. `num_blocks`, `num_iters`, `lam`, `reweighting`,
-        `estimator`, `reduction_dim` for 3g), the backbone (`last_stride`) or the classifier
-        (`dropout_rate` before it: the released 3G-Net training code uses 0.2, which needs a
-        'dropout' rng in training); see `head_options(name)`.
+      **options: an option set to None takes the model's default. `dtype` (default float32;
+        "bfloat16" for TPU/GPU training): the compute dtype of the backbone and the head's
+        convolutions; parameters stay float32, the covariance math and the classifier run in
+        float32. `dropout_rate` (default 0): dropout before the classifier in training mode
+        (the released 3G-Net training code uses 0.2; needs a 'dropout' rng). The backbone's
+        `last_stride`, and the head's fields (e.g. `num_blocks`, `num_iters`, `lam`,
+        `reweighting`, `estimator`, `reduction_dim` for 3g); see `options(name)`.
 
     Returns:
       A `Classifier` linen module: `model.apply(variables, images_nhwc, train=False) -> logits`.
+
+    Raises:
+      ValueError naming the valid names, or the valid options, or the option out of range.
     """
     backbone, head = parse_name(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
-    valid = head_options(name)
+    options = {k: v for k, v in options.items() if v is not None}
+    groups = _option_groups(backbone, head)
+    valid = groups["head"] + groups["backbone"] + groups["model"]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} for model {name!r}. Valid options: {', '.join(valid)}.")
     head_cls, head_defaults, backbone_defaults = HEADS[head]
+    dtype = jnp.dtype(options.get("dtype", "float32"))
     conv = conv_for_platform(platform or jax.default_backend())
-    backbone_options = {k: options[k] for k in backbones.option_names(backbone) if k in options}
-    head_kwargs = {**head_defaults, **{k: options[k] for k in _head_fields(head) if k in options}}
+    pick = lambda group: {k: options[k] for k in groups[group] if k in options}  # noqa: E731
     return Classifier(
-        backbone=BACKBONES[backbone](dtype=dtype, conv=conv, **{**backbone_defaults, **backbone_options}),
-        head=functools.partial(head_cls, conv=conv, **head_kwargs),
+        backbone=backbones.BACKBONES[backbone](dtype=dtype, conv=conv, **{**backbone_defaults, **pick("backbone")}),
+        head=head_cls(dtype=dtype, conv=conv, **{**head_defaults, **pick("head")}, parent=None),
         num_classes=num_classes,
         dropout_rate=float(options.get("dropout_rate", 0.0)),
         dtype=dtype,
     )
+
+
+def init_variables(module, rng, shape=None, *, abstract: bool = False, compiler_options=None) -> dict[str, Any]:
+    """`{'params', 'batch_stats'}` of `module.init(rng, zeros(shape), train=False)`.
+
+    shape: the example input, `[1, 64, 64, 3]` images by default (a model's variables do not
+      depend on the image size; a head's depend on its input channels).
+    abstract: shapes and dtypes only (`jax.eval_shape`), nothing computed.
+    compiler_options: of the one-off init program (`gg_jax.cpu.init_compiler_options`).
+    Outside a trace, the initialisation is one compiled program, so that XLA drops the forward
+    pass whose output is discarded.
+    """
+    shape = tuple(shape or (1, INIT_IMAGE_SIZE, INIT_IMAGE_SIZE, 3))
+
+    def init(rng):
+        variables = module.init(rng, jnp.zeros(shape, jnp.float32), train=False)
+        return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+    if abstract:
+        return jax.eval_shape(init, rng)
+    if isinstance(rng, jax.core.Tracer):
+        return init(rng)
+    return jax.jit(init, compiler_options=compiler_options)(rng)
+
+
+def feature_map_size(name: str, image_size: int, **options) -> int:
+    """Side of the last feature map (the head's input) of model `name` on square `image_size` images."""
+    backbone, head = parse_name(name)
+    last_stride = options.get("last_stride") or HEADS[head][2].get("last_stride", 1)
+    return backbones.feature_map_size(backbone, int(image_size), last_stride=last_stride)
+
+
+@functools.cache
+def smallest_image_size(name: str, last_stride: int | None = None) -> int:
+    """The smallest square image size whose last feature map has at least 2 positions."""
+    size = 1
+    while feature_map_size(name, size, last_stride=last_stride) ** 2 < 2:
+        size += 1
+    return size

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -30,22 +29,28 @@ class Classifier(nn.Module):
       backbone: a module `backbone(images, train=...) -> [B, h, w, C]` (`gg_jax.backbones`).
         Its variables sit at the top level of the model's (`conv1`, `layer1_0`, ...), as in the
         reference's state_dict.
-      head: a factory `head(dtype=..., name=...)` of a `gg_jax.layers` head, called as
-        `head(features, train=...)` -> `[B, D]` float32.
+      head: a `gg_jax.layers` head, called as `head(features, train=...)` -> `[B, D]` float32;
+        its variables are under `head`.
       num_classes: outputs of the classifier `fc` (float32, PyTorch's default init).
       dropout_rate: dropout before the classifier in training mode (the released 3G-Net
         training code uses 0.2; needs a 'dropout' rng when > 0 and train=True).
-      dtype: compute dtype of the head's convolutions (the backbone has its own).
+      dtype: the compute dtype (the backbone and the head have their own).
 
     Intermediates (`mutable=['intermediates']`): `layer4` (the backbone's output) and the
     head's own under `head/`.
     """
 
     backbone: nn.Module
-    head: Callable[..., nn.Module]
+    head: nn.Module
     num_classes: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        rate = self.dropout_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ValueError(f"Classifier: dropout_rate={rate!r} must be in [0, 1) (the share of features dropped).")
+        super().__post_init__()
 
     def setup(self):
         nn.share_scope(self, self.backbone)
@@ -56,7 +61,7 @@ class Classifier(nn.Module):
         if x.shape[-1] != 3:
             raise ValueError(f"Expected NHWC images with 3 channels, got shape {x.shape}.")
         features = self.backbone(x, train=train)
-        features = self.head(dtype=self.dtype, name="head")(features, train=train)
+        features = self.head(features, train=train)
         if self.dropout_rate > 0:
             features = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
         init = torch_linear_init(features.shape[-1])

@@ -98,7 +98,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from reference.reference_weights import load_layout, make_state_dict  # noqa: F401
+from tests.reference.reference_weights import load_layout, make_state_dict  # noqa: F401
 
 __all__ = [
     "ARCHS",

@@ -31,12 +31,13 @@ Test and benchmark code: the package itself never emulates.
 from __future__ import annotations
 
 import functools
-import pathlib
 
 import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
+
+from tests import helpers
 
 P = jax.lax.DotAlgorithmPreset
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -279,7 +280,7 @@ def gpu_precision(setting):
     return HIGHEST, {(HIGHEST, HIGHEST): setting}
 
 
-def rel_err(actual, expected):
+def norm_rel_err(actual, expected):
     """||actual - expected||_F / ||expected||_F, in float64."""
     a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert a.shape == e.shape, (a.shape, e.shape)
@@ -393,7 +394,7 @@ def measure(make_fn, x, g, settings=STUDY_SETTINGS, ref=None, emulated=True, cla
     for setting in settings:
         out, grad = run_setting(make_fn, x, g, setting, emulated, args)
         for name, idx in (classes or {"all": slice(None)}).items():
-            results[name][setting] = (rel_err(out[idx], ref_out[idx]), rel_err(grad[idx], ref_grad[idx]))
+            results[name][setting] = (norm_rel_err(out[idx], ref_out[idx]), norm_rel_err(grad[idx], ref_grad[idx]))
     return results if classes else results["all"]
 
 
@@ -403,21 +404,17 @@ def accepted(errors, factor=2.0):
     return [s for s, (f, g) in errors.items() if f <= factor * fwd0 and g <= factor * grad0]
 
 
-DATA = pathlib.Path(__file__).parent / "data"
-
-
 def golden_tensors(name="resnet23_3g"):
     """The reference's tensors (`reduced` NCHW features, `covariance`, `sqrt`, ...)."""
-    z = np.load(DATA / f"{name}_golden.npz")
-    return {k: z[k] for k in z.files}
+    return helpers.golden(name)
 
 
 def golden_head_variables(name="resnet23_3g"):
     """Variables of `GeneralizedGaussianCovariance()` (T=3) that produced the golden tensors
     from `reduced`: the converted reference checkpoint's re-weighting blocks."""
-    from reference.reference_weights import make_state_dict
+    from tests.reference.reference_weights import make_state_dict
 
-    sd = make_state_dict(name, seed=0, layout=DATA / "layout.json")
+    sd = make_state_dict(name, seed=0, layout=helpers.LAYOUT)
     blocks = []
     for t in (1, 2, 3):  # AtMp{t}.* -> ReweightingBlock variables (as gg_jax.convert maps them)
         b = {k[len(f"AtMp{t}.") :]: v for k, v in sd.items() if k.startswith(f"AtMp{t}.")}

@@ -1,4 +1,4 @@
-"""Shared helpers of the training tests (no tests here).
+"""Training runs for the tests: the tiny demo config, subprocesses of the entry points, checkpoints.
 
 Training runs use the demo's ResNet-18 3G-Net with 16 reduced channels on batches of 16
 48x48 digits, so that a step compiles and runs in seconds on a CPU (smaller images are no
@@ -19,8 +19,6 @@ import jax
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `configs` is a directory of the repository, not a package of gg_jax.
-    sys.path.insert(0, str(REPO))
 
 # The tiny demo: overrides of configs/demo.py (as --config.FIELD=VALUE flags or config fields).
 TINY = {
@@ -66,9 +64,7 @@ def subprocess_env(tmp_path, devices: int = 1, **extra) -> dict:
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONPATH=os.pathsep.join(
-            [str(REPO), str(REPO / "tests")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        ),
+        PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
     )
     env.update({k: str(v) for k, v in extra.items()})
     return env

@@ -1,0 +1,477 @@
+"""Training checkpoints: an Orbax `CheckpointManager` in `WORKDIR/checkpoints/<step>/`.
+
+Each checkpoint holds these items:
+  variables/  {'params', 'batch_stats'}: all that evaluation and fine-tuning need;
+  train/      {'step', 'opt_state'}: the rest of the train state;
+  meta/       JSON: model name and options, number of classes, dataset, image size, batch, step.
+Saves are asynchronous (the arrays are copied to host memory before `save` returns, then
+written in the background, so the next step may reuse the device buffers) and atomic: a
+run killed mid-save leaves a temporary directory that is ignored and cleaned up, never a
+half-written checkpoint. A save that fails (disk full, quota, permissions) is raised as
+one `CheckpointSaveError` as soon as it is known (`CheckpointWriter`); Orbax deletes
+old checkpoints only after a new one is committed, so the older ones stay. Restoring
+places every array with the shardings of the current mesh, so a run saved on 8 devices
+resumes on 1, 2 or 512. A checkpoint that cannot be read is never changed or deleted: the
+`DamagedCheckpointError` says which directory to move away.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import traverse_util
+
+import gg_jax
+from gg_jax.checkpoints.variables import CheckpointNotFoundError
+from gg_jax.errors import UserError
+
+CHECKPOINT_SUBDIR = "checkpoints"
+ITEMS = ("variables", "train", "meta")
+
+
+class WorkdirMismatchError(UserError, ValueError):
+    """The workdir holds checkpoints of another model or run; nothing in it was changed."""
+
+
+class DamagedCheckpointError(UserError, RuntimeError):
+    """A checkpoint cannot be read; nothing was changed; the message says what to move away."""
+
+
+class CheckpointSaveError(UserError, OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); older ones are kept."""
+
+
+# Errors of the storage rather than of the program: a save failing with one of these is
+# reported as a `CheckpointSaveError` (TensorStore reports them in its own exception types,
+# so its messages are matched too).
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.fspath(workdir), CHECKPOINT_SUBDIR)
+
+
+def run_metadata(
+    *,
+    model: str,
+    model_options: dict[str, Any],
+    num_classes: int,
+    dataset: str,
+    image_size: int | None = None,
+    batch_size: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The `meta` item of a run's checkpoints (JSON): what `check_resumable` compares."""
+    meta = {
+        "model": model,
+        "model_options": dict(model_options),
+        "num_classes": int(num_classes),
+        "dataset": dataset,
+        "gg_jax_version": gg_jax.__version__,
+        **extra,
+    }
+    if image_size is not None:
+        meta["image_size"] = int(image_size)
+    if batch_size is not None:
+        meta["batch_size"] = int(batch_size)
+    return meta
+
+
+def create_manager(
+    directory: str, *, max_to_keep: int | None = None, read_only: bool = False, asynchronous: bool = True
+) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+        enable_async_checkpointing=asynchronous,
+    )
+    return ocp.CheckpointManager(os.fspath(directory), options=options, item_names=ITEMS)
+
+
+def storage_error(error: BaseException) -> str | None:
+    """The reason ("No space left on device", ...) if `error` or one it was raised from is a
+    storage failure (see `_STORAGE_ERRNOS`), else None."""
+    seen = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            return os.strerror(e.errno)
+        text = str(e)
+        for code in _STORAGE_ERRNOS:
+            if os.strerror(code) in text:
+                return os.strerror(code)
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _older_step(manager, step: int) -> int | None:
+    older = [s for s in manager.all_steps() if s < step]
+    return max(older) if older else None
+
+
+def _damaged(manager, step: int, error: BaseException, read_older) -> DamagedCheckpointError:
+    """The error for a step that cannot be read, after trying the next older one with
+    `read_older(older_step)` (to tell a damaged checkpoint from an incompatible one)."""
+    directory = os.fspath(manager.directory)
+    older = _older_step(manager, step)
+    older_error = None
+    if older is not None:
+        try:
+            read_older(older)
+        except Exception as e:
+            older_error = e
+    path = os.path.join(directory, str(step))
+    moved = os.path.join(os.path.dirname(directory.rstrip("/")), f"damaged_checkpoint_{step}")
+    if older is not None and older_error is not None:
+        return DamagedCheckpointError(
+            f"Neither the latest checkpoint, step {step} ({_first_line(error)}), nor the one before it, step "
+            f"{older} ({_first_line(older_error)}), can be read in {directory}. Nothing was changed. If their "
+            "files were damaged, move both directories out of there; if they were written by another version "
+            "of gg_jax, continue with that version."
+        )
+    resume = (
+        f"the run then resumes from step {older}, the newest intact checkpoint"
+        if older is not None
+        else "there is no older checkpoint, so the run then starts from step 0"
+    )
+    return DamagedCheckpointError(
+        f"The latest checkpoint, step {step}, is damaged and cannot be read ({_first_line(error)}). Nothing was "
+        f"changed. Move {path} out of {directory} (e.g. `mv {path} {moved}`) and rerun the same command: {resume}."
+    )
+
+
+def _read_meta(manager, step: int) -> dict[str, Any]:
+    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The `meta` item of `step`; `DamagedCheckpointError` naming the directory if it cannot be read."""
+    try:
+        return _read_meta(manager, step)
+    except Exception as e:
+        raise _damaged(manager, step, e, lambda older: _read_meta(manager, older)) from None
+
+
+def saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...]]:
+    """`{'params/fc/kernel': shape, ...}` of the variables saved at `step`, read from the metadata."""
+    try:
+        tree = manager.item_metadata(step)["variables"].tree
+    except Exception as e:
+        raise _damaged(manager, step, e, lambda older: manager.item_metadata(older)["variables"].tree) from None
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def variable_shapes(variables) -> dict[str, tuple[int, ...]]:
+    """`{'params/fc/kernel': shape, ...}` of a (possibly abstract) variables tree."""
+    return {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(variables), sep="/").items()}
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _restore_state(manager, step, target):
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            variables=ocp.args.StandardRestore({"params": target.params, "batch_stats": target.batch_stats}),
+            train=ocp.args.StandardRestore({"step": target.step, "opt_state": target.opt_state}),
+        ),
+    )
+    return target.replace(
+        step=restored["train"]["step"],
+        params=restored["variables"]["params"],
+        batch_stats=restored["variables"]["batch_stats"],
+        opt_state=restored["train"]["opt_state"],
+    )
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, shardings):
+    """The train state saved at `step`, placed with `shardings` (a pytree like the state).
+
+    `abstract_state` is a flax struct with `step`, `params`, `batch_stats` and `opt_state`
+    (`gg_jax.training.state.TrainState` of ShapeDtypeStructs); the result is the same
+    struct with arrays. A checkpoint that cannot be read raises `DamagedCheckpointError`
+    (after reading the next older step, to tell a damaged checkpoint from an incompatible
+    one); nothing is changed.
+    """
+    target = _with_shardings(abstract_state, shardings)
+    try:
+        return _restore_state(manager, step, target)
+    except Exception as e:
+        raise _damaged(
+            manager, step, e, lambda older: jax.block_until_ready(_restore_state(manager, older, target))
+        ) from None
+
+
+def restore_variables(manager: ocp.CheckpointManager, step: int, abstract_variables, shardings) -> dict[str, Any]:
+    """The `{'params', 'batch_stats'}` saved at `step`, placed with `shardings`."""
+    target = _with_shardings(abstract_variables, shardings)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target)))
+    except Exception as e:
+        raise DamagedCheckpointError(
+            f"The checkpoint of step {step} in {manager.directory} cannot be read ({_first_line(e)}). Nothing was "
+            "changed."
+        ) from None
+    return dict(restored["variables"])
+
+
+def _isdir(path: str) -> bool:
+    return epath.Path(path).is_dir()  # Local paths and gs:// alike.
+
+
+def locate(path: str) -> tuple[str, int | None]:
+    """(checkpoint directory, step or None for the latest) for a workdir, its
+    `checkpoints/` directory or one step directory `.../checkpoints/<step>`;
+    `CheckpointNotFoundError` if there is no training checkpoint there."""
+    path = os.fspath(path).rstrip("/")
+    sub = os.path.join(path, CHECKPOINT_SUBDIR)
+    if _isdir(sub):
+        return sub, None
+    base = os.path.basename(path)
+    if base.isdigit() and _isdir(os.path.join(path, "meta")):
+        return os.path.dirname(path), int(base)
+    if os.path.basename(path) == CHECKPOINT_SUBDIR and _isdir(path):
+        return path, None
+    raise CheckpointNotFoundError(
+        f"No training checkpoint at {path} (expected WORKDIR, WORKDIR/{CHECKPOINT_SUBDIR} or "
+        f"WORKDIR/{CHECKPOINT_SUBDIR}/<step>)."
+    )
+
+
+def open_step(path: str) -> tuple[ocp.CheckpointManager, int]:
+    """A read-only manager over the checkpoints at `path` (`locate`) and the step to read:
+    the one named, or the latest; `CheckpointNotFoundError` if there is none."""
+    directory, step = locate(path)
+    manager = create_manager(directory, read_only=True)
+    steps = manager.all_steps()
+    if step is None:
+        if not steps:
+            manager.close()
+            raise CheckpointNotFoundError(f"No training checkpoint in {directory} yet.")
+        step = max(steps)
+    elif step not in steps:
+        manager.close()
+        raise CheckpointNotFoundError(f"No checkpoint of step {step} in {directory} (steps there: {sorted(steps)}).")
+    return manager, step
+
+
+# ------------------------------------------------------------------------------ resuming
+
+
+def _normalise(value):
+    return json.loads(json.dumps(value, sort_keys=True)) if value is not None else None
+
+
+def _describe(meta: dict[str, Any]) -> str:
+    options = meta.get("model_options") or {}
+    options = f" with options {options}" if options else ""
+    return f"{meta.get('model')}{options}, {meta.get('num_classes')} classes (dataset {meta.get('dataset')})"
+
+
+def check_resumable(
+    saved: dict[str, Any],
+    wanted: dict[str, Any],
+    saved_shapes: dict[str, tuple[int, ...]],
+    shapes: dict[str, tuple[int, ...]],
+    where: str,
+) -> dict[str, tuple[Any, Any]]:
+    """Whether the run of `saved` (a checkpoint's meta) continues as `wanted` (this config's).
+
+    What must agree: the model name and the shape of every variable, the dataset and the
+    image size (the data), the global batch (the epoch and the learning rate) and the
+    learning-rate groups (the optimizer state). Model options that change none of these
+    (precision, iterations, lam, dropout, ...) may differ.
+
+    Returns: `{option: (saved value, wanted value)}` of the model options that changed.
+    Raises: `WorkdirMismatchError` saying what differs and what to do; nothing is changed.
+    """
+    nothing = "Nothing in the workdir was changed."
+    differ = [k for k in sorted(set(saved_shapes) | set(shapes)) if saved_shapes.get(k) != shapes.get(k)]
+    if saved.get("model") != wanted.get("model") or differ:
+        shown = "; ".join(f"{k}: {saved_shapes.get(k)} vs {shapes.get(k)}" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        detail = f" (variables that differ: {shown}{more})" if differ else ""
+        raise WorkdirMismatchError(
+            f"{where} holds checkpoints of {_describe(saved)}, but the config asks for {_describe(wanted)}{detail}. "
+            f"Use a new --workdir to start this run, or set the config to match to continue the old one. {nothing}"
+        )
+    for field, what in (("dataset", "dataset"), ("image_size", "image size")):
+        if saved.get(field) is not None and saved.get(field) != wanted.get(field):
+            raise WorkdirMismatchError(
+                f"{where} holds a run trained on {what} {saved[field]!r}, but the config asks for "
+                f"{wanted.get(field)!r}; a run continues on the data it started with. To fine-tune it on other "
+                f"data or at another size, start a new --workdir with --config.init_from={where}. {nothing}"
+            )
+    if saved.get("batch_size") is not None and int(saved["batch_size"]) != int(wanted["batch_size"]):
+        batch, new = saved["batch_size"], wanted["batch_size"]
+        raise WorkdirMismatchError(
+            f"{where} holds a run trained with a global batch of {batch}, but the config asks for {new}. The epoch "
+            "length and the learning rate (scaled with the batch) depend on it, so the run would not continue as it "
+            f"started. To continue it, pass --config.batch_size={batch}; to train with {new}, use a new --workdir. "
+            f"{nothing}"
+        )
+    if _normalise(saved.get("lr_groups")) != _normalise(wanted.get("lr_groups")):
+        describe = lambda g: "one learning rate" if not g else ", ".join(f"{k}={v}" for k, v in sorted(g.items()))  # noqa: E731
+        raise WorkdirMismatchError(
+            f"{where} holds a run trained with {describe(saved.get('lr_groups'))}, but the config asks for "
+            f"{describe(wanted.get('lr_groups'))}; its optimizer state cannot continue with other groups. Set "
+            f"the config as the run had it, or use a new --workdir. {nothing}"
+        )
+    before, after = saved.get("model_options") or {}, wanted.get("model_options") or {}
+    return {k: (before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)}
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def _save_failed(step: int, directory: str, reason: str, last_good: int | None) -> CheckpointSaveError:
+    kept = (
+        f"The checkpoint of step {last_good} is the latest complete one (kept); rerunning the same command "
+        "resumes from it"
+        if last_good is not None
+        else "No checkpoint was completed before; rerunning the same command starts over"
+    )
+    return CheckpointSaveError(
+        f"Could not save the checkpoint of step {step} in {directory}: {reason}. Training stopped. {kept} once "
+        "the problem is fixed (free disk space, or use another --workdir)."
+    )
+
+
+def _space_shortage(directory: str, state) -> str | None:
+    """The reason, `No space left on device (...)`, if the local file system holding
+    `directory` has less space free than `state`'s arrays take, else None (also for remote
+    paths). On several processes the answer is process 0's, so that all of them stop or save
+    together."""
+    shortage = None
+    if "://" not in directory:
+        need = sum(int(x.nbytes) for x in jax.tree.leaves(state))
+        free = shutil.disk_usage(directory).free
+        if free < need:
+            shortage = (
+                f"{os.strerror(errno.ENOSPC)} (the checkpoint takes about {need / 2**20:.0f} MiB, "
+                f"{free / 2**20:.0f} MiB are free)"
+            )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not bool(multihost_utils.broadcast_one_to_all(np.asarray(shortage is not None))):
+            return None
+        shortage = shortage or f"{os.strerror(errno.ENOSPC)} (on process 0)"
+    return shortage
+
+
+class CheckpointWriter:
+    """A run's checkpoint saves: which step is committed, which is being written.
+
+    `save(step, state)` starts an asynchronous save (after the previous one is committed);
+    `poll()` notices, without waiting, a save that completed; `finish()` waits for it;
+    `close()` waits and releases the manager. A failed save (storage errors only) raises
+    `CheckpointSaveError` naming `last_good`, the latest complete (or completing) step.
+    """
+
+    def __init__(self, manager: ocp.CheckpointManager, meta: dict[str, Any], committed: int | None = None):
+        self.manager = manager
+        self.meta = meta
+        self.committed = committed  # The latest checkpoint known to be complete on disk.
+        self.pending: int | None = None  # The step of a save started but not known to be committed.
+
+    @property
+    def directory(self) -> str:
+        return os.fspath(self.manager.directory)
+
+    @property
+    def last_good(self) -> int | None:
+        """The step a rerun resumes from: the save in progress (`close` completes it) or the last committed."""
+        return self.committed if self.pending is None else self.pending
+
+    def _wait(self) -> None:
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            reason = storage_error(e)
+            if reason is None:
+                raise
+            raise _save_failed(self.pending, self.directory, reason, self.committed) from None
+        if self.pending is not None:
+            self.committed, self.pending = self.pending, None
+
+    def poll(self) -> None:
+        """Marks the running save committed if it completed (never waits); raises if it failed."""
+        if self.pending is not None and not self.manager.is_saving_in_progress():
+            self._wait()
+
+    def finish(self) -> None:
+        """Waits until the running save is committed."""
+        self._wait()
+
+    def save(self, step: int, state) -> None:
+        """Starts saving `state` (with `params`, `batch_stats`, `step`, `opt_state`) as `step`;
+        returns once its arrays are on the host. A step already saved is not saved again.
+
+        `CheckpointSaveError` if the file system has less space free than the arrays take
+        (checked first: a save failing half-way is noisier and slower to notice), or if this
+        or the previous save failed for a storage reason.
+        """
+        if step in (self.committed, self.pending):
+            return
+        if self.pending is not None:
+            self._wait()  # One save at a time: the previous one must be complete first.
+        short = _space_shortage(self.directory, state)
+        if short:
+            raise _save_failed(step, self.directory, short, self.committed)
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    variables=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
+                    train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+                    meta=ocp.args.JsonSave({**self.meta, "step": int(step)}),
+                ),
+                force=True,
+            )
+        except Exception as e:
+            reason = storage_error(e)
+            if reason is None:
+                raise
+            raise _save_failed(step, self.directory, reason, self.committed) from None
+        self.pending = step
+
+    def close(self) -> None:
+        """Waits for the running save and closes the manager. A save error here (the run
+        stopped for another reason first) is logged in one line, not raised over that one."""
+        try:
+            self.manager.close()
+        except Exception as e:
+            reason = storage_error(e)
+            if reason is None:
+                raise
+            logging.error("The last checkpoint save failed: %s; the checkpoints before it are kept.", reason)
+        else:
+            if self.pending is not None:
+                self.committed, self.pending = self.pending, None

@@ -1,0 +1,143 @@
+"""The command line of every entry point: one `error:` line and exit status 1 for what a user fixes.
+
+`train.py` and `evaluate.py` (absl flags) start with `run(main)`; the `python -m gg_jax.*`
+tools (argparse) with `run_tool(main)`. Both print every `gg_jax.errors.UserError` (a
+config value, a missing dataset or checkpoint, a damaged file, a failed save, ...) as one
+`error: ...` line on stderr and exit with status 1, without a traceback. `run` also:
+  - answers `--help` (`-h`, `-?`, `--helpshort`) and `--helpfull` with the usage and exit 0,
+    before anything else is parsed or imported (absl's own help flags exit 1);
+  - turns a flag that cannot be parsed, an override of a config field that does not exist
+    (with ml_collections' "did you mean") and a config file that does not load into one line.
+`start_devices()` is what both entry points do before JAX touches a device. Imports absl only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+from gg_jax.errors import UserError
+
+SHORT_HELP = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
+FULL_HELP = ("--helpfull", "-helpfull")
+
+
+def fail(message: str) -> None:
+    """Prints `error: message` on stderr and exits with status 1."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _exit_on_user_error(error: UserError) -> None:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Skip the interpreter's shutdown: after a failed save, the asyncio coroutines of Orbax's
+    # writers print tracebacks while they are torn down. Everything of ours is closed by now.
+    os._exit(1)
+
+
+def run_tool(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
+    """`sys.exit(main(argv))` of a `python -m gg_jax.*` tool, with every `UserError` as one line."""
+    try:
+        code = main(argv)
+    except UserError as e:
+        _exit_on_user_error(e)
+    sys.exit(code or 0)
+
+
+def _flag_args(argv: list[str]) -> list[str]:
+    args = list(argv[1:])
+    return args[: args.index("--")] if "--" in args else args
+
+
+def _unknown_field(error: Exception, argv: list[str]) -> str | None:
+    """The one-line message for ml_collections' error on an override of a missing field, or
+    None if `error` is not that (a locked ConfigDict raises AttributeError(KeyError(text)),
+    text = "'field'" and possibly a line 'Did you mean "x" instead of "field"?')."""
+    inner = error.args[0] if error.args and isinstance(error.args[0], KeyError) else error
+    text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return None
+    field = lines[0].strip("'\"")
+    for arg in _flag_args(argv):
+        name = arg.lstrip("-").split("=", 1)[0]
+        if "." in name and field in name.split(".")[1:]:
+            hint = f" {lines[1]}" if len(lines) > 1 else ""
+            return f"--{name}: the config has no field {field!r}.{hint} (configs/default.py lists the fields)"
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """`absl.flags.FLAGS(argv)`, with parse errors as one `error:` line and exit status 1."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(f"{e} (see --help)")
+    except (AttributeError, KeyError) as e:
+        message = _unknown_field(e, argv)
+        if message is None:
+            raise
+        fail(message)
+    raise AssertionError("unreachable")
+
+
+def _config_file_error(name: str, error: BaseException) -> str:
+    """One line for a config file that does not load: the file and line where it failed."""
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, SyntaxError):
+        return f"cannot load --{name}: {cause.filename}, line {cause.lineno}: {cause.msg}"
+    frames = [f for f in traceback.extract_tb(cause.__traceback__) if "/configs/" in f.filename or f is None]
+    where = f"{frames[-1].filename}, line {frames[-1].lineno}: " if frames else ""
+    detail = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    text = detail[-1] if detail else ""
+    return f"cannot load --{name}: {where}{type(cause).__name__}{': ' + text if text else ''}"
+
+
+def config_value(holder, argv: Sequence[str]):
+    """The value of a `config_flags.DEFINE_config_file` flag. Unexpected positional arguments,
+    and a config file that cannot be loaded (missing, a syntax error, no `get_config`, or
+    `get_config` raising) are one `error:` line and exit status 1."""
+    if len(argv) > 1:
+        fail(f"unexpected arguments {list(argv[1:])} (flags are --name=value; see --help)")
+    try:
+        value = holder.value
+        value.keys()  # A config file that failed to load gives an object that raises on use.
+        return value
+    except Exception as e:  # Whatever the config file raised: its file and line in one line.
+        fail(_config_file_error(holder.name, e))
+
+
+def start_devices() -> None:
+    """Before anything touches a device: `jax.distributed` as the flags ask (see
+    `gg_jax.training.distributed_flags`), then the library logs a user cannot act on quieted."""
+    from gg_jax.training import distributed_flags, logs
+
+    distributed_flags.initialize()
+    logs.quiet_library_logs()
+
+
+def run(main: Callable[[list[str]], object]) -> None:
+    """`absl.app.run(main)` with instant help (exit 0) and one-line user errors (exit 1)."""
+    args = _flag_args(sys.argv)
+    if any(a in FULL_HELP for a in args):
+        app.usage(shorthelp=False, writeto_stdout=True)
+        sys.exit(0)
+    if any(a in SHORT_HELP for a in args):
+        app.usage(shorthelp=True, writeto_stdout=True)
+        print("Try --helpfull to get a list of all flags.")
+        sys.exit(0)
+
+    def checked_main(argv):
+        try:
+            return main(argv)
+        except UserError as e:
+            _exit_on_user_error(e)
+
+    app.run(checked_main, flags_parser=parse_flags)

@@ -1,0 +1,60 @@
+"""The console of a run: what the libraries log that a user cannot act on is left out.
+
+`quiet_library_logs()` drops Orbax's INFO logs (warnings stay), its tracebacks of storage
+errors that the trainer reports in one line (`gg_jax.checkpoints.CheckpointSaveError`), and
+the "Event loop is closed" tracebacks that TensorStore prints for each write still running
+when such a save failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import logging as absl_logging
+
+
+class _DropLibraryInfo(logging.Filter):
+    """Orbax's records: INFO and DEBUG (very chatty), the warning that a manager opened
+    read-only is read-only (evaluation opens them so on purpose), and the tracebacks of
+    failed saves due to the storage (disk full, ...)."""
+
+    def filter(self, record) -> bool:
+        if "/orbax/" not in record.pathname.replace("\\", "/"):
+            return True
+        if record.levelno < logging.WARNING or str(record.msg).startswith("Given directory is read only"):
+            return False
+        from gg_jax.checkpoints.training import storage_error
+
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or storage_error(error) is None
+
+
+def _closed_loop_callback(error, tb) -> bool:
+    """Whether `error` is asyncio's "Event loop is closed" raised by `call_soon_threadsafe`
+    called straight from native code (`tb` starts there): TensorStore completing a write
+    for an Orbax save whose event loop a failed write already closed."""
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed" and tb is not None):
+        return False
+    return tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
+
+
+def quiet_library_logs() -> None:
+    """Installs the filter on absl's handler and the hooks that drop the closed-loop tracebacks (once)."""
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+        handler.addFilter(_DropLibraryInfo())
+    if getattr(sys.excepthook, "_gg_jax_quiet", False):
+        return
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def quiet_excepthook(exc_type, exc, tb):
+        if not _closed_loop_callback(exc, tb):
+            excepthook(exc_type, exc, tb)
+
+    def quiet_unraisablehook(unraisable):
+        if not _closed_loop_callback(unraisable.exc_value, unraisable.exc_traceback):
+            unraisablehook(unraisable)
+
+    quiet_excepthook._gg_jax_quiet = True
+    sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
