@@ -19,7 +19,8 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 # Only absl and ml_collections at module level: `--help` and flag errors are instant.
-from gg_jax.training import cli, distributed_flags
+from gg_jax import cli
+from gg_jax.training import distributed_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file naming the model and dataset.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
@@ -31,29 +32,26 @@ flags.adopt_module_key_flags(distributed_flags)
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]} (flags are --name=value; see --help)")
+    config = cli.config_value(_CONFIG, argv)
     if not (_WORKDIR.value or _CHECKPOINT.value):
         cli.fail("give --workdir (its latest checkpoint) or --checkpoint=PATH.")
-    config = cli.config_value(_CONFIG)
     from gg_jax.cpu import malloc
 
     # On a CPU-only host, re-executes this command with huge pages for malloc (never on GPU/TPU).
     hugepages = malloc.tune_for_cpu_backend()
     from gg_jax.training import validation
 
-    validation.check_eval_config(config)  # Before the trainer's imports: stops at once.
+    validation.check_eval_config(config)  # Before the devices are touched: stops at once.
     if _WORKDIR.value:
         validation.check_writable(_WORKDIR.value, hint=validation.EVAL_HINT, create=False)
-    distributed_flags.initialize()  # Before anything touches the devices.
+    cli.start_devices()
     import jax
 
-    from gg_jax.training import trainer
+    from gg_jax.training import evaluation
 
-    trainer.quiet_library_logs()
     if hugepages:
         logging.info("malloc: transparent huge pages for XLA:CPU's buffers (gg_jax/cpu/malloc.py).")
-    metrics = trainer.evaluate(config, _WORKDIR.value, _CHECKPOINT.value)  # UserError: one line, exit 1.
+    metrics = evaluation.evaluate(config, _WORKDIR.value, _CHECKPOINT.value)  # UserError: one line, exit 1.
     if jax.process_index() == 0:
         print(json.dumps(metrics, sort_keys=True), flush=True)
 

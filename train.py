@@ -10,20 +10,21 @@ train again). On several hosts, run the same command on every host with --distri
 (cluster auto-detection: Cloud TPU, SLURM, Open MPI, Kubernetes) or with
 --coordinator_address/--num_processes/--process_id. See docs/training.md.
 
-Exit status: 0 when the run is finished, 143 (128 + SIGTERM) when it stopped after
-saving (and committing) a checkpoint because of a preemption notice, 1 on an error the
-user can fix (config, dataset, workdir, a checkpoint that cannot be read or saved, a
-diverged run), printed as one `error: ...` line on stderr.
+Exit status: 0 when the run is finished; 143 (128 + SIGTERM, a preemption notice) or 130
+(128 + SIGINT, Ctrl-C) when it stopped after saving (and committing) the checkpoint of the
+current step, from which the same command resumes (a second signal meanwhile is ignored);
+1 on an error the user can fix (config, dataset, workdir, a checkpoint that cannot be read
+or saved, a diverged run), printed as one `error: ...` line on stderr.
 """
 
-import signal
 import sys
 
 from absl import flags, logging
 from ml_collections import config_flags
 
 # Only absl and ml_collections at module level: `--help` and flag errors are instant.
-from gg_jax.training import cli, distributed_flags
+from gg_jax import cli
+from gg_jax.training import distributed_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (e.g. configs/demo.py).", lock_config=True
@@ -34,39 +35,35 @@ flags.adopt_module_key_flags(distributed_flags)
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]} (flags are --name=value; see --help)")
-    config = cli.config_value(_CONFIG)
+    config = cli.config_value(_CONFIG, argv)
     from gg_jax.cpu import malloc
 
     # On a CPU-only host, re-executes this command with huge pages for malloc (never on GPU/TPU).
     hugepages = malloc.tune_for_cpu_backend()
     from gg_jax.training import validation
 
-    # Before the trainer's imports (TensorFlow, Orbax: many seconds): a config or workdir that
-    # cannot run stops at once.
+    # Before the devices are touched and anything is read or written: a config or workdir
+    # that cannot run stops at once.
     validation.check_train_config(config)
     validation.check_writable(_WORKDIR.value)
-    distributed_flags.initialize()  # Before anything touches the devices.
+    cli.start_devices()
     import jax
 
     from gg_jax.training import trainer
 
-    trainer.quiet_library_logs()
     logging.info(
-        "JAX process %d of %d, %d local devices of %d: %s",
+        "JAX process %d of %d, %d local devices of %d: %s%s",
         jax.process_index(),
         jax.process_count(),
         jax.local_device_count(),
         jax.device_count(),
         jax.devices()[0].platform,
+        "; malloc: transparent huge pages (gg_jax/cpu/malloc.py)" if hugepages else "",
     )
-    if hugepages:
-        logging.info("malloc: transparent huge pages for XLA:CPU's buffers (gg_jax/cpu/malloc.py).")
     result = trainer.train_and_evaluate(config, _WORKDIR.value)  # UserError: one line, exit 1 (cli.run).
-    if result.preempted:
-        # A scheduler must not take a preempted run for a finished one.
-        sys.exit(128 + signal.SIGTERM)
+    if result.stopped_by:
+        # A scheduler must not take a stopped run for a finished one.
+        sys.exit(128 + result.stopped_by)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,18 @@ from ml_collections import config_dict
 def get_config():
     config = ml_collections.ConfigDict()
 
-    # Model: any name of gg_jax.models.names(); other fields are passed to
-    # gg_jax.models.create(name, **options) when set (None = the model's default).
-    # Baselines are a flag away: --config.model.name=resnet50_isqrt / _mpncov / _gap ...
+    # Model: gg_jax.models.create(**config.model, num_classes=...): any name of
+    # gg_jax.models.names() and the options of that model under their own names; an option left
+    # None takes the model's default. Baselines are a flag away: --config.model.name=resnet50_isqrt
+    # (options that only the 3G head has, such as num_blocks, must then be left unset).
     config.model = ml_collections.ConfigDict()
     config.model.name = "resnet50_3g"
-    config.model.reduction_dim = config_dict.placeholder(int)  # 1x1 reduction before the head (256).
+    # Compute dtype: 'float32', or 'bfloat16' on TPU/GPU (float32 parameters, covariance head and
+    # classifier); the input pipeline delivers images in it.
+    config.model.dtype = config_dict.placeholder(str)
+    config.model.reduction_dim = config_dict.placeholder(int)  # 1x1 reduction before the head (256; 0: none).
     config.model.num_blocks = config_dict.placeholder(int)  # 3G re-weighting blocks T (3).
     config.model.num_iters = config_dict.placeholder(int)  # Newton-Schulz iterations (5).
-    # More options of gg_jax.models.create, unset = the model's default; a model ignores (with
-    # a log line) those of other heads, e.g. num_blocks for resnet50_isqrt.
     config.model.reweighting = config_dict.placeholder(str)  # 3G re-weighting: '3g' | 'urm_v1' | 'urm_v2' | 'exact'.
     # reweighting='exact' (Eqn. 9 computed): MGGD shape beta (None: learned), c (None: Eqn. 7's c_n),
     # learn c, Newton-Schulz iterations of its inverse roots (None: num_iters).
@@ -35,8 +37,9 @@ def get_config():
     config.model.lam = config_dict.placeholder(float)  # Robust estimator, Theorem 1: lambda in (0, 1] (1).
     config.model.estimator = config_dict.placeholder(bool)  # 3G: square root of the covariance (True).
     config.model.sqrt_method = config_dict.placeholder(str)  # 'newton_schulz' (3G, iSQRT) | 'eigh'.
+    config.model.cov_eps = config_dict.placeholder(float)  # Ridge added to the covariance (1e-7).
     config.model.last_stride = config_dict.placeholder(int)  # Last stage's stride (1; 2 for _gap).
-    config.model.dropout_rate = config_dict.placeholder(float)  # Before the classifier (0; released code: 0.2).
+    config.model.dropout_rate = config_dict.placeholder(float)  # Before the classifier (0).
     # Covariance/root products: 'auto' (the platform's fastest float32-accurate) | 'highest' | 'bf16_6x' | 'tf32_3x'.
     config.model.matmul_precision = config_dict.placeholder(str)
 
@@ -69,7 +72,6 @@ def get_config():
     config.head_lr_modules = ("head", "fc")
     config.num_epochs = 115.0
     config.num_train_steps = -1  # > 0 overrides num_epochs.
-    config.half_precision = False  # bf16 compute (float32 parameters and covariance head).
     config.seed = 0
 
     # Bookkeeping. Periods in steps: > 0 as is, 0 = once per epoch, < 0 = only at the end.

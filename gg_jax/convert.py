@@ -61,8 +61,8 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from gg_jax import variables_io
-from gg_jax.variables_io import CheckpointMismatchError
+from gg_jax.checkpoints import variables as variables_io
+from gg_jax.checkpoints.variables import CheckpointMismatchError
 
 __all__ = [
     "CONVENTIONS",
@@ -264,7 +264,7 @@ def _layout(name: str, num_classes: int, frozen_options) -> tuple[_Entry, ...]:
 def _vector_head(name: str) -> bool:
     from gg_jax import models
 
-    return "lower_triangle" in models.head_options(name)
+    return "lower_triangle" in models.options(name)
 
 
 def _tri_size(d: int) -> int | None:
@@ -446,7 +446,7 @@ def convert_state_dict(
     models.parse_name(name)  # unknown names: ValueError listing the valid ones
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of key -> array, got {type(state_dict).__name__}.")
-    valid = models.head_options(name)
+    valid = models.options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} for model {name!r}. Valid options: {', '.join(valid)}.")

@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """An error whose message says what to change; not a bug of gg_jax."""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional package (torch, matplotlib, gdown) is needed for what was asked; the message names it."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,10 +33,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gg_jax import cli
+from gg_jax.errors import UserError
+
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 INPUTS = ("pixels", "normalized")
 SIDECAR_SUFFIX = ".json"
 DEFAULT_IMAGE_SIZE = 224
+
+
+class ExportPathError(UserError, OSError):
+    """`--out` cannot be written (a directory, an existing file, no permission); nothing was written."""
 
 
 def sidecar_path(out: str) -> str:
@@ -125,22 +131,20 @@ def _check_out(out: str, overwrite: bool) -> str:
     """The absolute path of `out` once it is known to be writable; errors say what to do."""
     out = os.path.abspath(os.fspath(out))
     if os.path.isdir(out):
-        raise IsADirectoryError(
-            f"--out {out} is a directory; give the path of the file to write, e.g. {out}/model.jax."
-        )
+        raise ExportPathError(f"--out {out} is a directory; give the path of the file to write, e.g. {out}/model.jax.")
     if not overwrite:
         for path in (out, sidecar_path(out)):
             if os.path.exists(path):
-                raise FileExistsError(
+                raise ExportPathError(
                     f"{path} exists; pass --overwrite (overwrite=True) to replace it, or choose another --out."
                 )
     parent = os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
-        raise PermissionError(f"Cannot create the directory of --out {out}: {e}. Choose a writable location.") from None
+        raise ExportPathError(f"Cannot create the directory of --out {out}: {e}. Choose a writable location.") from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"Cannot write to {parent} (the directory of --out); choose a writable location.")
+        raise ExportPathError(f"Cannot write to {parent} (the directory of --out); choose a writable location.")
     return out
 
 
@@ -155,26 +159,6 @@ def _write_atomically(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-def training_config(checkpoint: str) -> dict[str, Any] | None:
-    """The `config.json` of the training run that `checkpoint` belongs to, if any.
-
-    `checkpoint` is a workdir, its `checkpoints/` directory or one `checkpoints/<step>`
-    directory; converted variables directories have none (None).
-    """
-    path = os.path.abspath(checkpoint)
-    candidates = [path]
-    if os.path.basename(path) == "checkpoints":
-        candidates.append(os.path.dirname(path))
-    elif os.path.basename(os.path.dirname(path)) == "checkpoints":
-        candidates.append(os.path.dirname(os.path.dirname(path)))
-    for directory in candidates:
-        config = os.path.join(directory, "config.json")
-        if os.path.isfile(config):
-            with open(config) as f:
-                return json.load(f)
-    return None
 
 
 def _eval_preprocessing(dataset: str | None, image_size: int, config: dict[str, Any] | None) -> str:
@@ -200,14 +184,14 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Export the eval-mode model of `checkpoint` to the file `out`, its sidecar to `out + '.json'`.
 
-    checkpoint: anything `gg_jax.variables_io.load_model` reads (a training workdir, one of
-      its `checkpoints/<step>` directories, a converted variables directory).
+    checkpoint: anything `gg_jax.checkpoints.load` reads (a training workdir, one of its
+      `checkpoints/<step>` directories, a converted variables directory).
     image_size: the side S of the input images; default: the training run's
       `image_size` (its config.json), else 224.
     Refuses to replace an existing `out` or sidecar unless `overwrite`; checks `out`
     before reading the checkpoint. Returns the sidecar (a dict, also written as JSON).
     """
-    from gg_jax import variables_io
+    from gg_jax import checkpoints  # Orbax: the `train` extra.
     from gg_jax.data.preprocessing import MEAN_RGB, STDDEV_RGB
 
     platforms = check_platforms(platforms)
@@ -215,8 +199,8 @@ def export_checkpoint(
     out = _check_out(out, overwrite)
     # The model for the platforms it will run on: XLA:CPU's forms only in a CPU-only artifact.
     platform = "cpu" if set(platforms) == {"cpu"} else next(p for p in platforms if p != "cpu")
-    model, variables, meta = variables_io.load_model(checkpoint, platform=platform)
-    config = training_config(checkpoint)
+    model, variables, meta = checkpoints.load(checkpoint, platform=platform)
+    config = checkpoints.run_config(checkpoint)
     if image_size is None:
         image_size = int(config["image_size"]) if config and config.get("image_size") else DEFAULT_IMAGE_SIZE
     exported = export_model(model, variables, image_size=image_size, platforms=platforms, input_format=input_format)
@@ -296,18 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(e))
     if args.image_size is not None and args.image_size < 1:
         p.error(f"--image_size must be positive, got {args.image_size}.")
-    try:
-        sidecar = export_checkpoint(
-            args.checkpoint,
-            args.out,
-            platforms=platforms,
-            input_format=args.input,
-            image_size=args.image_size,
-            overwrite=args.overwrite,
-        )
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    sidecar = export_checkpoint(
+        args.checkpoint,
+        args.out,
+        platforms=platforms,
+        input_format=args.input,
+        image_size=args.image_size,
+        overwrite=args.overwrite,
+    )
     out = os.path.abspath(args.out)
     step = f", step {sidecar['step']}" if sidecar.get("step") is not None else ""
     size = os.path.getsize(out)
@@ -321,4 +301,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_tool(main)

@@ -28,7 +28,6 @@ Variables: `head.linen` holds them under the linen head's variable names (e.g.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,7 +37,8 @@ import numpy as np
 from flax import nnx, traverse_util
 from flax.core import unfreeze
 
-from gg_jax import cpu, layers
+from gg_jax import cpu, layers, models
+from gg_jax.backbones import blocks
 
 __all__ = [
     "BilinearPooling",
@@ -56,11 +56,6 @@ __all__ = [
 _INIT_SIZE = 4
 
 
-def _linen_options(linen_cls) -> tuple[str, ...]:
-    """Constructor fields of a linen module class, without Flax's `parent` and `name`."""
-    return tuple(f.name for f in dataclasses.fields(linen_cls) if f.init and f.name not in ("parent", "name"))
-
-
 class _LinenHead(nnx.Module):
     """An NNX module around one linen head of `gg_jax.layers` (`flax.nnx.bridge.ToNNX`).
 
@@ -75,16 +70,22 @@ class _LinenHead(nnx.Module):
             raise ValueError(f"{name}: in_features must be a positive int (the input channels), got {in_features!r}.")
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"{name}: rngs must be an nnx.Rngs (e.g. rngs=nnx.Rngs(0)), got {type(rngs).__name__}.")
-        valid = tuple(o for o in _linen_options(self._linen_cls) if o != "in_features")
+        valid = blocks.module_options(self._linen_cls, exclude=("in_features",))
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise TypeError(f"{name} got unknown option(s) {unknown}. Valid options: {', '.join(valid)}.")
-        if "in_features" in _linen_options(self._linen_cls):
+        if "in_features" in blocks.module_options(self._linen_cls):
             options["in_features"] = int(in_features)
         self.in_features = int(in_features)
         self.use_running_average = bool(use_running_average)
         linen_head = self._linen_cls(**options)
-        variables = _init_linen(linen_head, rngs.params(), self.in_features)
+        # Traced into the caller's program when built under nnx.jit / nnx.eval_shape.
+        variables = models.init_variables(
+            linen_head,
+            rngs.params(),
+            (1, _INIT_SIZE, _INIT_SIZE, self.in_features),
+            compiler_options=cpu.init_compiler_options(jax.default_backend()),
+        )
         # The heads draw no random numbers when applied: the bridge keeps no RNG state.
         self.linen = nnx.bridge.ToNNX(linen_head)
         # Stored as `ToNNX.lazy_init` stores them: one attribute per top-level name, the
@@ -159,22 +160,6 @@ class _LinenHead(nnx.Module):
             var.set_value(value.astype(var.get_value().dtype))
 
 
-def _init_linen(linen_head, key: jax.Array, in_features: int) -> dict[str, Any]:
-    """`linen_head.init` on a zero map `[1, 4, 4, in_features]`: `{'params', 'batch_stats'}`.
-
-    Outside a trace, compiled as one program, so that XLA drops the forward pass whose
-    output is discarded (eagerly it would run op by op), with `gg_jax.cpu.init_compiler_options`.
-    Inside a trace (a model built under `nnx.jit` or `nnx.eval_shape`), traced into the
-    caller's program.
-    """
-    x = jnp.zeros((1, _INIT_SIZE, _INIT_SIZE, in_features), jnp.float32)
-    init = lambda key, x: linen_head.init({"params": key}, x, train=False)  # noqa: E731
-    if isinstance(key, jax.core.Tracer):
-        return dict(init(key, x))
-    options = cpu.init_compiler_options(jax.default_backend())
-    return dict(jax.jit(init, compiler_options=options)(key, x))
-
-
 class GeneralizedGaussianCovariance(_LinenHead):
     """The 3G head (`gg_jax.layers.GeneralizedGaussianCovariance`) as an NNX module.
 
@@ -184,7 +169,8 @@ class GeneralizedGaussianCovariance(_LinenHead):
 
     Call: `head(x)` with NHWC `x` `[B, H, W, in_features]` -> `[B, C(C+1)/2]` float32
     (C = reduction_dim, or in_features without a reduction); the covariance and the square
-    root run in float32 at HIGHEST precision whatever `dtype`.
+    root run in float32 whatever `dtype`, their products at `matmul_precision` ("auto": the
+    platform's float32-accurate default, `gg_jax.linalg.default_matmul_precision`).
     """
 
     _linen_cls = layers.GeneralizedGaussianCovariance
@@ -268,7 +254,7 @@ class ChannelReduction(_LinenHead):
 class ReweightingBlock(_LinenHead):
     """One re-weighted block (`gg_jax.layers.ReweightingBlock`, paper Eqns. 12-13) as an NNX module.
 
-    Options as the linen module: `hidden`, `variant` ("3g", "urm_v1", "urm_v2"), `dtype`.
+    Options as the linen module: `hidden`, `reweighting` ("3g", "urm_v1", "urm_v2"), `dtype`.
 
     Call: `block(x_hat, x=None)` with NHWC `x_hat` `[B, H, W, in_features]` (the running
     features) and `x` (the module input X, same shape; defaults to `x_hat`) -> `x_hat`
@@ -284,7 +270,7 @@ class ReweightingBlock(_LinenHead):
 class UnrolledReweighting(_LinenHead):
     """The unrolling re-weighting module (`gg_jax.layers.UnrolledReweighting`) as an NNX module.
 
-    Options as the linen module: `num_blocks`, `hidden`, `variant`, `dtype`, `unroll`. The
+    Options as the linen module: `num_blocks`, `hidden`, `reweighting`, `dtype`, `unroll`. The
     blocks' variables are stacked on a leading axis of length `num_blocks`.
 
     Call: `module(x)` with `[B, H, W, in_features]` -> `[B, H, W, in_features]` in `dtype`.

@@ -86,7 +86,7 @@ def test_load_images_preprocesses_files_like_the_eval_pipeline(tmp_path):
     assert -0.01 < pixels.min() and pixels.max() < 1.01 and pixels.std() > 0.1
     glob_images, _ = diagnose.load_images(f"{tmp_path}/img2.*", image_size=48)
     assert glob_images.shape == (1, 48, 48, 3)
-    with pytest.raises(FileNotFoundError, match="no image files found"):
+    with pytest.raises(diagnose.DiagnoseError, match="no image files found"):
         diagnose.load_images(f"{tmp_path}/none/*.jpg", image_size=48)
 
 

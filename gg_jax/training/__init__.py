@@ -1,17 +1,19 @@
 """Training and evaluation of any `gg_jax.models` model, driven by an ml_collections config.
 
-  validation.py     checks of a config and a workdir that need no devices (no jax import)
+  trainer.py        train_and_evaluate(config, workdir): the train loop
+  evaluation.py     the eval loop, and evaluate(config, workdir, checkpoint) of evaluate.py
+  state.py          TrainState, the model of a config, initialisation
+  init_from.py      fine-tuning's start from a checkpoint (config.init_from)
   optim.py          learning-rate schedule; PyTorch-style SGD + momentum + weight decay
-  state.py          TrainState, model from config, initialisation, fine-tuning init
   steps.py          train/eval steps, jitted with explicit shardings over a device mesh
-  checkpointing.py  Orbax checkpoints in WORKDIR/checkpoints (async, atomic, reshardable)
-  preemption.py     SIGTERM -> save, wait for the commit, exit
-  trainer.py        train_and_evaluate(config, workdir), evaluate(config, workdir, checkpoint)
-  cli.py, distributed_flags.py   what train.py and evaluate.py share (absl only)
-
-Entry points: `train.py` and `evaluate.py` at the repository root. The names below are
-imported on first use, so that the entry points' flag modules (and `--help`) do not load
-the trainer (jax, TensorFlow, Orbax).
+  progress.py       train metrics between log steps, the progress line and its ETA
+  preemption.py     SIGTERM / Ctrl-C -> save, wait for the commit, exit
+  validation.py     checks of a config and a workdir before anything is read or written
+  logs.py           the library logs a user cannot act on, left out
+  distributed_flags.py  the multi-host flags of train.py and evaluate.py (absl only)
+Checkpoints are `gg_jax.checkpoints`; the command line is `gg_jax.cli`. Entry points:
+`train.py` and `evaluate.py` at the repository root. The names below are imported on first
+use, so that the entry points' flag modules (and `--help`) do not load the trainer.
 """
 
 import importlib
@@ -21,8 +23,7 @@ _EXPORTS = {
     "NonFiniteLossError": "gg_jax.training.trainer",
     "TrainResult": "gg_jax.training.trainer",
     "TrainState": "gg_jax.training.state",
-    "WorkdirMismatchError": "gg_jax.training.checkpointing",
-    "evaluate": "gg_jax.training.trainer",
+    "evaluate": "gg_jax.training.evaluation",
     "train_and_evaluate": "gg_jax.training.trainer",
 }
 

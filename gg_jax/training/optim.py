@@ -149,8 +149,15 @@ def create(config, *, steps_per_epoch: int, num_train_steps: int):
         warmup_epochs=config.warmup_epochs,
     )
     sgd = dict(momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
-    factor = float(config.get("head_lr_factor", 1.0))
-    if factor == 1.0:  # one group: the state of runs without the option is unchanged
+    groups = lr_groups(config)
+    if groups is None:  # one group: the state of runs without the option is unchanged
         return create_optimizer(schedule, **sgd), schedule
-    modules = tuple(config.get("head_lr_modules", ("head", "fc")))
-    return create_grouped_optimizer(schedule, factor, modules, **sgd), schedule
+    return create_grouped_optimizer(schedule, groups["head_lr_factor"], groups["head_lr_modules"], **sgd), schedule
+
+
+def lr_groups(config) -> dict | None:
+    """The learning-rate groups of a config (None: one learning rate), as checkpoints record them:
+    the optimizer state's structure depends on them."""
+    if float(config.head_lr_factor) == 1.0:
+        return None
+    return {"head_lr_factor": float(config.head_lr_factor), "head_lr_modules": list(config.head_lr_modules)}

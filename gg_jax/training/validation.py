@@ -1,12 +1,13 @@
-"""Checks of a config and a workdir that need no devices, no model and no data.
+"""Checks of a config and a workdir that need no devices, no variables and no data.
 
 `check_train_config(config)` and `check_eval_config(config)` raise one `ConfigError` that
 names every field with a value that cannot run, and what to use instead;
 `check_writable(workdir)` raises `WorkdirError` unless files can be created there. The
-entry points call them before anything heavy is imported (TensorFlow, Orbax, the model),
-so a nonsense config stops within seconds; `trainer.train_and_evaluate` and
-`trainer.evaluate` call them again for library users. Only `dataset.augment` needs an
-import beyond the standard library (`gg_jax.data`, for the names; it imports jax).
+entry points call them before the devices are touched and anything is read or written, so a
+nonsense config stops within seconds; `trainer.train_and_evaluate` and
+`evaluation.evaluate` call them again for library users. The model section is checked by
+constructing the model's modules (`gg_jax.models.create`: option names and ranges, no
+variables), and the image size against the model's strides.
 """
 
 from __future__ import annotations
@@ -69,14 +70,43 @@ def _batch_problems(config) -> list[str]:
     return problems
 
 
+def _model_problems(config) -> list[str]:
+    """The model's name and options (`gg_jax.models.create` checks them), and an image size that
+    leaves the head at least 2 positions of the last feature map."""
+    from gg_jax import models
+
+    model = _get(config, "model")
+    if model is None or not isinstance(model.get("name"), str):
+        return []  # `_batch_problems` names it.
+    options = {k: v for k, v in model.items() if k != "name"}
+    try:
+        models.create(model["name"], num_classes=1, **options)
+    except ValueError as e:
+        return [f"config.model: {e}".rstrip(".")]
+    image_size = _get(config, "image_size")
+    if _is_int(image_size) and image_size > 0:
+        last_stride = options.get("last_stride")
+        size = models.feature_map_size(model["name"], image_size, last_stride=last_stride)
+        if size * size < 2:
+            smallest = models.smallest_image_size(model["name"], last_stride)
+            problems = (
+                f"config.image_size={image_size} leaves {model['name']} a {size}x{size} last feature map: the "
+                f"head needs at least 2 positions (a covariance of one position is zero, the same for every "
+                f"image); use image_size >= {smallest}"
+            )
+            return [problems]
+    return []
+
+
 def _raise(problems: list[str]) -> None:
     if problems:
         raise ConfigError("; ".join(problems) + ".")
 
 
 def check_eval_config(config) -> None:
-    """`ConfigError` unless the fields that evaluation reads can run (batch sizes, image size, names)."""
-    _raise(_batch_problems(config))
+    """`ConfigError` unless the fields that evaluation reads can run (batch sizes, image size,
+    names, the model's options)."""
+    _raise(_batch_problems(config) + _model_problems(config))
 
 
 def check_train_config(config) -> None:
@@ -133,7 +163,7 @@ def check_train_config(config) -> None:
             f"config.keep_checkpoints={keep!r} must be >= 1: it is how many of the latest checkpoints are kept, "
             "and the latest one is what a rerun resumes from"
         )
-    _raise(problems)
+    _raise(problems + _model_problems(config))
 
 
 _TRAIN_HINT = "Checkpoints and summaries are written there: choose a writable --workdir. Nothing was trained."
