@@ -11,7 +11,7 @@ Operations (batch 4 for the ResNet-50 layers, 32 for the head's matrices):
   NHWC, as the ResNet computes them), forward and forward+backward (input and kernel
   gradients; the stem's kernel gradient only, as in training);
 - a 1x1 convolution as gg_jax computes it (one matmul over all positions);
-- training-mode BatchNorm (gg_jax's `layers.batch_norm`), forward+backward;
+- training-mode BatchNorm (gg_jax's `blocks.batch_norm`), forward+backward;
 - one batched 32x256x256 matrix product, and the 5-iteration Newton-Schulz square root
   (`gg_jax.linalg.sqrtm_newton_schulz`) forward+backward next to the reference's
   iteration written with `torch.bmm`.
@@ -46,7 +46,8 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.timing import median_seconds  # noqa: E402
-from gg_jax import layers, linalg  # noqa: E402
+from gg_jax import linalg  # noqa: E402
+from gg_jax.backbones import blocks  # noqa: E402
 from gg_jax.cpu import conv  # noqa: E402
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -138,7 +139,7 @@ def conv_case(batch, size, cin, cout, k, stride, reps, input_grad=True):
 def conv1x1_case(batch, size, cin, cout, reps):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, size, size, cin)).astype(np.float32)
-    module = layers.Conv1x1(cout)
+    module = blocks.Conv1x1(cout)
     variables = module.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]))
     w = np.asarray(variables["params"]["kernel"])
     xt = torch.tensor(x.transpose(0, 3, 1, 2), device=DEVICE).contiguous().requires_grad_(True)
@@ -152,7 +153,7 @@ def conv1x1_case(batch, size, cin, cout, reps):
 def batch_norm_case(batch, size, channels, reps):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((batch, size, size, channels)) * 2 + 1).astype(np.float32)
-    bn = layers.batch_norm(True, jnp.float32)
+    bn = blocks.batch_norm(True, jnp.float32)
     variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]))
 
     def jbn(params, x):

@@ -120,7 +120,7 @@ _device_peak_taken = False  # whether a configuration of this process has report
 
 def bench_jax(name, batch, dtype, args, matmul_precision=""):
     options = {}
-    if matmul_precision and "matmul_precision" in models.head_options(name):
+    if matmul_precision and "matmul_precision" in models.options(name):
         options["matmul_precision"] = matmul_precision
     model = models.create(name, num_classes=args.num_classes, dtype=jnp.dtype(dtype), **options)
     rng = np.random.default_rng(0)
@@ -387,11 +387,11 @@ def main(args):
         precisions = [""]
     for name in args.models.split(","):
         # Heads without products (gap) have no setting: one row.
-        settings = precisions if "matmul_precision" in models.head_options(name) else [""]
+        settings = precisions if "matmul_precision" in models.options(name) else [""]
         for dtype in args.dtypes.split(","):
             for batch in (int(b) for b in args.batch_sizes.split(",")):
                 for i, precision in enumerate(settings):
-                    has_option = "matmul_precision" in models.head_options(name) and not args.no_jax
+                    has_option = "matmul_precision" in models.options(name) and not args.no_jax
                     label = _precision_label(precision, has_option)
                     row = {"model": name, "dtype": dtype, "batch": batch, "matmul_precision": label}
                     # PyTorch once per configuration, with the first setting.

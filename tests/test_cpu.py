@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import gg_jax.cpu
-from gg_jax import layers, models, sharding
+from gg_jax import models, sharding
 from gg_jax.backbones import blocks
 from gg_jax.cpu import conv, malloc
 from gg_jax.training import optim, steps
@@ -220,7 +220,7 @@ def test_conv1x1_matmul_is_pytorchs_1x1_convolution_with_gradients(stride, size)
     x = jnp.asarray(rng.standard_normal((2, size, size + 1, 5)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((1, 1, 5, 3)), jnp.float32)
     want = np.einsum("bhwc,co->bhwo", np.asarray(x, np.float64)[:, ::stride, ::stride], np.asarray(k, np.float64)[0, 0])
-    module = layers.Conv1x1(3, strides=stride)
+    module = blocks.Conv1x1(3, strides=stride)
 
     def xla(x, k):
         return module.apply({"params": {"kernel": k}}, x)
@@ -258,7 +258,7 @@ def _platform_programs(name, platform, image_size, num_classes=10, **options):
     """StableHLO text of the eval forward pass and of the train step of `name` built for `platform`."""
     model = models.create(name, num_classes=num_classes, platform=platform, **options)
     tx = optim.create_optimizer(0.1)
-    state = state_lib.abstract_train_state(model, tx, image_size=image_size)
+    state = state_lib.abstract_train_state(model, tx)
     batch = {
         "image": jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32),
         "label": jax.ShapeDtypeStruct((2,), jnp.int32),
@@ -324,7 +324,7 @@ def test_cpu_train_step_updates_parameters_without_copying_them():
     model = models.create("resnet18_3g", num_classes=10, reduction_dim=16, num_blocks=1)
     tx = optim.create_optimizer(0.1)
     mesh = sharding.make_mesh()
-    state_sharding = sharding.replicated_tree(state_lib.abstract_train_state(model, tx, image_size=48), mesh)
+    state_sharding = sharding.replicated_tree(state_lib.abstract_train_state(model, tx), mesh)
     step_fn = steps.jit_train_step(model, tx, mesh, state_sharding, seed=0)
     rng = np.random.default_rng(0)
     batch = {
@@ -333,9 +333,7 @@ def test_cpu_train_step_updates_parameters_without_copying_them():
     }
 
     def fresh():
-        return state_lib.create_train_state(
-            model, tx, rng=jax.random.PRNGKey(0), image_size=48, sharding=state_sharding
-        )
+        return state_lib.create_train_state(model, tx, rng=jax.random.PRNGKey(0), sharding=state_sharding)
 
     lowered = step_fn.lower(fresh(), batch)
     ours = lowered.compile()

@@ -156,21 +156,22 @@ def test_learned_beta_and_c_get_gradients():
 
 
 def test_option_errors():
-    x = features(5, (1, 4, 4, 4))
+    """Refused when the head is constructed, before any variable exists, naming the option."""
     for kwargs, match in (
-        (dict(exact_beta=0.0), "beta must be > 0"),
-        (dict(exact_c=-1.0), "c must be >= 0"),
-        (dict(exact_learn_c=True), "learn_c=True needs the initial c > 0"),
-        (dict(exact_num_iters=0), "num_iters must be >= 1"),
+        (dict(exact_beta=0.0), "exact_beta=0.0 must be None .learned. or a number > 0"),
+        (dict(exact_c=-1.0), "exact_c=-1.0 must be None"),
+        (dict(exact_learn_c=True), "exact_learn_c=True needs the initial exact_c > 0"),
+        (dict(exact_num_iters=0), "exact_num_iters=0 must be an integer >= 1"),
     ):
-        head = layers.GeneralizedGaussianCovariance(num_blocks=1, reweighting="exact", **kwargs)
         with pytest.raises(ValueError, match=match):
-            head.init(jax.random.PRNGKey(0), x, train=False)
+            layers.GeneralizedGaussianCovariance(num_blocks=1, reweighting="exact", **kwargs)
+    with pytest.raises(ValueError, match="exact_beta only applies with reweighting='exact'"):
+        layers.GeneralizedGaussianCovariance(exact_beta=0.5)
 
 
 def test_models_create_passes_the_exact_options():
     for option in ("reweighting", "exact_beta", "exact_c", "exact_learn_c", "exact_num_iters"):
-        assert option in models.head_options("resnet50_3g")
+        assert option in models.options("resnet50_3g")
     model = models.create("resnet18_3g", num_classes=10, reweighting="exact", exact_beta=0.5, reduction_dim=16)
     images = jax.ShapeDtypeStruct((2, 48, 48, 3), jnp.float32)
     shapes = jax.eval_shape(lambda rng, x: model.init(rng, x, train=False), jax.random.PRNGKey(0), images)

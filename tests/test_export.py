@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from gg_jax import data, export, variables_io
+from gg_jax import checkpoints, data, export
+from gg_jax.errors import UserError
 from tests import runs
 
 pytest.importorskip("tensorflow")
@@ -81,7 +82,7 @@ def test_export_round_trip_gives_the_evaluated_models_logits(tmp_path, capsys, t
     # The function, from one step directory, normalised input, over an existing file.
     step_dir = str(workdir / "checkpoints" / "1")
     (out / "normalized.jax").write_bytes(b"old")
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(export.ExportPathError, match="overwrite"):
         export.export_checkpoint(step_dir, str(out / "normalized.jax"))
     assert (out / "normalized.jax").read_bytes() == b"old"
     sidecar = export.export_checkpoint(step_dir, str(out / "normalized.jax"), input_format="normalized", overwrite=True)
@@ -102,7 +103,7 @@ def test_export_round_trip_gives_the_evaluated_models_logits(tmp_path, capsys, t
     # The checkpoint's eval-mode model, as evaluate.py builds it, on the same images: the
     # eval pipeline's, and the pixels normalised as the pixel artifact does (float32, the
     # same two operations; they differ from the pipeline's images in the last bit).
-    model, variables, meta = variables_io.load_model(str(workdir))
+    model, variables, meta = checkpoints.load(str(workdir))
     assert meta["step"] == 1 and meta["model"] == "resnet18_3g"
     reference = jax.jit(lambda x: model.apply(variables, x, train=False), compiler_options=FAST_COMPILE)
     renormalized = (pixels - mean) * inv_std
@@ -152,10 +153,18 @@ def test_cli_errors_say_what_to_do(tmp_path, capsys):
         (tmp_path / "taken.jax" / "a.jax", "Cannot create the directory"),
         (tmp_path / "new.jax", "holds no gg_jax checkpoint"),  # --out is fine; the checkpoint is not.
     ):
-        assert export.main(["--checkpoint", str(tmp_path / "missing"), "--out", str(out)]) == 1
-        assert message in capsys.readouterr().err
+        with pytest.raises(UserError, match=message):
+            export.main(["--checkpoint", str(tmp_path / "missing"), "--out", str(out)])
     assert (tmp_path / "taken.jax").read_bytes() == b"keep"
     assert not (tmp_path / "new.jax").exists()
+    # On the command line, each is one `error:` line and exit status 1.
+    proc = runs.run(
+        ["-m", "gg_jax.export", f"--checkpoint={tmp_path / 'missing'}", f"--out={tmp_path / 'new.jax'}"],
+        runs.subprocess_env(tmp_path),
+        check=False,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and lines[-1].startswith("error: ") and "holds no gg_jax checkpoint" in lines[-1]
 
 
 def test_export_and_nnx_modules_import_without_tensorflow_or_torch():

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from gg_jax import models, variables_io
+from gg_jax import checkpoints, models
 from gg_jax.training import optim, trainer
 from tests import runs
 
@@ -34,7 +34,7 @@ def _pretrained(tmp_path):
     model = models.create("resnet18_3g", num_classes=10, reduction_dim=16, num_blocks=1)
     variables = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(123), jnp.zeros((1, 48, 48, 3))))
     path = str(tmp_path / "pretrained")
-    variables_io.save_variables(path, variables, {"model": "resnet18_3g", "num_classes": 10})
+    checkpoints.save_variables(path, variables, {"model": "resnet18_3g", "num_classes": 10})
     return path, variables
 
 

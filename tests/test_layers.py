@@ -176,7 +176,7 @@ def small_features(seed=0, batch=2, c=C):
 
 @pytest.mark.parametrize("variant", ["3g", "urm_v1", "urm_v2"])
 def test_unrolled_reweighting_variants_match_numpy(variant):
-    module = layers.UnrolledReweighting(num_blocks=2, hidden=HIDDEN, variant=variant)
+    module = layers.UnrolledReweighting(num_blocks=2, hidden=HIDDEN, reweighting=variant)
     x = small_features(1)
     variables = random_variables(module, x, seed=2)
     out, state = jax.jit(functools.partial(module.apply, train=False, mutable=["intermediates"]))(variables, x)
@@ -236,8 +236,8 @@ def test_zero_blocks_is_identity_without_parameters():
     module = layers.UnrolledReweighting(num_blocks=0)
     assert module.init(jax.random.PRNGKey(0), x, train=False) == {}
     np.testing.assert_array_equal(module.apply({}, x, train=False), x)
-    with pytest.raises(ValueError, match="num_blocks must be >= 0"):
-        layers.UnrolledReweighting(num_blocks=-1).init(jax.random.PRNGKey(0), x, train=False)
+    with pytest.raises(ValueError, match="num_blocks=-1 must be an integer >= 0"):
+        layers.UnrolledReweighting(num_blocks=-1)
 
 
 # -------------------------------------------------------------------- heads and shapes
@@ -407,14 +407,17 @@ def test_wrong_rank_or_channels_raise_value_errors():
         with pytest.raises(ValueError, match=rf"{label} has parameters for {C} input channels but got {C - 2}"):
             jax.eval_shape(functools.partial(head.apply, train=False), variables, x[..., :-2])
     # Unknown options name the valid ones.
-    with pytest.raises(ValueError, match="'3g', 'urm_v1' or 'urm_v2'"):
-        layers.GeneralizedGaussianCovariance(reweighting="urm_v3").init(key, x, train=False)
+    with pytest.raises(ValueError, match="'3g', 'urm_v1', 'urm_v2' or 'exact'"):
+        layers.GeneralizedGaussianCovariance(reweighting="urm_v3")
     with pytest.raises(ValueError, match="'isqrt', 'mpncov' or 'plain'"):
         layers.CovariancePooling(method="svd").init(key, x, train=False)
     with pytest.raises(ValueError, match="'newton_schulz' or 'eigh'"):
         layers.GeneralizedGaussianCovariance(num_blocks=0, sqrt_method="svd").init(key, x, train=False)
-    with pytest.raises(ValueError, match=r"lam must lie in \(0, 1\]"):
-        layers.GeneralizedGaussianCovariance(num_blocks=0, lam=2.0).init(key, x, train=False)
+    with pytest.raises(ValueError, match=r"lam=2.0 must be in \(0, 1\]"):
+        layers.GeneralizedGaussianCovariance(num_blocks=0, lam=2.0)
+    # Every option out of its range, named in one message (the model options of a config too).
+    with pytest.raises(ValueError, match=r"num_iters=0 must be an integer >= 1 .*; reduction_dim=-5 must be"):
+        layers.CovariancePooling(reduction_dim=-5, num_iters=0)
 
 
 # ------------------------------------------------------------------- dtypes and modes

@@ -33,7 +33,7 @@ HEADS = [
     ("GlobalAveragePooling", dict(reduction_dim=3), 5, (2, 3)),
     ("ChannelReduction", dict(features=3), 5, (2, 2)),
     ("ReweightingBlock", dict(hidden=3), 4, (3, 3)),
-    ("UnrolledReweighting", dict(num_blocks=2, hidden=3, variant="urm_v2"), 4, (3, 3)),
+    ("UnrolledReweighting", dict(num_blocks=2, hidden=3, reweighting="urm_v2"), 4, (3, 3)),
 ]
 # Linen modules without an `in_features` field (the NNX constructor checks the width itself).
 NO_IN_FEATURES = ("ChannelReduction", "ReweightingBlock", "UnrolledReweighting")

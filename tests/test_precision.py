@@ -164,7 +164,7 @@ def _all_eqns(jaxpr):
 
 
 def test_models_create_passes_the_option_to_the_head():
-    assert "matmul_precision" in models.head_options("resnet50_3g")
+    assert "matmul_precision" in models.options("resnet50_3g")
     model = models.create("resnet50_3g", num_classes=10, matmul_precision="bf16_6x")
     head = model.head(dtype=jnp.bfloat16)
     assert head.matmul_precision == "bf16_6x" and head.reduction_dim == 256

@@ -72,12 +72,12 @@ def test_finetune_folder_config_starts_from_pretrained_variables(tmp_path):
     import jax.numpy as jnp
     from flax import traverse_util
 
-    from gg_jax import models, variables_io
+    from gg_jax import checkpoints, models
     from gg_jax.data import testing
 
     model = models.create("resnet18_3g", num_classes=10, reduction_dim=16, num_blocks=1)
     pretrained = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(123), jnp.zeros((1, 48, 48, 3))))
-    variables_io.save_variables(str(tmp_path / "pretrained"), pretrained, {"model": "resnet18_3g", "num_classes": 10})
+    checkpoints.save_variables(str(tmp_path / "pretrained"), pretrained, {"model": "resnet18_3g", "num_classes": 10})
     folder = testing.write_image_folder(tmp_path / "images", train_per_class=4, val_per_class=2)["root"]
 
     config = runs.tiny_config(

@@ -22,7 +22,7 @@ _DEVICES_SCRIPT = textwrap.dedent(
     from absl import logging
     from tests.runs import tiny_config
     from gg_jax import sharding
-    from gg_jax.training import trainer
+    from gg_jax.training import evaluation, trainer
 
     logging.set_verbosity(logging.INFO)
 
@@ -36,7 +36,7 @@ _DEVICES_SCRIPT = textwrap.dedent(
         out["batch_error"] = str(e)
     r = trainer.train_and_evaluate(tiny_config(num_train_steps=2, checkpoint_every_steps=1), workdir)
     out["eval"] = r.eval_metrics
-    out["eval_step1"] = trainer.evaluate(tiny_config(), checkpoint=f"{source or workdir}/checkpoints/1")
+    out["eval_step1"] = evaluation.evaluate(tiny_config(), checkpoint=f"{source or workdir}/checkpoints/1")
     if source:
       shutil.copytree(source, workdir + "_resumed")
       r = trainer.train_and_evaluate(tiny_config(num_train_steps=3, checkpoint_every_steps=1), workdir + "_resumed")

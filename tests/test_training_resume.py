@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from gg_jax.training import checkpointing, trainer
+from gg_jax import checkpoints
+from gg_jax.training import trainer
 from tests import runs
 
 pytest.importorskip("tensorflow")
@@ -213,10 +214,10 @@ def test_nan_wrong_workdir_and_damaged_checkpoint_keep_every_good_checkpoint(tmp
     # A workdir holding another model, or trained with another batch size, is refused
     # before anything is changed.
     for other in (dict(model__reduction_dim=8), dict(model__name="resnet18_isqrt")):
-        with pytest.raises(checkpointing.WorkdirMismatchError, match="holds checkpoints of resnet18_3g"):
+        with pytest.raises(checkpoints.WorkdirMismatchError, match="holds checkpoints of resnet18_3g"):
             trainer.train_and_evaluate(runs.tiny_config(num_train_steps=4, **other), str(work))
     with pytest.raises(
-        checkpointing.WorkdirMismatchError, match=r"global batch of 16, .* asks for 32\..*--config.batch_size=16"
+        checkpoints.WorkdirMismatchError, match=r"global batch of 16, .* asks for 32\..*--config.batch_size=16"
     ):
         trainer.train_and_evaluate(runs.tiny_config(num_train_steps=4, batch_size=32), str(work))
     assert runs.checkpoint_steps(work) == [1, 2]
@@ -229,7 +230,7 @@ def test_nan_wrong_workdir_and_damaged_checkpoint_keep_every_good_checkpoint(tmp
     os.truncate(largest, largest.stat().st_size // 2)
     digests = _file_digests(latest)
     with pytest.raises(
-        checkpointing.DamagedCheckpointError,
+        checkpoints.DamagedCheckpointError,
         match=rf"step 2, is damaged .*Nothing was changed\. Move {latest} out of .*resumes from step 1,",
     ):
         trainer.train_and_evaluate(runs.tiny_config(num_train_steps=3), str(work))

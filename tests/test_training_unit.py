@@ -10,8 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from gg_jax import convert, data, errors, sharding, variables_io
-from gg_jax.training import checkpointing, optim, steps, trainer, validation
+from gg_jax import checkpoints, convert, data, errors, models, sharding
+from gg_jax.checkpoints import training as run_checkpoints
+from gg_jax.training import optim, steps, trainer, validation
 from gg_jax.training import state as state_lib
 from tests import runs
 
@@ -94,7 +95,7 @@ def test_reference_recipes(name, model, dataset, epochs, ten_crop):
     assert (c.lr_schedule, c.lr_decay_factor, c.warmup_epochs, c.nesterov) == ("step", 0.1, 0.0, False)
     assert _epochs_of_decays(c) == (30, 60, 90)  # "/10 every 30 epochs"; 90 is past 55 for Places365.
     assert c.dataset.augment == "inception_crop" and c.image_size == 224 and c.eval.resize_size == 256
-    assert c.num_train_steps <= 0 and not c.half_precision
+    assert c.num_train_steps <= 0 and c.model.dtype in (None, "float32")
     assert not c.model.get("dropout_rate")  # The reference notes train without dropout.
 
 
@@ -113,7 +114,7 @@ def test_configs_have_the_contract_fields(name):
         "num_epochs",
         "num_train_steps",
         "learning_rate",
-        "half_precision",
+        "model.dtype",
         "seed",
     ):
         node = c
@@ -165,19 +166,19 @@ def test_eval_step_counts_masked_examples_once_and_averages_ten_crops():
 
 def test_train_step_half_precision_with_dropout():
     """bf16 compute keeps float32 parameters; dropout draws a new mask per step (needs the rng)."""
-    config = runs.tiny_config(half_precision=True, model__dropout_rate=0.5, batch_size=8)
+    config = runs.tiny_config(model__dtype="bfloat16", model__dropout_rate=0.5, batch_size=8)
     model = trainer.create_model(config, 10)
     assert model.dtype == jnp.bfloat16 and steps.needs_dropout_rng(model)
     tx = optim.create_optimizer(0.1)
     mesh = sharding.make_mesh()
-    abstract = state_lib.abstract_train_state(model, tx, image_size=48)
+    abstract = state_lib.abstract_train_state(model, tx)
     state_sharding = sharding.replicated_tree(abstract, mesh)
     step_fn = steps.jit_train_step(model, tx, mesh, state_sharding, seed=0)
     batch = next(data.create_train_iterator("digits", global_batch_size=8, image_size=48, dtype=jnp.bfloat16))
     assert batch["image"].dtype == jnp.bfloat16
 
     def fresh(step):
-        s = state_lib.create_train_state(model, tx, rng=jax.random.PRNGKey(0), image_size=48, sharding=state_sharding)
+        s = state_lib.create_train_state(model, tx, rng=jax.random.PRNGKey(0), sharding=state_sharding)
         return s.replace(step=jnp.asarray(step, jnp.int32))
 
     new0, metrics = step_fn(fresh(0), batch)
@@ -245,16 +246,16 @@ def test_every_problem_is_in_the_one_line_and_sound_configs_pass():
         config = importlib.import_module(f"configs.{name}").get_config()
         validation.check_train_config(config)
         validation.check_eval_config(config)
-    # The documented model options are fields of the config, so --config.model.X=... works.
+    # Every field of config.model is an option of some model, so the config passes it straight through.
+    all_options = {o for name in models.names() for o in models.options(name)}
+    for name in ("default", "demo", "imagenet_r50"):
+        import importlib
+
+        fields = set(importlib.import_module(f"configs.{name}").get_config().model) - {"name"}
+        assert fields <= all_options, fields - all_options
     config = runs.tiny_config(model__dropout_rate=0.2, model__last_stride=2, model__lam=0.5, model__hidden=8)
-    assert state_lib.model_options(config.model) == {
-        "dropout_rate": 0.2,
-        "hidden": 8,
-        "lam": 0.5,
-        "last_stride": 2,
-        "num_blocks": 1,
-        "reduction_dim": 16,
-    }
+    model = trainer.create_model(config, 10)
+    assert (model.dropout_rate, model.backbone.last_stride, model.head.lam, model.head.hidden) == (0.2, 2, 0.5, 8)
 
 
 def test_user_errors_share_one_base_class():
@@ -263,18 +264,18 @@ def test_user_errors_share_one_base_class():
         validation.ConfigError,
         validation.WorkdirError,
         sharding.BatchSizeError,
-        variables_io.CheckpointMismatchError,
-        checkpointing.WorkdirMismatchError,
-        checkpointing.CheckpointNotFoundError,
-        checkpointing.DamagedCheckpointError,
-        checkpointing.CheckpointSaveError,
+        checkpoints.CheckpointMismatchError,
+        checkpoints.CheckpointExistsError,
+        checkpoints.WorkdirMismatchError,
+        checkpoints.CheckpointNotFoundError,
+        checkpoints.DamagedCheckpointError,
+        checkpoints.CheckpointSaveError,
         data.DatasetNotFoundError,
         data.CorruptImageError,
         trainer.NonFiniteLossError,
     ):
         assert issubclass(cls, errors.UserError), cls
-    assert trainer.ConfigError is validation.ConfigError and trainer.USER_ERRORS == (errors.UserError,)
-    assert not issubclass(convert.UnsafeCheckpointError, errors.UserError)  # convert.py has its own CLI.
+    assert issubclass(convert.UnsafeCheckpointError, errors.UserError)
 
 
 def test_storage_errors_are_recognised_in_tensorstore_messages():
@@ -285,11 +286,11 @@ def test_storage_errors_are_recognised_in_tensorstore_messages():
         'RESOURCE_EXHAUSTED: Error writing "params.conv1.kernel/0" in OCDBT database at local file "/w/": '
         "Failed to write 23838720 bytes to file 5: No space left on device [os_error_code='28']"
     )
-    assert checkpointing.storage_error(tensorstore_error) == "No space left on device"
+    assert run_checkpoints.storage_error(tensorstore_error) == "No space left on device"
     wrapped = RuntimeError("save failed")
     wrapped.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded")
-    assert checkpointing.storage_error(wrapped) == "Disk quota exceeded"
-    assert checkpointing.storage_error(ValueError("shapes do not match")) is None
+    assert run_checkpoints.storage_error(wrapped) == "Disk quota exceeded"
+    assert run_checkpoints.storage_error(ValueError("shapes do not match")) is None
 
 
 def test_config_errors_are_clear(tmp_path):
@@ -300,12 +301,15 @@ def test_config_errors_are_clear(tmp_path):
         match="config.eval.batch_size=12 is not divisible by the number of devices, 8 .*eval.batch_size=8",
     ):
         sharding.check_batch_size(12, 8, field="eval.batch_size")
-    with pytest.raises(trainer.ConfigError, match="Unknown model name 'resnet50_4g'.*resnet50_3g"):
+    with pytest.raises(validation.ConfigError, match="Unknown model name 'resnet50_4g'.*resnet50_3g"):
         trainer.train_and_evaluate(runs.tiny_config(model__name="resnet50_4g"), str(tmp_path / "a"))
-    with pytest.raises(trainer.ConfigError, match=r"Unknown option\(s\) \['colour'\]"):
+    with pytest.raises(validation.ConfigError, match=r"Unknown option\(s\) \['colour'\]"):
         trainer.train_and_evaluate(runs.tiny_config(model__colour=3), str(tmp_path / "b"))
-    # Options of other heads (the demo's num_blocks) do not stop a baseline.
-    assert state_lib.model_options(runs.tiny_config(model__name="resnet18_isqrt").model) == {"reduction_dim": 16}
+    # Options of another head (the demo's num_blocks) are refused for a baseline, naming the valid ones.
+    with pytest.raises(
+        validation.ConfigError, match=r"Unknown option\(s\) \['num_blocks'\] for model 'resnet18_isqrt'"
+    ):
+        trainer.train_and_evaluate(runs.tiny_config(model__name="resnet18_isqrt"), str(tmp_path / "e"))
     with pytest.raises(data.DatasetNotFoundError, match="tfds build imagenet2012"):
         trainer.train_and_evaluate(
             runs.tiny_config(dataset__name="imagenet2012", dataset__data_dir=str(tmp_path)), str(tmp_path / "c")
@@ -317,14 +321,31 @@ def test_config_errors_are_clear(tmp_path):
     assert not (tmp_path / "a" / "checkpoints").exists()
 
 
-def test_check_compatible_names_both_models():
-    saved = checkpointing.run_metadata(
-        model="resnet18_3g", model_options={"reduction_dim": 16}, num_classes=10, dataset="digits"
+def test_check_resumable_names_what_differs():
+    shapes = {"params/head/reduce/layer_reduce/kernel": (1, 1, 512, 16), "params/fc/kernel": (136, 10)}
+    saved = run_checkpoints.run_metadata(
+        model="resnet18_3g",
+        model_options={"reduction_dim": 16, "matmul_precision": "highest", "num_iters": 5},
+        num_classes=10,
+        dataset="digits",
+        image_size=48,
+        batch_size=16,
     )
-    checkpointing.check_compatible(saved, dict(saved), "W")
-    other = checkpointing.run_metadata(model="resnet18_isqrt", model_options={}, num_classes=10, dataset="digits")
-    with pytest.raises(checkpointing.WorkdirMismatchError, match="resnet18_3g.*resnet18_isqrt.*new --workdir"):
-        checkpointing.check_compatible(saved, other, "W")
+    # Options that change no variable's shape may differ: they are returned, for a log line.
+    precision = {**saved, "model_options": {"reduction_dim": 16, "matmul_precision": "tf32_3x", "num_iters": 7}}
+    changed = run_checkpoints.check_resumable(saved, precision, shapes, shapes, "W")
+    assert changed == {"matmul_precision": ("highest", "tf32_3x"), "num_iters": (5, 7)}
+    other = {**saved, "model": "resnet18_isqrt", "model_options": {}}
+    with pytest.raises(checkpoints.WorkdirMismatchError, match="resnet18_3g.*resnet18_isqrt.*new --workdir"):
+        run_checkpoints.check_resumable(saved, other, shapes, shapes, "W")
+    wider = {**shapes, "params/head/reduce/layer_reduce/kernel": (1, 1, 512, 32)}
+    with pytest.raises(
+        checkpoints.WorkdirMismatchError, match=r"layer_reduce/kernel: \(1, 1, 512, 16\) vs \(1, 1, 512, 32\)"
+    ):
+        run_checkpoints.check_resumable(saved, {**saved, "model_options": {"reduction_dim": 32}}, shapes, wider, "W")
+    for field, value in (("dataset", "imagenet2012"), ("image_size", 64)):
+        with pytest.raises(checkpoints.WorkdirMismatchError, match=f"{field.replace('_', ' ')}.*init_from=W"):
+            run_checkpoints.check_resumable(saved, {**saved, field: value}, shapes, shapes, "W")
 
 
 def test_merge_keeps_the_classifier_on_a_class_count_mismatch_and_lists_mismatches():
@@ -336,17 +357,17 @@ def test_merge_keeps_the_classifier_on_a_class_count_mismatch_and_lists_mismatch
         "params": {"conv": {"kernel": np.ones((3, 3))}, "fc": {"kernel": np.ones((4, 9)), "bias": np.ones(9)}},
         "batch_stats": {"bn": {"mean": np.ones(3)}},
     }
-    merged, fresh = variables_io.merge(target, source, keep_on_shape_mismatch=("fc",))
+    merged, fresh = checkpoints.merge(target, source, keep_on_shape_mismatch=("fc",))
     assert (merged["params"]["conv"]["kernel"] == 1).all() and (merged["batch_stats"]["bn"]["mean"] == 1).all()
     assert (merged["params"]["fc"]["kernel"] == 0).all() and sorted(fresh) == ["params/fc/bias", "params/fc/kernel"]
     source["params"]["conv"]["kernel"] = np.ones((2, 3))
     del source["batch_stats"]["bn"]
     with pytest.raises(
-        variables_io.CheckpointMismatchError,
+        checkpoints.CheckpointMismatchError,
         match="missing in the pretrained variables: batch_stats/bn/mean.*\n.*shape mismatch: params/conv/kernel",
     ):
-        variables_io.merge(target, source, keep_on_shape_mismatch=("fc",))
+        checkpoints.merge(target, source, keep_on_shape_mismatch=("fc",))
     # A partial source (a backbone alone) keeps what it lacks; what it has must fit.
     source = {"params": {"conv": {"kernel": np.ones((3, 3))}}}
-    merged, kept = variables_io.merge(target, source, partial_source=True)
+    merged, kept = checkpoints.merge(target, source, partial_source=True)
     assert (merged["params"]["conv"]["kernel"] == 1).all() and "batch_stats/bn/mean" in kept

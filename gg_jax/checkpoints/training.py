@@ -35,7 +35,6 @@ from gg_jax.checkpoints.variables import CheckpointNotFoundError
 from gg_jax.errors import UserError
 
 CHECKPOINT_SUBDIR = "checkpoints"
-ITEMS = ("variables", "train", "meta")
 
 
 class WorkdirMismatchError(UserError, ValueError):
@@ -96,7 +95,12 @@ def create_manager(
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=asynchronous,
     )
-    return ocp.CheckpointManager(os.fspath(directory), options=options, item_names=ITEMS)
+    handlers = {
+        "variables": ocp.StandardCheckpointHandler(),
+        "train": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(os.fspath(directory), options=options, item_handlers=handlers)
 
 
 def storage_error(error: BaseException) -> str | None:

@@ -152,7 +152,7 @@ def init_variables(module, rng, shape=None, *, abstract: bool = False, compiler_
 
     def init(rng):
         variables = module.init(rng, jnp.zeros(shape, jnp.float32), train=False)
-        return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+        return {"params": variables.get("params", {}), "batch_stats": variables.get("batch_stats", {})}
 
     if abstract:
         return jax.eval_shape(init, rng)

@@ -9,7 +9,6 @@ evaluations are timed apart and left out of the rate, and the ETA adds the evalu
 due at their mean duration.
 """
 
-from __future__ import annotations
 
 import contextlib
 import time
@@ -61,7 +60,7 @@ class Progress(periodic_actions.ReportProgress):
     last report, evaluations (`with progress.evaluation():`) left out.
     """
 
-    def __init__(self, *, num_train_steps: int, writer, eval_every: int | None):
+    def __init__(self, *, num_train_steps: int, writer, eval_every: "int | None"):
         super().__init__(num_train_steps=num_train_steps, writer=writer, every_steps=None, every_secs=None)
         self._eval_every = eval_every
         self._eval_seconds: list[float] = []
