@@ -72,46 +72,72 @@ def _unknown_field(error: Exception, argv: list[str]) -> str | None:
     return None
 
 
+def _config_files(argv: list[str]) -> dict[str, str]:
+    """{flag name: path} of the `--NAME=FILE.py` arguments (the config files being loaded)."""
+    out = {}
+    for arg in _flag_args(argv):
+        name, _, value = arg.lstrip("-").partition("=")
+        if value.endswith(".py") and "." not in name:
+            out[name] = value
+    return out
+
+
+def _config_file_error(argv: list[str], error: BaseException) -> str | None:
+    """One line for a config file that does not load (missing, a syntax error, no `get_config`,
+    `get_config` raising): the file and line where it failed; None if `error` is not that."""
+    files = _config_files(argv)
+    if not files:
+        return None
+    while (error.__cause__ or error.__context__) is not None and not isinstance(error, SyntaxError):
+        error = error.__cause__ or error.__context__  # Down to what the config file raised.
+    name, path = next(iter(files.items()))
+    detail = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {detail[-1] if detail else ''}".rstrip(": ")
+    if isinstance(error, SyntaxError):
+        return f"cannot load --{name}={path}: {error.filename}, line {error.lineno}: SyntaxError: {error.msg}"
+    if isinstance(error, AttributeError) and "get_config" in str(error):
+        return f"cannot load --{name}={path}: the file has no get_config() function (it must return the config)"
+    real = {os.path.realpath(p) for p in files.values()}
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.realpath(f.filename) in real]
+    where = f"{frames[-1].filename}, line {frames[-1].lineno}: " if frames else ""
+    return f"cannot load --{name}={path}: {where}{text}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """`absl.flags.FLAGS(argv)`, with parse errors as one `error:` line and exit status 1."""
+    """`absl.flags.FLAGS(argv)`, with parse errors and config files that do not load as one
+    `error:` line and exit status 1."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        fail(f"{e} (see --help)")
+        cause = e.__cause__ or e.__context__
+        fail((cause is not None and _config_file_error(argv, cause)) or f"{e} (see --help)")
     except (AttributeError, KeyError) as e:
-        message = _unknown_field(e, argv)
+        message = _unknown_field(e, argv) or _config_file_error(argv, e)
+        if message is None:
+            raise
+        fail(message)
+    except Exception as e:  # Whatever a config file raised while it was loaded.
+        message = _config_file_error(argv, e)
         if message is None:
             raise
         fail(message)
     raise AssertionError("unreachable")
 
 
-def _config_file_error(name: str, error: BaseException) -> str:
-    """One line for a config file that does not load: the file and line where it failed."""
-    cause = error
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, SyntaxError):
-        return f"cannot load --{name}: {cause.filename}, line {cause.lineno}: {cause.msg}"
-    frames = [f for f in traceback.extract_tb(cause.__traceback__) if "/configs/" in f.filename or f is None]
-    where = f"{frames[-1].filename}, line {frames[-1].lineno}: " if frames else ""
-    detail = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    text = detail[-1] if detail else ""
-    return f"cannot load --{name}: {where}{type(cause).__name__}{': ' + text if text else ''}"
-
-
 def config_value(holder, argv: Sequence[str]):
     """The value of a `config_flags.DEFINE_config_file` flag. Unexpected positional arguments,
-    and a config file that cannot be loaded (missing, a syntax error, no `get_config`, or
-    `get_config` raising) are one `error:` line and exit status 1."""
+    and a config file that cannot be loaded (missing, unreadable) are one `error:` line and
+    exit status 1."""
     if len(argv) > 1:
         fail(f"unexpected arguments {list(argv[1:])} (flags are --name=value; see --help)")
     try:
         value = holder.value
         value.keys()  # A config file that failed to load gives an object that raises on use.
         return value
-    except Exception as e:  # Whatever the config file raised: its file and line in one line.
-        fail(_config_file_error(holder.name, e))
+    except OSError as e:
+        cause = e.__cause__ or e
+        detail = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        fail(f"cannot load --{holder.name}: {detail[-1] if detail else cause}")
 
 
 def start_devices() -> None:
@@ -139,5 +165,8 @@ def run(main: Callable[[list[str]], object]) -> None:
             return main(argv)
         except UserError as e:
             _exit_on_user_error(e)
+        except KeyboardInterrupt:  # Ctrl-C before the trainer handles it (which saves and exits 130).
+            print("error: interrupted (Ctrl-C) before training started; nothing was changed.", file=sys.stderr)
+            sys.exit(128 + 2)
 
     app.run(checked_main, flags_parser=parse_flags)

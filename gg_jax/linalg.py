@@ -62,7 +62,6 @@ __all__ = [
     "MatmulPrecision",
     "default_matmul_precision",
     "lax_precision",
-    "matmul",
     "gram",
     "covariance",
     "sqrtm_newton_schulz",
@@ -129,17 +128,6 @@ def lax_precision(matmul_precision="auto", dtype=COMPUTE_DTYPE, platform: str | 
 
 def _valid_names():
     return ", ".join(repr(n) for n in ("auto", *MATMUL_PRECISIONS))
-
-
-def matmul(a, b, matmul_precision="auto"):
-    """`a @ b` (`jnp.matmul` broadcasting) of float32-or-wider arrays at `matmul_precision`.
-
-    The product every function here uses; exported for other head code (e.g. a
-    re-weighting step) that must multiply with the head's setting. `a`, `b`: any float
-    dtype, computed in float32 (float64 kept); returns their `compute_dtype`.
-    """
-    a, b = _as_f32(a), _as_f32(b)
-    return jnp.matmul(a, b, precision=lax_precision(matmul_precision, jnp.result_type(a, b)))
 
 
 def _matmul_at(a, b, precision):

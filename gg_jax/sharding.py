@@ -22,8 +22,10 @@ class BatchSizeError(UserError, ValueError):
 
 
 def make_mesh(devices=None, axis: str = DATA_AXIS) -> Mesh:
-    """A 1-axis mesh over `devices` (default: every device of every process)."""
-    return Mesh(np.asarray(jax.devices() if devices is None else devices), (axis,))
+    """A 1-axis mesh over `devices` (default: every device of every process, in `jax.make_mesh`'s
+    order: each process's devices contiguous). Auto axis: shardings are given to `jax.jit`."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devices),), (axis,), (jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def batch_sharding(mesh: Mesh, axis: str = DATA_AXIS) -> NamedSharding:

@@ -11,6 +11,7 @@
 
   variables.py  variables directories (`save_variables`, `load_variables`) and `merge`
   training.py   the Orbax checkpoints of a training run: reading, resuming, `CheckpointWriter`
+  claim.py      one run per workdir (`claim_workdir`: a lock, or a lease on object stores)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from etils import epath
 
 from gg_jax import models
 from gg_jax.checkpoints import training
+from gg_jax.checkpoints.claim import WorkdirBusyError, claim_workdir
 from gg_jax.checkpoints.training import (
     CheckpointSaveError,
     CheckpointWriter,
@@ -48,7 +50,9 @@ __all__ = [
     "CheckpointSaveError",
     "CheckpointWriter",
     "DamagedCheckpointError",
+    "WorkdirBusyError",
     "WorkdirMismatchError",
+    "claim_workdir",
     "is_variables_dir",
     "load",
     "load_variables",

@@ -40,7 +40,9 @@ def _closed_loop_callback(error, tb) -> bool:
 
 
 def quiet_library_logs() -> None:
-    """Installs the filter on absl's handler and the hooks that drop the closed-loop tracebacks (once)."""
+    """Installs the filter on absl's handler and the hooks that drop the closed-loop tracebacks (once),
+    and leaves out JAX's note on each accelerator backend this host does not have."""
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     handler = absl_logging.get_absl_handler()
     if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
         handler.addFilter(_DropLibraryInfo())

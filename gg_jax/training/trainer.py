@@ -163,6 +163,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         lr_groups=optim.lr_groups(config),
     )
 
+    # One run per workdir; SIGTERM / Ctrl-C from here on save and stop (after the step in flight).
+    with checkpoints.claim_workdir(workdir), preemption.PreemptionWatcher() as watcher:
+        return _train(config, workdir, mesh, info, model, tx, schedule, meta, watcher)
+
+
+def _train(config, workdir, mesh, info, model, tx, schedule, meta, watcher) -> TrainResult:
+    """The loop of `train_and_evaluate`, once every check has passed and the workdir is claimed."""
+    steps_per_epoch = data.steps_per_epoch(info, config.batch_size)
+    total_steps = num_train_steps(config, info)
     # Restore (same workdir = continue) or initialise. Nothing in the workdir is changed
     # until every check has passed (Orbax only removes the temporary directories of
     # interrupted saves here).
@@ -226,76 +235,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     saver = checkpoints.CheckpointWriter(manager, meta, committed=start_step or None)
     train_metrics = eval_metrics = stopped_by = None
     step = start_step
-    # The watcher's handlers stay until the checkpoints are committed (the `finally` below):
-    # a second signal must not kill the process while the stopping save is written.
-    with preemption.PreemptionWatcher() as watcher:
-        try:
-            while step < total_steps:
-                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+    try:
+        while step < total_steps:
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                try:
+                    batch = next(train_iter)
+                except data.CorruptImageError as e:
+                    raise _corrupt(e, f"reading the training batch of step {step + 1}", saver.last_good) from None
+                state, step_metrics = train_step(state, batch)
+            step += 1
+            train_metrics = progress.merge(train_metrics, step_metrics)
+            if step == start_step + 1:
+                jax.block_until_ready(step_metrics)  # Compilation and the first step are done.
+                report.first_step_done(step)
+            if profile is not None:
+                profile(step)
+            last = step == total_steps
+            stopped_by = watcher.reached(step)
+            saver.poll()
+
+            if step % log_every == 0 or last or stopped_by:
+                means = progress.summary(train_metrics)  # Waits for this step's metrics.
+                if not all(map(math.isfinite, means.values())):
+                    raise _diverged(step, saver.last_good, workdir, config)
+                report(step)
+                scalars = {f"train/{k}": v for k, v in means.items()}
+                scalars["train/learning_rate"] = float(schedule(step - 1))
+                if report.rate is not None:
+                    scalars["train/images_per_sec"] = report.rate * config.batch_size
+                writer.write_scalars(step, scalars)
+                train_metrics = None
+
+            if (checkpoint_every and step % checkpoint_every == 0) or last or stopped_by:
+                # A checkpoint is written only if every loss since the last log and every
+                # variable is finite, so the latest checkpoint is always a good one.
+                losses_finite = train_metrics is None or all(
+                    map(math.isfinite, progress.summary(train_metrics).values())
+                )
+                if not (losses_finite and bool(state_is_finite(state))):
+                    raise _diverged(step, saver.last_good, workdir, config)
+                saver.save(step, state)
+                if stopped_by:
+                    saver.finish()
+                    logging.warning(
+                        "Stopped by %s: saved the checkpoint of step %d in %s; rerun the same command to resume.",
+                        signal.Signals(stopped_by).name,
+                        saver.committed,
+                        workdir,
+                    )
+                    break
+
+            if (eval_every and step % eval_every == 0) or last:
+                with report.evaluation():
                     try:
-                        batch = next(train_iter)
+                        eval_metrics = evaluation.evaluate_variables(eval_step, state.variables, config, mesh)
                     except data.CorruptImageError as e:
-                        raise _corrupt(e, f"reading the training batch of step {step + 1}", saver.last_good) from None
-                    state, step_metrics = train_step(state, batch)
-                step += 1
-                train_metrics = progress.merge(train_metrics, step_metrics)
-                if step == start_step + 1:
-                    jax.block_until_ready(step_metrics)  # Compilation and the first step are done.
-                    report.first_step_done(step)
-                if profile is not None:
-                    profile(step)
-                last = step == total_steps
-                stopped_by = watcher.reached(step)
-                saver.poll()
-
-                if step % log_every == 0 or last or stopped_by:
-                    means = progress.summary(train_metrics)  # Waits for this step's metrics.
-                    if not all(map(math.isfinite, means.values())):
-                        raise _diverged(step, saver.last_good, workdir, config)
-                    report(step)
-                    scalars = {f"train/{k}": v for k, v in means.items()}
-                    scalars["train/learning_rate"] = float(schedule(step - 1))
-                    if report.rate is not None:
-                        scalars["train/images_per_sec"] = report.rate * config.batch_size
-                    writer.write_scalars(step, scalars)
-                    train_metrics = None
-
-                if (checkpoint_every and step % checkpoint_every == 0) or last or stopped_by:
-                    # A checkpoint is written only if every loss since the last log and every
-                    # variable is finite, so the latest checkpoint is always a good one.
-                    losses_finite = train_metrics is None or all(
-                        map(math.isfinite, progress.summary(train_metrics).values())
-                    )
-                    if not (losses_finite and bool(state_is_finite(state))):
-                        raise _diverged(step, saver.last_good, workdir, config)
-                    saver.save(step, state)
-                    if stopped_by:
-                        saver.finish()
-                        logging.warning(
-                            "Stopped by %s: saved the checkpoint of step %d in %s; rerun the same command to resume.",
-                            signal.Signals(stopped_by).name,
-                            saver.committed,
-                            workdir,
-                        )
-                        break
-
-                if (eval_every and step % eval_every == 0) or last:
-                    with report.evaluation():
-                        try:
-                            eval_metrics = evaluation.evaluate_variables(eval_step, state.variables, config, mesh)
-                        except data.CorruptImageError as e:
-                            raise _corrupt(e, f"evaluating step {step}", saver.last_good) from None
-                    writer.write_scalars(
-                        step, {f"eval/{k}": eval_metrics[k] for k in ("top1_error", "top5_error", "loss")}
-                    )
-            saver.finish()
+                        raise _corrupt(e, f"evaluating step {step}", saver.last_good) from None
+                writer.write_scalars(step, {f"eval/{k}": eval_metrics[k] for k in ("top1_error", "top5_error", "loss")})
+        saver.finish()
+    finally:
+        # Whatever stopped the loop, a good checkpoint already started is completed.
+        try:
+            saver.close()
         finally:
-            # Whatever stopped the loop, a good checkpoint already started is completed.
-            try:
-                saver.close()
-            finally:
-                writer.flush()
-                writer.close()
+            writer.flush()
+            writer.close()
     if step == total_steps and eval_metrics is not None:
         logging.info(
             "Finished: %d steps in %s; top-1 error %.2f %%, top-5 error %.2f %% on the %d examples of %s/%s.",

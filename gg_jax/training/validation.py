@@ -79,23 +79,26 @@ def _model_problems(config) -> list[str]:
     if model is None or not isinstance(model.get("name"), str):
         return []  # `_batch_problems` names it.
     options = {k: v for k, v in model.items() if k != "name"}
+    problems = []
     try:
-        models.create(model["name"], num_classes=1, **options)
+        # Constructs the modules only (no variables); "cpu" so that no device is touched.
+        models.create(model["name"], num_classes=1, platform="cpu", **options)
     except ValueError as e:
-        return [f"config.model: {e}".rstrip(".")]
+        problems.append(f"config.model: {e}".rstrip("."))
+        if "Unknown model name" in str(e):
+            return problems
     image_size = _get(config, "image_size")
-    if _is_int(image_size) and image_size > 0:
-        last_stride = options.get("last_stride")
+    last_stride = options.get("last_stride")
+    if _is_int(image_size) and image_size > 0 and last_stride in (None, 1, 2):
         size = models.feature_map_size(model["name"], image_size, last_stride=last_stride)
         if size * size < 2:
             smallest = models.smallest_image_size(model["name"], last_stride)
-            problems = (
-                f"config.image_size={image_size} leaves {model['name']} a {size}x{size} last feature map: the "
-                f"head needs at least 2 positions (a covariance of one position is zero, the same for every "
-                f"image); use image_size >= {smallest}"
+            problems.append(
+                f"config.image_size={image_size} leaves {model['name']} a {size}x{size} last feature map, but its "
+                "head needs at least 2 positions (the covariance of one position is zero, the same for every "
+                f"image): use image_size >= {smallest}"
             )
-            return [problems]
-    return []
+    return problems
 
 
 def _raise(problems: list[str]) -> None:
