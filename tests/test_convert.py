@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gg_jax import convert, models, variables_io
+from gg_jax import checkpoints, convert, errors, models
 from tests import helpers, runs
 from tests.helpers import LAYOUT, assert_close
 from tests.reference.reference_weights import make_state_dict
@@ -143,10 +143,10 @@ def test_torchvision_resnet50_into_resnet50_gap(torchvision_resnet50, x64):
     assert list(convert.to_torch(result.variables, "resnet50_gap")) == list(state)
 
 
-def _numpy_init(name, num_classes, seed):
+def _numpy_init(name, num_classes, seed, **options):
     """Stand-in for freshly initialised variables (distinct values, no XLA compile)."""
-    model = models.create(name, num_classes=num_classes)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
+    model = models.create(name, num_classes=num_classes, **options)
+    shapes = models.init_variables(model, jax.random.PRNGKey(0), abstract=True)
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
 
@@ -203,7 +203,7 @@ def test_cli_backbone_only_from_torchvision_resnet18(tmp_path, capsys):
     )
     stdout = capsys.readouterr().out
     assert "torchvision" in stdout and "fc.weight" in stdout  # convention; ignored keys
-    variables, meta = variables_io.load_variables(str(out))
+    variables, meta = checkpoints.load_variables(str(out))
     assert meta["model"] == "resnet18_3g" and meta["num_classes"] == 10 and meta["backbone_only"]
 
     # The backbone computes what the PyTorch 3G-Net computes with these backbone weights.
@@ -257,14 +257,15 @@ def test_load_torch_checkpoint_released_dict_and_cli(tmp_path):
     # The CLI writes a directory that load_variables restores, with the golden logits.
     out = tmp_path / "converted"
     assert convert.main(["--arch", arch, "--torch_checkpoint", str(path), "--out", str(out)]) == 0
-    restored, rmeta = variables_io.load_variables(str(out))
+    restored, rmeta = checkpoints.load_variables(str(out))
     assert rmeta["model"] == arch and rmeta["num_classes"] == meta["num_classes"]
     assert rmeta["source"] == str(path.resolve()) and rmeta["epoch"] == ckpt["epoch"]
     assert_trees_equal(restored, variables)
     z = helpers.golden(arch)
     assert_close(jax_logits(arch, restored, z["input_nchw"]), z["logits_eval"], name="restored logits")
     # An existing checkpoint is not replaced without --overwrite.
-    assert convert.main(["--arch", arch, "--torch_checkpoint", str(path), "--out", str(out)]) == 1
+    with pytest.raises(checkpoints.CheckpointExistsError, match="--overwrite"):
+        convert.main(["--arch", arch, "--torch_checkpoint", str(path), "--out", str(out)])
     assert convert.main(["--arch", arch, "--torch_checkpoint", str(path), "--out", str(out), "--overwrite"]) == 0
 
 
@@ -301,7 +302,7 @@ class _Evil:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_malicious_pickle_is_refused(tmp_path, capsys):
+def test_malicious_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     ckpt = _released_style(make_state_dict("resnet18_3g", seed=0, layout=LAYOUT))
     ckpt["extra"] = _Evil(marker)
@@ -323,18 +324,17 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="evil_plain.pkl"):
         convert.load_torch_checkpoint(plain_file, "resnet18_3g")
     assert not marker.exists()
-    assert (
+    with pytest.raises(convert.UnsafeCheckpointError, match="arbitrary Python objects") as e:
         convert.main(["--arch", "resnet18_3g", "--torch_checkpoint", str(zip_file), "--out", str(tmp_path / "out")])
-        == 1
-    )
-    assert "arbitrary Python objects" in capsys.readouterr().err
+    assert isinstance(e.value, errors.UserError) and isinstance(e.value, ValueError)
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_missing_and_corrupt_files(tmp_path):
     missing = tmp_path / "nope.pth"
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(checkpoints.CheckpointNotFoundError, match="nope.pth") as e:
         convert.load_torch_checkpoint(missing, "resnet18_3g")
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, errors.UserError)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
     good = tmp_path / "good.pth"
@@ -342,16 +342,21 @@ def test_missing_and_corrupt_files(tmp_path):
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     for path in (garbage, truncated):
-        with pytest.raises(ValueError, match=path.name) as e:
+        with pytest.raises(convert.UnreadableCheckpointError, match=path.name) as e:
             convert.load_torch_checkpoint(path, "resnet18_3g")
         assert "not a readable PyTorch checkpoint" in str(e.value)
+        assert isinstance(e.value, ValueError) and isinstance(e.value, errors.UserError)
     odd = tmp_path / "list.pth"
     torch.save([torch.zeros(2)], odd)
-    with pytest.raises(ValueError, match="not a state_dict"):
+    with pytest.raises(convert.UnreadableCheckpointError, match="not a state_dict"):
         convert.load_torch_checkpoint(odd, "resnet18_3g")
+    nested = tmp_path / "nested.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1), "extra": {"a": torch.zeros(1)}}}, nested)
+    with pytest.raises(convert.UnreadableCheckpointError, match="'extra' \\(dict\\)"):
+        convert.load_torch_checkpoint(nested, "resnet18_3g")
 
 
-def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, capsys, caplog):
+def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, caplog):
     state = make_state_dict("resnet18_3g", seed=0, layout=LAYOUT)
     weight = state["layer1.0.conv1.weight"].copy()
     weight.flat[:3], weight.flat[3] = np.nan, np.inf
@@ -359,11 +364,14 @@ def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, capsys, caplog):
     pth = tmp_path / "diverged.pth"
     torch.save(to_tensors(state), pth)
     args = ["--arch", "resnet18_3g", "--torch_checkpoint", str(pth), "--out", str(tmp_path / "out")]
-    assert convert.main(args) == 1
-    err = capsys.readouterr().err
+    with pytest.raises(convert.NonfiniteWeightsError) as e:
+        convert.main(args)
+    err = str(e.value)
     assert "layer1.0.conv1.weight: 3 NaN, 1 inf" in err and "--allow_nonfinite" in err, err
-    assert err.count("\n") == 1 and not (tmp_path / "out").exists(), err
-    assert convert.main([*args, "--allow_nonfinite"]) == 0 and variables_io.is_variables_dir(tmp_path / "out")
+    assert "\n" not in err and not (tmp_path / "out").exists(), err
+    with pytest.raises(convert.NonfiniteWeightsError):
+        convert.load_torch_checkpoint(pth, "resnet18_3g", allow_nonfinite=False)
+    assert convert.main([*args, "--allow_nonfinite"]) == 0 and checkpoints.is_variables_dir(tmp_path / "out")
     # The library converts them, with a warning that names them.
     with caplog.at_level("WARNING"):
         convert.from_torch(state, "resnet18_3g")
@@ -409,14 +417,14 @@ def test_torch_is_not_needed(tmp_path):
     code = f"""
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
-import gg_jax, gg_jax.models, gg_jax.convert, gg_jax.layers, gg_jax.variables_io
+import gg_jax, gg_jax.models, gg_jax.convert, gg_jax.layers, gg_jax.checkpoints, gg_jax.errors
 from tests.reference.reference_weights import make_state_dict
 v = gg_jax.convert.from_torch(make_state_dict("resnet18_3g", 0, layout={str(LAYOUT)!r}), "resnet18_3g")
 assert v["params"]["fc"]["kernel"].shape == (32896, 1000)
 try:
     gg_jax.convert.load_torch_checkpoint({str(LAYOUT)!r}, "resnet18_3g")
-except ImportError as e:
-    assert "needs PyTorch" in str(e), e
+except gg_jax.errors.MissingDependencyError as e:
+    assert "needs PyTorch" in str(e) and isinstance(e, ImportError), e
 else:
     raise SystemExit("load_torch_checkpoint worked without torch")
 print("ok")
