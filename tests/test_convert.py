@@ -205,6 +205,7 @@ def test_cli_backbone_only_from_torchvision_resnet18(tmp_path, capsys):
     assert "torchvision" in stdout and "fc.weight" in stdout  # convention; ignored keys
     variables, meta = checkpoints.load_variables(str(out))
     assert meta["model"] == "resnet18_3g" and meta["num_classes"] == 10 and meta["backbone_only"]
+    assert meta["model_options"] == {} and "fc.weight" in meta["ignored_keys"]
 
     # The backbone computes what the PyTorch 3G-Net computes with these backbone weights.
     ref3g = ReferenceResNet3G("resnet18", num_classes=10)
@@ -263,6 +264,7 @@ def test_load_torch_checkpoint_released_dict_and_cli(tmp_path):
     assert_trees_equal(restored, variables)
     z = helpers.golden(arch)
     assert_close(jax_logits(arch, restored, z["input_nchw"]), z["logits_eval"], name="restored logits")
+    assert rmeta["model_options"] == {"num_blocks": 3, "reweighting": "3g", "hidden": 64, "reduction_dim": 256}
     # An existing checkpoint is not replaced without --overwrite.
     with pytest.raises(checkpoints.CheckpointExistsError, match="--overwrite"):
         convert.main(["--arch", arch, "--torch_checkpoint", str(path), "--out", str(out)])
@@ -412,6 +414,93 @@ def test_mismatch_errors_list_every_name():
         convert.from_torch(state, "resnet34_3g")
 
 
+# ------------------------------------------------ model options, depth, what a state_dict is
+SMALL_3G = {"num_blocks": 1, "reduction_dim": 16, "hidden": 8}  # the demo model's kind: T = 1, reduced width
+
+
+def test_cli_model_options_read_from_the_checkpoint_or_given(tmp_path, capsys):
+    """A T=1, reduced-width 3G checkpoint (`to_torch` of such a model) converts from the command line,
+    and meta.json's model_options rebuild the same model (`checkpoints.load`)."""
+    name = "resnet18_3g"
+    variables = _numpy_init(name, 10, seed=6, **SMALL_3G)
+    pth = tmp_path / "small.pth"
+    torch.save(to_tensors(convert.to_torch(variables, name, **SMALL_3G)), pth)
+    args = ["--arch", name, "--torch_checkpoint", str(pth), "--out"]
+    assert convert.main([*args, str(tmp_path / "read")]) == 0
+    assert "(read from the checkpoint: num_blocks, reweighting, hidden, reduction_dim)" in capsys.readouterr().out
+    model, restored, meta = checkpoints.load(str(tmp_path / "read"))
+    assert meta["model_options"] == {**SMALL_3G, "reweighting": "3g"}
+    assert (model.head.num_blocks, model.head.reduction_dim, model.head.hidden) == (1, 16, 8)
+    assert_trees_equal(restored, variables)
+
+    # Given as flags, with options that change no tensor: recorded as given, typed.
+    given = ["--num_blocks", "1", "--reduction_dim", "16", "--hidden", "8", "--last_stride", "2", "--cov_eps", "0.0"]
+    assert convert.main([*args, str(tmp_path / "given"), *given, "--lower_triangle", "false"]) == 0
+    assert checkpoints.load_variables(str(tmp_path / "given"))[1]["model_options"] == {
+        **SMALL_3G,
+        "reweighting": "3g",
+        "last_stride": 2,
+        "cov_eps": 0.0,
+        "lower_triangle": False,
+    }
+    # A flag the checkpoint contradicts: the mismatch names the value to pass.
+    with pytest.raises(convert.CheckpointMismatchError, match=r"pass num_blocks=1 \(--num_blocks 1\)"):
+        convert.main([*args, str(tmp_path / "wrong"), "--num_blocks", "2"])
+    # An option of another model is a usage error (exit status 2), as an unknown flag.
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--arch", "resnet18_gap", "--torch_checkpoint", str(pth), "--out", "x", "--num_blocks", "1"])
+    assert e.value.code == 2 and "--num_blocks: not an option of resnet18_gap" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("resnet18_3g", SMALL_3G),
+        ("resnet18_3g", {"num_blocks": 2, "reweighting": "urm_v2"}),
+        ("resnet18_3g", {"reweighting": "urm_v1"}),
+        ("resnet18_isqrt", {"reduction_dim": 32}),
+    ],
+)
+def test_head_options_are_named_or_inferred(name, options):
+    state = make_state_dict(layout=convert.torch_layout(name, 10, **options))
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.from_torch(state, name)
+    for option, value in options.items():
+        assert f"pass {option}={value!r} (--{option} {value})" in str(e.value)
+    result = convert.convert_state_dict(state, name, infer_options=True)
+    assert {k: result.options[k] for k in options} == options
+    assert_trees_equal(result.variables, convert.from_torch(state, name, **options))
+
+
+def test_resnet_depth_and_non_resnets_are_named(torchvision_resnet50):
+    resnet18 = make_state_dict("resnet18_3g", seed=0, layout=LAYOUT)
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.from_torch(resnet18, "resnet50_3g")
+    hints = str(e.value).split("Hints: ")[1]
+    assert hints == "this is a ResNet-18 (BasicBlocks 2,2,2,2) checkpoint; convert it with --arch resnet18_3g.", hints
+    # A torchvision ResNet-50 backbone for a ResNet-18: the depth, and the torchvision hint without backbone_only.
+    _, resnet50 = torchvision_resnet50
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.from_torch(resnet50, "resnet18_3g", backbone_only=True)
+    assert "this is a ResNet-50 (Bottlenecks 3,4,6,3) checkpoint; convert it with --arch resnet50_3g" in str(e.value)
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.from_torch(resnet50, "resnet18_3g")
+    assert "--arch resnet50_3g" in str(e.value) and "backbone_only" in str(e.value)
+    # A depth no backbone has.
+    odd = {k: v for k, v in resnet18.items() if not k.startswith("layer3.1.")}
+    with pytest.raises(convert.CheckpointMismatchError, match=r"a ResNet of BasicBlocks 2,2,1,2, which no gg_jax"):
+        convert.from_torch(odd, "resnet18_3g")
+    # No ResNet at all: said, with its keys, and not called a torchvision ResNet.
+    mlp = {"fc1.weight": np.ones((8, 4), np.float32), "fc1.bias": np.ones(8, np.float32)}
+    mlp |= {"fc2.weight": np.ones((3, 8), np.float32), "fc2.bias": np.ones(3, np.float32)}
+    for kwargs in ({}, {"backbone_only": True}):
+        with pytest.raises(convert.CheckpointMismatchError) as e:
+            convert.from_torch(mlp, "resnet18_3g", **kwargs)
+        msg = str(e.value)
+        assert "not a ResNet state dict: its keys are fc1.weight, fc1.bias, fc2.weight, fc2.bias." in msg, msg
+        assert "torchvision ResNet" not in msg and "\n" not in msg
+
+
 def test_torch_is_not_needed(tmp_path):
     """gg_jax, gg_jax.models and from_torch work with PyTorch made unimportable."""
     code = f"""
@@ -442,3 +531,19 @@ def test_module_entry_point():
         check=False,
     )
     assert proc.returncode == 2 and "resnet50_3g" in proc.stderr  # unknown name: lists the valid ones
+
+
+def test_module_entry_point_errors_are_one_line(tmp_path):
+    """A missing or unsafe file: one `error:` line, no traceback, exit status 1 (every error of
+    `load_torch_checkpoint` is a `UserError`, which `cli.run_tool` prints so: test_missing_and_corrupt_files)."""
+    marker = tmp_path / "pwned"
+    unsafe = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "extra": _Evil(marker)}, unsafe)
+    cases = [(tmp_path / "nope.pth", "does not exist"), (unsafe, "arbitrary Python")]
+    for path, expected in cases:
+        args = ["-m", "gg_jax.convert", "--arch=resnet18_3g", f"--torch_checkpoint={path}", f"--out={tmp_path / 'o'}"]
+        proc = runs.run(args, dict(os.environ), check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        errors_shown = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors_shown) == 1 and expected in errors_shown[0] and str(path) in errors_shown[0], proc.stderr
+    assert not marker.exists() and not (tmp_path / "o").exists()
