@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gg_jax import convert, models, variables_io
+from gg_jax import checkpoints, convert, errors, models
 from tests import helpers, runs
 from tests.helpers import LAYOUT, assert_close
 from tests.reference.reference_weights import make_state_dict
@@ -143,10 +143,10 @@ def test_torchvision_resnet50_into_resnet50_gap(torchvision_resnet50, x64):
     assert list(convert.to_torch(result.variables, "resnet50_gap")) == list(state)
 
 
-def _numpy_init(name, num_classes, seed):
+def _numpy_init(name, num_classes, seed, **options):
     """Stand-in for freshly initialised variables (distinct values, no XLA compile)."""
-    model = models.create(name, num_classes=num_classes)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
+    model = models.create(name, num_classes=num_classes, **options)
+    shapes = models.init_variables(model, jax.random.PRNGKey(0), abstract=True)
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
 
@@ -203,8 +203,9 @@ def test_cli_backbone_only_from_torchvision_resnet18(tmp_path, capsys):
     )
     stdout = capsys.readouterr().out
     assert "torchvision" in stdout and "fc.weight" in stdout  # convention; ignored keys
-    variables, meta = variables_io.load_variables(str(out))
+    variables, meta = checkpoints.load_variables(str(out))
     assert meta["model"] == "resnet18_3g" and meta["num_classes"] == 10 and meta["backbone_only"]
+    assert meta["model_options"] == {} and "fc.weight" in meta["ignored_keys"]
 
     # The backbone computes what the PyTorch 3G-Net computes with these backbone weights.
     ref3g = ReferenceResNet3G("resnet18", num_classes=10)
@@ -257,14 +258,16 @@ def test_load_torch_checkpoint_released_dict_and_cli(tmp_path):
     # The CLI writes a directory that load_variables restores, with the golden logits.
     out = tmp_path / "converted"
     assert convert.main(["--arch", arch, "--torch_checkpoint", str(path), "--out", str(out)]) == 0
-    restored, rmeta = variables_io.load_variables(str(out))
+    restored, rmeta = checkpoints.load_variables(str(out))
     assert rmeta["model"] == arch and rmeta["num_classes"] == meta["num_classes"]
     assert rmeta["source"] == str(path.resolve()) and rmeta["epoch"] == ckpt["epoch"]
     assert_trees_equal(restored, variables)
     z = helpers.golden(arch)
     assert_close(jax_logits(arch, restored, z["input_nchw"]), z["logits_eval"], name="restored logits")
+    assert rmeta["model_options"] == {"num_blocks": 3, "reweighting": "3g", "hidden": 64, "reduction_dim": 256}
     # An existing checkpoint is not replaced without --overwrite.
-    assert convert.main(["--arch", arch, "--torch_checkpoint", str(path), "--out", str(out)]) == 1
+    with pytest.raises(checkpoints.CheckpointExistsError, match="--overwrite"):
+        convert.main(["--arch", arch, "--torch_checkpoint", str(path), "--out", str(out)])
     assert convert.main(["--arch", arch, "--torch_checkpoint", str(path), "--out", str(out), "--overwrite"]) == 0
 
 
@@ -301,7 +304,7 @@ class _Evil:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_malicious_pickle_is_refused(tmp_path, capsys):
+def test_malicious_pickle_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     ckpt = _released_style(make_state_dict("resnet18_3g", seed=0, layout=LAYOUT))
     ckpt["extra"] = _Evil(marker)
@@ -323,18 +326,17 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="evil_plain.pkl"):
         convert.load_torch_checkpoint(plain_file, "resnet18_3g")
     assert not marker.exists()
-    assert (
+    with pytest.raises(convert.UnsafeCheckpointError, match="arbitrary Python objects") as e:
         convert.main(["--arch", "resnet18_3g", "--torch_checkpoint", str(zip_file), "--out", str(tmp_path / "out")])
-        == 1
-    )
-    assert "arbitrary Python objects" in capsys.readouterr().err
+    assert isinstance(e.value, errors.UserError) and isinstance(e.value, ValueError)
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_missing_and_corrupt_files(tmp_path):
     missing = tmp_path / "nope.pth"
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(checkpoints.CheckpointNotFoundError, match="nope.pth") as e:
         convert.load_torch_checkpoint(missing, "resnet18_3g")
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, errors.UserError)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(np.random.default_rng(0).bytes(4096))
     good = tmp_path / "good.pth"
@@ -342,16 +344,21 @@ def test_missing_and_corrupt_files(tmp_path):
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     for path in (garbage, truncated):
-        with pytest.raises(ValueError, match=path.name) as e:
+        with pytest.raises(convert.UnreadableCheckpointError, match=path.name) as e:
             convert.load_torch_checkpoint(path, "resnet18_3g")
         assert "not a readable PyTorch checkpoint" in str(e.value)
+        assert isinstance(e.value, ValueError) and isinstance(e.value, errors.UserError)
     odd = tmp_path / "list.pth"
     torch.save([torch.zeros(2)], odd)
-    with pytest.raises(ValueError, match="not a state_dict"):
+    with pytest.raises(convert.UnreadableCheckpointError, match="not a state_dict"):
         convert.load_torch_checkpoint(odd, "resnet18_3g")
+    nested = tmp_path / "nested.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1), "extra": {"a": torch.zeros(1)}}}, nested)
+    with pytest.raises(convert.UnreadableCheckpointError, match="'extra' \\(dict\\)"):
+        convert.load_torch_checkpoint(nested, "resnet18_3g")
 
 
-def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, capsys, caplog):
+def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, caplog):
     state = make_state_dict("resnet18_3g", seed=0, layout=LAYOUT)
     weight = state["layer1.0.conv1.weight"].copy()
     weight.flat[:3], weight.flat[3] = np.nan, np.inf
@@ -359,11 +366,14 @@ def test_nonfinite_weights_are_refused_unless_allowed(tmp_path, capsys, caplog):
     pth = tmp_path / "diverged.pth"
     torch.save(to_tensors(state), pth)
     args = ["--arch", "resnet18_3g", "--torch_checkpoint", str(pth), "--out", str(tmp_path / "out")]
-    assert convert.main(args) == 1
-    err = capsys.readouterr().err
+    with pytest.raises(convert.NonfiniteWeightsError) as e:
+        convert.main(args)
+    err = str(e.value)
     assert "layer1.0.conv1.weight: 3 NaN, 1 inf" in err and "--allow_nonfinite" in err, err
-    assert err.count("\n") == 1 and not (tmp_path / "out").exists(), err
-    assert convert.main([*args, "--allow_nonfinite"]) == 0 and variables_io.is_variables_dir(tmp_path / "out")
+    assert "\n" not in err and not (tmp_path / "out").exists(), err
+    with pytest.raises(convert.NonfiniteWeightsError):
+        convert.load_torch_checkpoint(pth, "resnet18_3g", allow_nonfinite=False)
+    assert convert.main([*args, "--allow_nonfinite"]) == 0 and checkpoints.is_variables_dir(tmp_path / "out")
     # The library converts them, with a warning that names them.
     with caplog.at_level("WARNING"):
         convert.from_torch(state, "resnet18_3g")
@@ -404,19 +414,106 @@ def test_mismatch_errors_list_every_name():
         convert.from_torch(state, "resnet34_3g")
 
 
+# ------------------------------------------------ model options, depth, what a state_dict is
+SMALL_3G = {"num_blocks": 1, "reduction_dim": 16, "hidden": 8}  # the demo model's kind: T = 1, reduced width
+
+
+def test_cli_model_options_read_from_the_checkpoint_or_given(tmp_path, capsys):
+    """A T=1, reduced-width 3G checkpoint (`to_torch` of such a model) converts from the command line,
+    and meta.json's model_options rebuild the same model (`checkpoints.load`)."""
+    name = "resnet18_3g"
+    variables = _numpy_init(name, 10, seed=6, **SMALL_3G)
+    pth = tmp_path / "small.pth"
+    torch.save(to_tensors(convert.to_torch(variables, name, **SMALL_3G)), pth)
+    args = ["--arch", name, "--torch_checkpoint", str(pth), "--out"]
+    assert convert.main([*args, str(tmp_path / "read")]) == 0
+    assert "(read from the checkpoint: num_blocks, reweighting, hidden, reduction_dim)" in capsys.readouterr().out
+    model, restored, meta = checkpoints.load(str(tmp_path / "read"))
+    assert meta["model_options"] == {**SMALL_3G, "reweighting": "3g"}
+    assert (model.head.num_blocks, model.head.reduction_dim, model.head.hidden) == (1, 16, 8)
+    assert_trees_equal(restored, variables)
+
+    # Given as flags, with options that change no tensor: recorded as given, typed.
+    given = ["--num_blocks", "1", "--reduction_dim", "16", "--hidden", "8", "--last_stride", "2", "--cov_eps", "0.0"]
+    assert convert.main([*args, str(tmp_path / "given"), *given, "--lower_triangle", "false"]) == 0
+    assert checkpoints.load_variables(str(tmp_path / "given"))[1]["model_options"] == {
+        **SMALL_3G,
+        "reweighting": "3g",
+        "last_stride": 2,
+        "cov_eps": 0.0,
+        "lower_triangle": False,
+    }
+    # A flag the checkpoint contradicts: the mismatch names the value to pass.
+    with pytest.raises(convert.CheckpointMismatchError, match=r"pass num_blocks=1 \(--num_blocks 1\)"):
+        convert.main([*args, str(tmp_path / "wrong"), "--num_blocks", "2"])
+    # An option of another model is a usage error (exit status 2), as an unknown flag.
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--arch", "resnet18_gap", "--torch_checkpoint", str(pth), "--out", "x", "--num_blocks", "1"])
+    assert e.value.code == 2 and "--num_blocks: not an option of resnet18_gap" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("resnet18_3g", SMALL_3G),
+        ("resnet18_3g", {"num_blocks": 2, "reweighting": "urm_v2"}),
+        ("resnet18_3g", {"reweighting": "urm_v1"}),
+        ("resnet18_isqrt", {"reduction_dim": 32}),
+    ],
+)
+def test_head_options_are_named_or_inferred(name, options):
+    state = make_state_dict(layout=convert.torch_layout(name, 10, **options))
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.from_torch(state, name)
+    for option, value in options.items():
+        assert f"pass {option}={value!r} (--{option} {value})" in str(e.value)
+    result = convert.convert_state_dict(state, name, infer_options=True)
+    assert {k: result.options[k] for k in options} == options
+    assert_trees_equal(result.variables, convert.from_torch(state, name, **options))
+
+
+def test_resnet_depth_and_non_resnets_are_named(torchvision_resnet50):
+    resnet18 = make_state_dict("resnet18_3g", seed=0, layout=LAYOUT)
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.from_torch(resnet18, "resnet50_3g")
+    hints = str(e.value).split("Hints: ")[1]
+    assert hints == "this is a ResNet-18 (BasicBlocks 2,2,2,2) checkpoint; convert it with --arch resnet18_3g.", hints
+    # A torchvision ResNet-50 backbone for a ResNet-18: the depth, and the torchvision hint without backbone_only.
+    _, resnet50 = torchvision_resnet50
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.from_torch(resnet50, "resnet18_3g", backbone_only=True)
+    assert "this is a ResNet-50 (Bottlenecks 3,4,6,3) checkpoint; convert it with --arch resnet50_3g" in str(e.value)
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.from_torch(resnet50, "resnet18_3g")
+    assert "--arch resnet50_3g" in str(e.value) and "backbone_only" in str(e.value)
+    # A depth no backbone has.
+    odd = {k: v for k, v in resnet18.items() if not k.startswith("layer3.1.")}
+    with pytest.raises(convert.CheckpointMismatchError, match=r"a ResNet of BasicBlocks 2,2,1,2, which no gg_jax"):
+        convert.from_torch(odd, "resnet18_3g")
+    # No ResNet at all: said, with its keys, and not called a torchvision ResNet.
+    mlp = {"fc1.weight": np.ones((8, 4), np.float32), "fc1.bias": np.ones(8, np.float32)}
+    mlp |= {"fc2.weight": np.ones((3, 8), np.float32), "fc2.bias": np.ones(3, np.float32)}
+    for kwargs in ({}, {"backbone_only": True}):
+        with pytest.raises(convert.CheckpointMismatchError) as e:
+            convert.from_torch(mlp, "resnet18_3g", **kwargs)
+        msg = str(e.value)
+        assert "not a ResNet state dict: its keys are fc1.weight, fc1.bias, fc2.weight, fc2.bias." in msg, msg
+        assert "torchvision ResNet" not in msg and "\n" not in msg
+
+
 def test_torch_is_not_needed(tmp_path):
     """gg_jax, gg_jax.models and from_torch work with PyTorch made unimportable."""
     code = f"""
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
-import gg_jax, gg_jax.models, gg_jax.convert, gg_jax.layers, gg_jax.variables_io
+import gg_jax, gg_jax.models, gg_jax.convert, gg_jax.layers, gg_jax.checkpoints, gg_jax.errors
 from tests.reference.reference_weights import make_state_dict
 v = gg_jax.convert.from_torch(make_state_dict("resnet18_3g", 0, layout={str(LAYOUT)!r}), "resnet18_3g")
 assert v["params"]["fc"]["kernel"].shape == (32896, 1000)
 try:
     gg_jax.convert.load_torch_checkpoint({str(LAYOUT)!r}, "resnet18_3g")
-except ImportError as e:
-    assert "needs PyTorch" in str(e), e
+except gg_jax.errors.MissingDependencyError as e:
+    assert "needs PyTorch" in str(e) and isinstance(e, ImportError), e
 else:
     raise SystemExit("load_torch_checkpoint worked without torch")
 print("ok")
@@ -434,3 +531,19 @@ def test_module_entry_point():
         check=False,
     )
     assert proc.returncode == 2 and "resnet50_3g" in proc.stderr  # unknown name: lists the valid ones
+
+
+def test_module_entry_point_errors_are_one_line(tmp_path):
+    """A missing or unsafe file: one `error:` line, no traceback, exit status 1 (every error of
+    `load_torch_checkpoint` is a `UserError`, which `cli.run_tool` prints so: test_missing_and_corrupt_files)."""
+    marker = tmp_path / "pwned"
+    unsafe = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "extra": _Evil(marker)}, unsafe)
+    cases = [(tmp_path / "nope.pth", "does not exist"), (unsafe, "arbitrary Python")]
+    for path, expected in cases:
+        args = ["-m", "gg_jax.convert", "--arch=resnet18_3g", f"--torch_checkpoint={path}", f"--out={tmp_path / 'o'}"]
+        proc = runs.run(args, dict(os.environ), check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        errors_shown = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors_shown) == 1 and expected in errors_shown[0] and str(path) in errors_shown[0], proc.stderr
+    assert not marker.exists() and not (tmp_path / "o").exists()
