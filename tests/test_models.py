@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gg_jax import convert, linalg, models
+from gg_jax import backbones, convert, linalg, models
 from tests import helpers
 from tests.helpers import LAYOUT, assert_close, nchw, nhwc
 from tests.reference.reference_weights import make_state_dict
@@ -173,7 +173,7 @@ def _torch_counts(backbone, num_classes=1000):
     }
 
 
-@pytest.mark.parametrize("backbone", sorted(b for b in models.BACKBONES if b.startswith("resnet")))
+@pytest.mark.parametrize("backbone", sorted(b for b in backbones.BACKBONES if b.startswith("resnet")))
 def test_parameter_counts(backbone):
     names = [n for n in models.names() if models.parse_name(n)[0] == backbone]
     assert {models.parse_name(n)[1] for n in names} == set(models.HEADS)
