@@ -9,7 +9,6 @@ evaluations are timed apart and left out of the rate, and the ETA adds the evalu
 due at their mean duration.
 """
 
-
 import contextlib
 import time
 
