@@ -109,8 +109,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        cause = e.__cause__ or e.__context__
-        fail((cause is not None and _config_file_error(argv, cause)) or f"{e} (see --help)")
+        # ml_collections reports what `get_config` raised as a flag error "whilst parsing config file".
+        loading = "config file" in str(e) and (e.__cause__ or e.__context__) is not None
+        fail((loading and _config_file_error(argv, e)) or f"{e} (see --help)")
     except (AttributeError, KeyError) as e:
         message = _unknown_field(e, argv) or _config_file_error(argv, e)
         if message is None:

@@ -149,16 +149,18 @@ def _check_out(out: str, overwrite: bool) -> str:
 
 
 def _write_atomically(path: str, data: bytes) -> None:
-    """`data` to `path` through a temporary file in its directory: never a half-written file."""
+    """`data` to `path` through a temporary file in its directory: never a half-written file.
+    A write that fails (disk full, permissions) is an `ExportPathError` naming `path`."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as e:
+        raise ExportPathError(f"Cannot write {path}: {e.strerror or e}. Nothing was written there.") from None
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 def _eval_preprocessing(dataset: str | None, image_size: int, config: dict[str, Any] | None) -> str:

@@ -83,3 +83,64 @@ def test_a_run_resumes_after_options_that_change_no_shape(tmp_path, tiny_run, ca
     result = trainer.train_and_evaluate(changed, str(workdir))
     assert result.step == 2 and runs.checkpoint_steps(workdir) == [1, 2]
     assert "matmul_precision None -> 'highest', num_iters None -> 4" in caplog.text
+
+
+_HOLD = """
+import sys
+from gg_jax import checkpoints
+with checkpoints.claim_workdir(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_one_run_per_workdir_a_lock_on_disks(tmp_path, caplog):
+    """A second run is refused in one line naming the holder; the claim of a process that died
+    is taken over with a log line; the claim file goes when the run ends."""
+    import socket
+    import subprocess
+
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    holder = subprocess.Popen(
+        runs.command(["-c", _HOLD, workdir]), cwd=runs.REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = rf"{workdir} is in use by another training run \(host {socket.gethostname()}, pid {holder.pid}, since"
+        with pytest.raises(checkpoints.WorkdirBusyError, match=busy):
+            with checkpoints.claim_workdir(str(workdir)):
+                pass
+        # The trainer claims the workdir before it reads or writes anything there.
+        with pytest.raises(checkpoints.WorkdirBusyError, match=busy):
+            trainer.train_and_evaluate(runs.tiny_config(), str(workdir))
+        assert sorted(p.name for p in workdir.iterdir()) == [".gg_jax_claim"]
+    finally:
+        holder.kill()  # Dies holding the claim: the kernel releases the lock, the file stays.
+        holder.wait()
+    caplog.set_level("WARNING")
+    with checkpoints.claim_workdir(str(workdir)):
+        assert f"pid {holder.pid}" in caplog.text and "no longer running" in caplog.text
+    assert not (workdir / ".gg_jax_claim").exists()
+
+
+def test_one_run_per_workdir_a_lease_on_object_stores(tmp_path, caplog):
+    """The claim where files cannot be locked (gs://): a lease that its holder renews, taken over
+    once it has expired."""
+    import time
+
+    from gg_jax.checkpoints import claim
+
+    path = tmp_path / claim.CLAIM_FILE
+    path.write_text(json.dumps({"host": "h", "pid": 7, "since": "then", "expires": time.time() + 60}))
+    with pytest.raises(checkpoints.WorkdirBusyError, match=r"host h, pid 7, since then"):
+        with checkpoints.claim_workdir(str(tmp_path), lease_seconds=1.0):
+            pass
+    path.write_text(json.dumps({"host": "h", "pid": 7, "since": "then", "expires": time.time() - 1}))
+    caplog.set_level("WARNING")
+    with checkpoints.claim_workdir(str(tmp_path), lease_seconds=0.6):
+        assert "Taking over the lease" in caplog.text
+        first = json.loads(path.read_text())["expires"]
+        time.sleep(0.5)  # Renewed every 0.2 s.
+        assert json.loads(path.read_text())["expires"] > first
+    assert not path.exists()

@@ -65,6 +65,24 @@ def test_user_errors_are_one_line_before_anything_is_written(tmp_path):
     assert "--config.batch_size=abc" in line, line
     line = _one_error_line(_run(["train.py", "--config=configs/nope.py", f"--workdir={work}"], env))
     assert "configs/nope.py" in line and "No such file" in line, line
+    # Config files that do not load: the file and the line, in one line.
+    for source, expected in (
+        ("def get_config(:\n    pass\n", ", line 1: SyntaxError: invalid syntax"),
+        ("X = 1\n", "the file has no get_config() function"),
+        ("def get_config():\n    raise ValueError('no data dir')\n", ", line 2: ValueError: no data dir"),
+    ):
+        path = tmp_path / f"config_{len(source)}.py"
+        path.write_text(source)
+        line = _one_error_line(_run(["train.py", f"--config={path}", f"--workdir={work}"], env))
+        assert f"cannot load --config={path}" in line and expected in line, line
+
+    # Model options out of range and an image size that leaves a 1x1 map, named in one line
+    # before any model is built.
+    bad = ["reduction_dim=-5", "num_blocks=-1", "num_iters=0", "lam=2.0", "dropout_rate=1.5"]
+    line = _one_error_line(_run([*train, *(f"--config.model.{o}" for o in bad), "--config.image_size=16"], env))
+    for option in bad:
+        assert f"{option} must be" in line, line
+    assert "config.image_size=16 leaves resnet18_3g a 1x1 last feature map" in line and ">= 17" in line, line
 
     # The model options of configs/default.py parse (docs/training.md shows dropout_rate);
     # keep_checkpoints=0 is refused (Orbax would delete every checkpoint, the last one too).

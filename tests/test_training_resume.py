@@ -87,26 +87,28 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     runs.assert_trees_close(runs.load_params(work, total), runs.load_params(ref, total), atol=1e-6)
 
 
-def test_sigterm_commits_the_checkpoint_despite_a_second_sigterm_then_resumes(tmp_path):
-    """SIGTERM saves the current step and exits with 143 once the checkpoint is committed; a
-    second SIGTERM during the save (sent 0.05 or 0.6 s after the first) is ignored."""
+def test_sigterm_and_ctrl_c_commit_the_checkpoint_despite_a_second_signal_then_resume(tmp_path):
+    """SIGTERM (a preemption notice) and SIGINT (Ctrl-C) save the current step and exit with 128 +
+    the signal once the checkpoint is committed, without a traceback; a second signal during the
+    save (sent 0.05 or 0.6 s after the first) is ignored."""
     env = runs.subprocess_env(tmp_path)
     overrides = dict(num_train_steps=100_000, checkpoint_every_steps=3, keep_checkpoints=2)
     stopped = {}
-    for delay in (0.05, 0.6):
+    for sig, delay in ((signal.SIGTERM, 0.05), (signal.SIGINT, 0.6)):
         work = tmp_path / f"w{delay}"
         cmd = _train_cmd(work, **overrides)
         proc = _start(cmd, env)
         _wait_for_checkpoint(proc, work)  # Training, past its first checkpoint.
         first = runs.checkpoint_steps(work)[0]
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         time.sleep(delay)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
         out, err = runs.communicate(proc, cmd)
-        assert proc.returncode == 128 + signal.SIGTERM, f"delay {delay}: exit {proc.returncode}\n{err[-6000:]}"
-        assert "Preempted: saved the checkpoint of step" in err, err[-6000:]
-        step = int(err.split("Preempted: saved the checkpoint of step ")[1].split(" ")[0])
+        assert proc.returncode == 128 + sig, f"{sig.name}, delay {delay}: exit {proc.returncode}\n{err[-6000:]}"
+        assert f"Stopped by {sig.name}: saved the checkpoint of step" in err, err[-6000:]
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-6000:]
+        step = int(err.split(": saved the checkpoint of step ")[1].split(" ")[0])
         steps = runs.checkpoint_steps(work)
         # Committed: the step's directory, no temporary one, and its parameters read back.
         assert step >= first and steps[-1] == step and len(steps) <= 2 and not _tmp_dirs(work), (delay, step, steps)

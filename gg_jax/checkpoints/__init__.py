@@ -106,13 +106,14 @@ def load(path: str, *, name: str | None = None, platform: str | None = None, **o
         manager = step = None
     else:
         try:
-            manager, step = training.open_step(path)
-        except CheckpointNotFoundError as e:
+            directory, step = training.locate(path)
+        except CheckpointNotFoundError:
             raise CheckpointNotFoundError(
                 f"{path} holds no gg_jax checkpoint: expected a variables directory (meta.json and variables/ "
                 "inside, as `python -m gg_jax.convert` writes) or a training workdir, its checkpoints/ directory "
-                f"or one checkpoints/<step> directory. ({e})"
+                "or one checkpoints/<step> directory."
             ) from None
+        manager, step = training.open_step(directory, step)
         meta = {**training.read_meta(manager, step), "step": int(step)}
     if name is not None and name != meta["model"]:
         raise CheckpointMismatchError(

@@ -113,7 +113,7 @@ def _lease_claim(workdir: str, lease_seconds: float = LEASE_SECONDS):
         path.write_text(json.dumps({**mine, "expires": time.time() + lease_seconds}))
 
     write()
-    time.sleep(_SETTLE_SECONDS)
+    time.sleep(min(_SETTLE_SECONDS, lease_seconds / 4))
     current = _read(path)
     if current.get("token") != mine["token"]:
         raise _busy(workdir, current)

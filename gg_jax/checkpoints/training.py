@@ -233,16 +233,17 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, sha
 
 
 def restore_variables(manager: ocp.CheckpointManager, step: int, abstract_variables, shardings) -> dict[str, Any]:
-    """The `{'params', 'batch_stats'}` saved at `step`, placed with `shardings`."""
+    """The `{'params', 'batch_stats'}` saved at `step`, placed with `shardings`; a checkpoint that
+    cannot be read raises `DamagedCheckpointError` saying what to move away (nothing is changed)."""
     target = _with_shardings(abstract_variables, shardings)
+
+    def restore(at):
+        return manager.restore(at, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target)))
+
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target)))
+        return dict(restore(step)["variables"])
     except Exception as e:
-        raise DamagedCheckpointError(
-            f"The checkpoint of step {step} in {manager.directory} cannot be read ({_first_line(e)}). Nothing was "
-            "changed."
-        ) from None
-    return dict(restored["variables"])
+        raise _damaged(manager, step, e, lambda older: jax.block_until_ready(restore(older))) from None
 
 
 def _isdir(path: str) -> bool:
@@ -268,10 +269,9 @@ def locate(path: str) -> tuple[str, int | None]:
     )
 
 
-def open_step(path: str) -> tuple[ocp.CheckpointManager, int]:
-    """A read-only manager over the checkpoints at `path` (`locate`) and the step to read:
-    the one named, or the latest; `CheckpointNotFoundError` if there is none."""
-    directory, step = locate(path)
+def open_step(directory: str, step: int | None = None) -> tuple[ocp.CheckpointManager, int]:
+    """A read-only manager over the checkpoints in `directory` and the step to read: `step`, or
+    the latest; `CheckpointNotFoundError` if there is none."""
     manager = create_manager(directory, read_only=True)
     steps = manager.all_steps()
     if step is None:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from gg_jax import backbones, layers
 from gg_jax.backbones import blocks
-from gg_jax.models.classifier import Classifier
+from gg_jax.models.classifier import Classifier, check_dropout_rate
 
 __all__ = ["HEADS", "Classifier", "create", "feature_map_size", "init_variables", "names", "options", "parse_name"]
 
@@ -129,9 +129,26 @@ def create(name: str, *, num_classes: int, platform: str | None = None, **option
     dtype = jnp.dtype(options.get("dtype", "float32"))
     conv = conv_for_platform(platform or jax.default_backend())
     pick = lambda group: {k: options[k] for k in groups[group] if k in options}  # noqa: E731
+    problems = []
+
+    def build(make):  # Every part checks its options when constructed; all problems in one error.
+        try:
+            return make()
+        except ValueError as e:
+            problems.append(str(e).rstrip("."))
+
+    parts = (
+        build(
+            lambda: backbones.BACKBONES[backbone](dtype=dtype, conv=conv, **{**backbone_defaults, **pick("backbone")})
+        ),
+        build(lambda: head_cls(dtype=dtype, conv=conv, **{**head_defaults, **pick("head")}, parent=None)),
+        build(lambda: check_dropout_rate(options.get("dropout_rate", 0.0))),
+    )
+    if problems:
+        raise ValueError("; ".join(problems) + ".")
     return Classifier(
-        backbone=backbones.BACKBONES[backbone](dtype=dtype, conv=conv, **{**backbone_defaults, **pick("backbone")}),
-        head=head_cls(dtype=dtype, conv=conv, **{**head_defaults, **pick("head")}, parent=None),
+        backbone=parts[0],
+        head=parts[1],
         num_classes=num_classes,
         dropout_rate=float(options.get("dropout_rate", 0.0)),
         dtype=dtype,

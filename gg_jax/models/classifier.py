@@ -22,6 +22,12 @@ def torch_linear_init(fan_in: int):
     return init
 
 
+def check_dropout_rate(rate) -> None:
+    """ValueError unless `rate` is in [0, 1)."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ValueError(f"Classifier: dropout_rate={rate!r} must be in [0, 1) (the share of features dropped).")
+
+
 class Classifier(nn.Module):
     """NHWC images `[B, H, W, 3]` -> float32 logits `[B, num_classes]`.
 
@@ -47,9 +53,7 @@ class Classifier(nn.Module):
     dtype: Dtype = jnp.float32
 
     def __post_init__(self):
-        rate = self.dropout_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-            raise ValueError(f"Classifier: dropout_rate={rate!r} must be in [0, 1) (the share of features dropped).")
+        check_dropout_rate(self.dropout_rate)
         super().__post_init__()
 
     def setup(self):
