@@ -4,8 +4,9 @@ images), the fine-grained recipe of `configs/finegrained.py`.
 TFDS has no FGVC-Aircraft builder: the images are read from a folder,
 DATA_DIR/train/<variant>/*.jpg and DATA_DIR/val/<variant>/*.jpg (docs/finetuning.md says
 how to make it from the official archive's trainval/test lists). fast-MPN-COV's Aircraft
-transforms: both sides resized to 512, centre crop 448, random flip (train); the same
-without the flip (test). The published accuracy it targets: iSQRT-COV ResNet-50 90.0 %
+transforms (jiangtaoxie/fast-MPN-COV@c430c78 imagepreprocess.py:L64-L83): both sides resized
+to 512 (`Resize((512, 512))`), centre crop 448, random flip (train); the same without the flip
+(test). The published accuracy it targets: iSQRT-COV ResNet-50 90.0 %
 (fast-MPN-COV paper; 90.3 % reproduced by its authors), ResNet-101 91.4 %.
 
   python train.py --config=configs/aircraft_r50.py --workdir=DIR --config.init_from=/ckpt/r50_3g \

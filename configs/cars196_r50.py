@@ -1,8 +1,9 @@
 """ResNet-50 3G-Net fine-tuned on Stanford Cars (TFDS `cars196`: 8,144 train / 8,041 test images of
 196 car models), the fine-grained recipe of `configs/finegrained.py`.
 
-fast-MPN-COV's Cars transforms: both sides resized to 448 (the whole image, squeezed),
-centre crop 448, random flip (train); shorter side resized to 448, centre crop 448 (test).
+fast-MPN-COV's Cars transforms (jiangtaoxie/fast-MPN-COV@c430c78 imagepreprocess.py:L84-L101):
+the whole image squeezed to 448 x 448 (`Resize((448, 448))`) and a random flip (train); the
+same squeeze for evaluation, with no crop (the 448 centre crop of a 448 image is all of it).
 The published accuracy it targets: iSQRT-COV ResNet-50 92.8 % (fast-MPN-COV paper; 92.3 %
 reproduced by its authors), ResNet-101 93.3 %.
 
@@ -19,6 +20,6 @@ def get_config():
     config.dataset.name = "cars196"
     config.dataset.augment = "square_center_crop_flip"
     config.dataset.train_resize_size = 448
-    config.eval.resize_mode = "shorter"
+    config.eval.resize_mode = "square"
     config.eval.resize_size = 448
     return config

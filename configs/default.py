@@ -66,10 +66,18 @@ def get_config():
     config.momentum = 0.9
     config.nesterov = False
     config.weight_decay = 1e-4
-    # Fine-tuning: the modules after the backbone (the pooling head and the classifier) learn
-    # head_lr_factor times faster (fast-MPN-COV's classifier_factor); 1.0 = one learning rate.
+    # Fine-tuning: the modules head_lr_modules (top-level: `fc` the classifier, `head` the
+    # pooling head) learn head_lr_factor times faster (fast-MPN-COV's classifier_factor, applied
+    # to its classifier only); 1.0 = one learning rate.
     config.head_lr_factor = 1.0
-    config.head_lr_modules = ("head", "fc")
+    config.head_lr_modules = ("fc",)
+    # Top-level modules whose parameters are not trained (no update, no weight decay; their
+    # BatchNorm statistics still follow the batches, as PyTorch's requires_grad=False does):
+    # fast-MPN-COV's --freezed-layer, e.g. ("conv1", "bn1", "layer1"); `layer1` names layer1_0, ...
+    config.freeze = ()
+    # Gradient accumulation: each step's batch in this many micro-batches, one in memory at a
+    # time (BatchNorm statistics per micro-batch); batch_size must be a multiple of it x devices.
+    config.grad_accum_steps = 1
     config.num_epochs = 115.0
     config.num_train_steps = -1  # > 0 overrides num_epochs.
     config.seed = 0

@@ -15,10 +15,13 @@ Learning rate: `config.learning_rate` is the rate for a global batch of 256 and 
 scaled linearly with the batch (Goyal et al., 2017): lr = learning_rate * batch_size / 256.
 
 Fine-tuning: `config.head_lr_factor` != 1 gives the parameters under the top-level modules
-`config.head_lr_modules` (default the pooling head and the classifier, `head` and `fc`)
-that factor times the learning rate of the backbone (fast-MPN-COV's `classifier_factor`),
-by `optax.multi_transform` over two such SGD chains, each with its learning rate in its
-state (`optax.inject_hyperparams`).
+`config.head_lr_modules` (fast-MPN-COV's fine-grained recipe: the classifier `fc`) that factor
+times the learning rate of the backbone (fast-MPN-COV's `classifier_factor`), and
+`config.freeze` (e.g. `("conv1", "bn1", "layer1")`, fast-MPN-COV's `--freezed-layer`) leaves
+the parameters of those modules untouched (no update, no weight decay), by
+`optax.multi_transform` over such SGD chains, each with its learning rate in its state
+(`optax.inject_hyperparams`). BatchNorm running statistics of frozen modules keep updating in
+training mode, as in PyTorch, where `requires_grad=False` stops only the parameters.
 """
 
 from __future__ import annotations
@@ -87,28 +90,42 @@ def create_optimizer(
     )
 
 
-def param_groups(params, head_modules: Sequence[str]):
-    """The tree of `params` with 'head' for the leaves under a top-level module in
-    `head_modules`, 'backbone' for the others (labels of `optax.multi_transform`)."""
+def matches(module: str, patterns: Sequence[str]) -> bool:
+    """Whether top-level module `module` is one of `patterns`, or numbered under one (`layer1`
+    names `layer1_0`, `layer1_1`, ...: the reference's `layer1` Sequential)."""
+    return any(module == p or module.startswith(f"{p}_") for p in patterns)
+
+
+def param_groups(params, head_modules: Sequence[str] = (), frozen: Sequence[str] = ()):
+    """The tree of `params` labelled for `optax.multi_transform`: 'frozen' under a top-level
+    module of `frozen`, 'head' under one of `head_modules`, 'backbone' elsewhere."""
     flat = traverse_util.flatten_dict(params)
-    labels = {k: "head" if k[0] in head_modules else "backbone" for k in flat}
-    return traverse_util.unflatten_dict(labels)
+
+    def label(path):
+        if matches(path[0], frozen):
+            return "frozen"
+        return "head" if matches(path[0], head_modules) else "backbone"
+
+    return traverse_util.unflatten_dict({k: label(k) for k in flat})
 
 
 def create_grouped_optimizer(
     learning_rate,
-    head_lr_factor: float,
-    head_modules: Sequence[str],
+    head_lr_factor: float = 1.0,
+    head_modules: Sequence[str] = (),
     *,
+    frozen: Sequence[str] = (),
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
     nesterov: bool = False,
 ) -> optax.GradientTransformation:
-    """`create_optimizer` with `head_lr_factor` times the learning rate for `head_modules`.
+    """`create_optimizer` by groups of parameters (`param_groups`): `head_lr_factor` times the
+    learning rate for `head_modules`; no update at all, weight decay included, for `frozen`.
 
-    Each group is the same PyTorch-style SGD, with its learning rate (a schedule or a
+    Each trained group is the same PyTorch-style SGD, with its learning rate (a schedule or a
     number) recorded in its state: `opt_state.inner_states['head'].inner_state[1]
-    .hyperparams['learning_rate']`.
+    .hyperparams['learning_rate']`. Frozen parameters get `optax.set_to_zero()` (PyTorch's
+    `requires_grad=False`: no gradient, so SGD skips them).
     """
 
     def sgd(lr):
@@ -124,10 +141,8 @@ def create_grouped_optimizer(
         if callable(learning_rate)
         else (head_lr_factor * learning_rate)
     )
-    return optax.multi_transform(
-        {"backbone": sgd(learning_rate), "head": sgd(head_lr)},
-        lambda params: param_groups(params, tuple(head_modules)),
-    )
+    groups = {"backbone": sgd(learning_rate), "head": sgd(head_lr), "frozen": optax.set_to_zero()}
+    return optax.multi_transform(groups, lambda params: param_groups(params, tuple(head_modules), tuple(frozen)))
 
 
 def create(config, *, steps_per_epoch: int, num_train_steps: int):
@@ -135,8 +150,8 @@ def create(config, *, steps_per_epoch: int, num_train_steps: int):
 
     Reads `learning_rate` (for a batch of 256), `batch_size`, `lr_schedule`,
     `lr_boundaries_epochs`, `lr_decay_factor`, `warmup_epochs`, `momentum`, `nesterov`,
-    `weight_decay`, `head_lr_factor` and `head_lr_modules` (see configs/default.py). The
-    schedule is the backbone's.
+    `weight_decay`, `head_lr_factor`, `head_lr_modules` and `freeze` (see configs/default.py).
+    The schedule is the backbone's.
     """
     schedule = create_learning_rate_schedule(
         base_learning_rate=config.learning_rate,
@@ -150,14 +165,26 @@ def create(config, *, steps_per_epoch: int, num_train_steps: int):
     )
     sgd = dict(momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
     groups = lr_groups(config)
-    if groups is None:  # one group: the state of runs without the option is unchanged
+    if groups is None:  # one group: the state of runs without the options is unchanged
         return create_optimizer(schedule, **sgd), schedule
-    return create_grouped_optimizer(schedule, groups["head_lr_factor"], groups["head_lr_modules"], **sgd), schedule
+    return (
+        create_grouped_optimizer(
+            schedule,
+            groups.get("head_lr_factor", 1.0),
+            groups.get("head_lr_modules", ()),
+            frozen=groups.get("freeze", ()),
+            **sgd,
+        ),
+        schedule,
+    )
 
 
 def lr_groups(config) -> dict | None:
-    """The learning-rate groups of a config (None: one learning rate), as checkpoints record them:
-    the optimizer state's structure depends on them."""
-    if float(config.head_lr_factor) == 1.0:
-        return None
-    return {"head_lr_factor": float(config.head_lr_factor), "head_lr_modules": list(config.head_lr_modules)}
+    """The parameter groups of a config (None: one learning rate for every parameter), as
+    checkpoints record them: the optimizer state's structure depends on them."""
+    groups = {}
+    if float(config.head_lr_factor) != 1.0:
+        groups.update(head_lr_factor=float(config.head_lr_factor), head_lr_modules=list(config.head_lr_modules))
+    if config.freeze:
+        groups["freeze"] = list(config.freeze)
+    return groups or None

@@ -26,8 +26,28 @@ def cross_entropy_loss(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
+def _loss_and_grads(params, batch_stats, images, labels, *, model, rngs):
+    """(loss, top-1 error, new batch_stats), gradients: one train-mode pass over `images`."""
+
+    def loss_fn(params):
+        logits, new_model_state = model.apply(
+            {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"], rngs=rngs
+        )
+        error = jnp.mean((jnp.argmax(logits, -1) != labels).astype(jnp.float32))
+        return cross_entropy_loss(logits, labels), (error, new_model_state["batch_stats"])
+
+    (loss, (error, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return (loss, error, batch_stats), grads
+
+
 def train_step(
-    state: TrainState, batch: dict[str, jax.Array], *, model, tx, dropout_rng: jax.Array | None = None
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model,
+    tx,
+    dropout_rng: jax.Array | None = None,
+    accum_steps: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on `batch` = {'image': [B, H, W, 3] float32/bf16, 'label': [B] int32}.
 
@@ -35,28 +55,39 @@ def train_step(
     run's dropout key; the step's key is `fold_in(dropout_rng, state.step)`, so a
     resumed run draws the same masks as an uninterrupted one. Metrics (float32
     scalars) are means over the batch: `loss` (softmax cross-entropy) and `top1_error`.
+
+    accum_steps: k > 1 accumulates the gradient over k micro-batches of B / k examples
+      (`lax.scan`, one micro-batch's activations in memory at a time) and updates once with
+      their mean. Micro-batch i holds the examples i, i + k, i + 2k, ... (each device keeps
+      its own rows). BatchNorm normalises each micro-batch with its own statistics, and the
+      running averages are updated once per micro-batch, as k PyTorch steps of B / k would.
     """
-    rngs = {"dropout": jax.random.fold_in(dropout_rng, state.step)} if dropout_rng is not None else {}
-
-    def loss_fn(params):
-        logits, new_model_state = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
-            train=True,
-            mutable=["batch_stats"],
-            rngs=rngs,
+    step_rng = jax.random.fold_in(dropout_rng, state.step) if dropout_rng is not None else None
+    if accum_steps == 1:
+        rngs = {"dropout": step_rng} if step_rng is not None else {}
+        (loss, error, batch_stats), grads = _loss_and_grads(
+            state.params, state.batch_stats, batch["image"], batch["label"], model=model, rngs=rngs
         )
-        return cross_entropy_loss(logits, batch["label"]), (logits, new_model_state["batch_stats"])
+    else:
+        micro = jax.tree.map(lambda x: x.reshape(-1, accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        def accumulate(carry, inputs):
+            grads, batch_stats, loss, error = carry
+            i, micro_batch = inputs
+            rngs = {"dropout": jax.random.fold_in(step_rng, i)} if step_rng is not None else {}
+            (micro_loss, micro_error, batch_stats), micro_grads = _loss_and_grads(
+                state.params, batch_stats, micro_batch["image"], micro_batch["label"], model=model, rngs=rngs
+            )
+            grads = jax.tree.map(lambda g, m: g + m / accum_steps, grads, micro_grads)
+            return (grads, batch_stats, loss + micro_loss / accum_steps, error + micro_error / accum_steps), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        start = (zeros, state.batch_stats, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, batch_stats, loss, error), _ = jax.lax.scan(accumulate, start, (jnp.arange(accum_steps), micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss,
-        "top1_error": jnp.mean((jnp.argmax(logits, -1) != batch["label"]).astype(jnp.float32)),
-    }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, metrics
+    return new_state, {"loss": loss, "top1_error": error}
 
 
 def eval_step(variables, batch: dict[str, jax.Array], *, model) -> dict[str, jax.Array]:
@@ -93,7 +124,7 @@ def needs_dropout_rng(model) -> bool:
     return float(getattr(model, "dropout_rate", 0.0) or 0.0) > 0.0
 
 
-def jit_train_step(model, tx, mesh: Mesh, state_sharding, *, seed: int = 0) -> Callable:
+def jit_train_step(model, tx, mesh: Mesh, state_sharding, *, seed: int = 0, accum_steps: int = 1) -> Callable:
     """`train_step` jitted with explicit shardings: `(state, batch) -> (state, metrics)`.
 
     The state (replicated, `state_sharding`) is donated: its buffers are reused for the
@@ -105,7 +136,7 @@ def jit_train_step(model, tx, mesh: Mesh, state_sharding, *, seed: int = 0) -> C
     dropout_rng = np.asarray(jax.random.fold_in(jax.random.PRNGKey(seed), 1))
     dropout_rng = dropout_rng if needs_dropout_rng(model) else None
     return jax.jit(
-        functools.partial(train_step, model=model, tx=tx, dropout_rng=dropout_rng),
+        functools.partial(train_step, model=model, tx=tx, dropout_rng=dropout_rng, accum_steps=accum_steps),
         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),

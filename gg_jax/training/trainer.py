@@ -20,7 +20,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from gg_jax import checkpoints, data, sharding
+from gg_jax import checkpoints, data, models, sharding
 from gg_jax.checkpoints import training as run_checkpoints
 from gg_jax.errors import UserError
 from gg_jax.training import evaluation, init_from, optim, preemption, progress, validation
@@ -50,6 +50,19 @@ def create_model(config, num_classes: int):
         return state_lib.create_model(config.model, num_classes)
     except ValueError as e:
         raise validation.ConfigError(f"config.model: {e}") from None
+
+
+def _check_groups(config, model) -> None:
+    """ConfigError unless every module `config.freeze` and `config.head_lr_modules` name is a
+    top-level module of the model (or numbers some: `layer1` for `layer1_0`, `layer1_1`, ...)."""
+    modules = sorted(models.init_variables(model, jax.random.PRNGKey(0), abstract=True)["params"])
+    for field in ("freeze", "head_lr_modules"):
+        unknown = [m for m in config[field] if not any(optim.matches(name, [m]) for name in modules)]
+        if unknown and (field == "freeze" or config.head_lr_factor != 1.0):
+            raise validation.ConfigError(
+                f"config.{field}={tuple(config[field])!r}: {', '.join(map(repr, unknown))} is not a module of "
+                f"{config.model.name}; its top-level modules are {', '.join(modules)}."
+            )
 
 
 def num_train_steps(config, info: data.DatasetInfo) -> int:
@@ -151,6 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             f"of {info.name}: use a batch of at most {info.num_train_examples}."
         )
     model = create_model(config, info.num_classes)
+    _check_groups(config, model)
+    sharding.check_batch_size(config.batch_size, mesh.size * config.grad_accum_steps, "devices x grad_accum_steps")
     total_steps = num_train_steps(config, info)
     tx, schedule = optim.create(config, steps_per_epoch=steps_per_epoch, num_train_steps=total_steps)
     meta = run_checkpoints.run_metadata(
@@ -214,7 +229,9 @@ def _train(config, workdir, mesh, info, model, tx, schedule, meta, watcher) -> T
         dtype=jnp.dtype(config.model.dtype or "float32"),
         **{k: v for k, v in config.dataset.items() if k not in ("name", "data_dir") and v is not None},
     )
-    train_step = steps_lib.jit_train_step(model, tx, mesh, state_sharding, seed=config.seed)
+    train_step = steps_lib.jit_train_step(
+        model, tx, mesh, state_sharding, seed=config.seed, accum_steps=config.grad_accum_steps
+    )
     eval_step = steps_lib.jit_eval_step(model, mesh, state_sharding.variables)
     state_is_finite = steps_lib.jit_all_finite(mesh)
 

@@ -160,6 +160,13 @@ def check_train_config(config) -> None:
         value = _get(config, field, default)
         if not _is_number(value) or math.isnan(value) or not ok(value):
             problems.append(f"config.{field}={value!r} must be {what}")
+    accum = _get(config, "grad_accum_steps", 1)
+    if not _is_int(accum) or accum < 1:
+        problems.append(f"config.grad_accum_steps={accum!r} must be an integer >= 1 (1: no accumulation)")
+    for field in ("freeze", "head_lr_modules"):
+        names = _get(config, field, ())
+        if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+            problems.append(f"config.{field}={names!r} must be a tuple of module names, e.g. ('conv1', 'layer1')")
     keep = _get(config, "keep_checkpoints", 1)
     if not _is_int(keep) or keep < 1:
         problems.append(
