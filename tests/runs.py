@@ -153,6 +153,13 @@ def load_params(workdir, step=None, collection: str = "params") -> dict:
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree[collection], sep="/").items()}
 
 
+def flat(tree) -> dict:
+    """{'a/b/kernel': array} of a nested dict of arrays."""
+    from flax import traverse_util
+
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(dict(tree), sep="/").items()}
+
+
 def assert_trees_close(a: dict, b: dict, atol, rtol=0.0):
     assert sorted(a) == sorted(b)
     worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)

@@ -153,3 +153,31 @@ def test_fine_grained_resize_and_crops():
         from gg_jax.data import input_pipeline
 
         input_pipeline._eval_fn(None, 20, 20, ten_crop=True, mirror_crop=True)
+
+
+def test_two_stage_fine_tuning_classifier_then_everything(tmp_path):
+    """fast-MPN-COV's two_stage_finetune.sh: stage 1 trains the classifier alone (every feature
+    layer frozen, `freeze_layer=30` of vgg16's 30 children), stage 2 everything, starting from
+    stage 1 (finetune/two_stage_finetune.sh:L51-L68, L145-L176); docs/finetuning.md gives the commands."""
+    from gg_jax.data import testing
+
+    path, pretrained = _pretrained(tmp_path)
+    folder = testing.write_image_folder(tmp_path / "birds", train_per_class=4, val_per_class=2)["root"]
+    small = {**SMALL, "head_lr_factor": 1.0}
+    everything_but_fc = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "head")
+    stage1 = runs.tiny_config(
+        "aircraft_r50", init_from=path, dataset__data_dir=folder, freeze=everything_but_fc, **small
+    )
+    trainer.train_and_evaluate(stage1, str(tmp_path / "stage1"))
+    after1 = runs.load_params(tmp_path / "stage1")
+    before = {k: v for k, v in runs.flat(pretrained["params"]).items()}
+    for key, value in after1.items():
+        if key.startswith("fc/"):
+            assert value.shape[-1] == 3  # the dataset's classifier, trained
+        else:
+            np.testing.assert_array_equal(value, before[key], err_msg=key)  # frozen
+    stage2 = runs.tiny_config("aircraft_r50", init_from=str(tmp_path / "stage1"), dataset__data_dir=folder, **small)
+    trainer.train_and_evaluate(stage2, str(tmp_path / "stage2"))
+    after2 = runs.load_params(tmp_path / "stage2")
+    assert not np.array_equal(after2["layer1_0/conv1/kernel"], after1["layer1_0/conv1/kernel"])
+    assert not np.array_equal(after2["fc/kernel"], after1["fc/kernel"])

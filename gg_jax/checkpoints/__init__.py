@@ -57,6 +57,7 @@ __all__ = [
     "load",
     "load_variables",
     "merge",
+    "read_variables",
     "run_config",
     "save_variables",
 ]
@@ -74,6 +75,40 @@ def _check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
             f"{path} holds {meta['model']} with options {meta.get('model_options') or {}}, whose variables do not "
             f"fit the model asked for ({shown}{more}). Give the model options the checkpoint was made with."
         )
+
+
+def _open(path: str):
+    """(manager, step) of a training checkpoint at `path`, or (None, None) for a variables directory."""
+    if is_variables_dir(path):
+        return None, None
+    try:
+        directory, step = training.locate(path)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(
+            f"{path} holds no gg_jax checkpoint: expected a variables directory (meta.json and variables/ "
+            "inside, as `python -m gg_jax.convert` writes) or a training workdir, its checkpoints/ directory "
+            "or one checkpoints/<step> directory."
+        ) from None
+    return training.open_step(directory, step)
+
+
+def _restore(manager, step, abstract) -> dict[str, Any]:
+    """The variables of a training checkpoint on this process's first device, as host arrays."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    variables = training.restore_variables(manager, step, abstract, jax.tree.map(lambda _: device, abstract))
+    manager.close()
+    return jax.tree.map(np.asarray, jax.device_get(variables))
+
+
+def read_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(variables, meta)` of any checkpoint `load` reads, without building its model: what
+    fine-tuning merges into a fresh model of its own (`merge`)."""
+    path = os.fspath(path)
+    manager, step = _open(path)
+    if manager is None:
+        return load_variables(path)
+    meta = {**training.read_meta(manager, step), "step": int(step)}
+    return _restore(manager, step, training.saved_abstract(manager, step)), meta
 
 
 def load(path: str, *, name: str | None = None, platform: str | None = None, **options: Any):
@@ -101,21 +136,14 @@ def load(path: str, *, name: str | None = None, platform: str | None = None, **o
       cannot be read; CheckpointMismatchError as above.
     """
     path = os.fspath(path)
-    if is_variables_dir(path):
+    manager, step = _open(path)
+    if manager is None:
         variables, meta = load_variables(path)
-        manager = step = None
     else:
-        try:
-            directory, step = training.locate(path)
-        except CheckpointNotFoundError:
-            raise CheckpointNotFoundError(
-                f"{path} holds no gg_jax checkpoint: expected a variables directory (meta.json and variables/ "
-                "inside, as `python -m gg_jax.convert` writes) or a training workdir, its checkpoints/ directory "
-                "or one checkpoints/<step> directory."
-            ) from None
-        manager, step = training.open_step(directory, step)
         meta = {**training.read_meta(manager, step), "step": int(step)}
     if name is not None and name != meta["model"]:
+        if manager is not None:
+            manager.close()
         raise CheckpointMismatchError(
             f"{path} holds {meta['model']} with {meta['num_classes']} classes, but {name} was asked for: pass "
             f"--config.model.name={meta['model']} (and its options), or another checkpoint."
@@ -128,10 +156,7 @@ def load(path: str, *, name: str | None = None, platform: str | None = None, **o
         _check_shapes(training.variable_shapes(variables), expected, meta, path)
     else:
         _check_shapes(training.saved_shapes(manager, step), expected, meta, path)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        variables = training.restore_variables(manager, step, abstract, jax.tree.map(lambda _: device, abstract))
-        manager.close()
-        variables = jax.tree.map(np.asarray, jax.device_get(variables))
+        variables = _restore(manager, step, abstract)
     return model, variables, meta
 
 

@@ -189,6 +189,15 @@ def saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[i
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
+def saved_abstract(manager: ocp.CheckpointManager, step: int):
+    """The variables saved at `step` as a tree of `jax.ShapeDtypeStruct`s (from the metadata)."""
+    try:
+        tree = manager.item_metadata(step)["variables"].tree
+    except Exception as e:
+        raise _damaged(manager, step, e, lambda older: manager.item_metadata(older)["variables"].tree) from None
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+
+
 def variable_shapes(variables) -> dict[str, tuple[int, ...]]:
     """`{'params/fc/kernel': shape, ...}` of a (possibly abstract) variables tree."""
     return {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(variables), sep="/").items()}

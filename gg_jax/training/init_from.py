@@ -1,7 +1,8 @@
 """Fine-tuning's start: a fresh train state with the variables of `config.init_from`.
 
-`config.init_from` is anything `gg_jax.checkpoints.load` reads: a converted variables
-directory or a training workdir (or one of its steps). Every variable is taken from it
+`config.init_from` is anything `gg_jax.checkpoints.load` reads (a converted variables
+directory, a training workdir or one of its steps), read with `checkpoints.read_variables`.
+Every variable is taken from it
 except the classifier `config.init_from_classifier` when the class count differs (kept
 fresh), and, with `config.init_from_backbone_only`, the modules `config.init_from_head_modules`.
 """
@@ -17,7 +18,7 @@ from gg_jax import checkpoints, sharding
 def init_from_checkpoint(train_state, config, tx, state_sharding):
     """`train_state` (fresh, step 0) with `config.init_from`'s variables and a new optimizer state."""
     try:
-        _, source, meta = checkpoints.load(config.init_from)
+        source, meta = checkpoints.read_variables(config.init_from)
     except checkpoints.CheckpointNotFoundError as e:
         raise checkpoints.CheckpointNotFoundError(f"config.init_from={config.init_from!r}: {e}") from None
     logging.info("Initialising from %s (%s).", config.init_from, meta.get("model"))
