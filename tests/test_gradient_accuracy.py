@@ -35,10 +35,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from reference.reference_weights import make_state_dict  # noqa: E402
-from reference.torch_reference import ReferenceResNet3G  # noqa: E402
-
 from gg_jax import convert, models  # noqa: E402
+from tests.reference.reference_weights import make_state_dict  # noqa: E402
+from tests.reference.torch_reference import ReferenceResNet3G  # noqa: E402
 
 torch.set_num_threads(2)
 
