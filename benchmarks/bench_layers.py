@@ -38,6 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np
 
+from benchmarks.table import print_table  # noqa: E402
 from gg_jax import layers  # noqa: E402
 
 # name -> (description, factory)
@@ -261,18 +262,11 @@ def main(argv=None):
                 speedup=1.0 / statistics.median(per_round),
             )
 
-    header = f"{'head':<20} {'framework':<9} {'params':>10} {'out dim':>8} {'fwd ms':>9} {'fwd+bwd ms':>11}"
     print(
         f"batch {b}, {h}x{w}x{c}, jax {jax.__version__} on {jax_device.platform}"
         + (f", torch {info['torch']} on {info['torch_device']} ({info['torch_threads']} threads)" if torch_ref else "")
     )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(
-            f"{r['head']:<20} {r['framework']:<9} {r['params']:>10,} {r['out_dim']:>8} "
-            f"{r['fwd_ms']:>9.1f} {r['fwd_bwd_ms']:>11.1f}"
-        )
+    print_table(results, "head framework params out_dim fwd_ms fwd_bwd_ms", params=",", fwd_ms=".1f", fwd_bwd_ms=".1f")
     if ratio:
         print(
             f"3G head fwd+bwd, ours / reference = {ratio['ours_over_reference_fwd_bwd']:.3f} "

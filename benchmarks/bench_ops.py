@@ -45,6 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.table import print_table  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from gg_jax import linalg  # noqa: E402
 from gg_jax.backbones import blocks  # noqa: E402
@@ -237,14 +238,8 @@ def main(args):
         f"\nSingle operations, forward and forward+backward ms, jax {jax.__version__} on "
         f"{jax.devices()[0].platform}, torch {torch.__version__} on {DEVICE} ({threads} threads)"
     )
-    header = f"{'operation':<44}{'jax fwd':>9}{'torch fwd':>11}{'jax f+b':>10}{'torch f+b':>11}{'ratio':>8}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['op']:<44}{r['jax_fwd_ms']:>9.2f}{r['torch_fwd_ms']:>11.2f}{r['jax_fwd_bwd_ms']:>10.2f}"
-            f"{r['torch_fwd_bwd_ms']:>11.2f}{r['ratio_fwd_bwd']:>8.2f}"
-        )
+    formats = {k: ".2f" for k in ("jax_fwd_ms", "torch_fwd_ms", "jax_fwd_bwd_ms", "torch_fwd_bwd_ms", "ratio_fwd_bwd")}
+    print_table(rows, "op jax_fwd_ms torch_fwd_ms jax_fwd_bwd_ms torch_fwd_bwd_ms ratio_fwd_bwd", **formats)
     print("ratio = torch fwd+bwd time / jax fwd+bwd time (above 1: gg_jax faster)")
     if args.json:
         with open(args.json, "w") as f:

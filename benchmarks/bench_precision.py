@@ -35,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.table import print_table  # noqa: E402
 from gg_jax import linalg  # noqa: E402
 from tests.reference import precision_emulation as pe  # noqa: E402
 
@@ -136,17 +137,12 @@ def main(args):
         flush=True,
     )
     rows = accuracy(args, emulated)
-    header = (
-        f"{'case':<16}{'class':<14}{'setting':<10}{'fwd error':>11}{'grad error':>12}{'fwd x':>10}{'grad x':>10}  ok"
-    )
     print()
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['case']:<16}{r['class']:<14}{r['setting']:<10}{r['forward_error']:>11.2e}{r['gradient_error']:>12.2e}"
-            f"{r['forward_ratio']:>10.3g}{r['gradient_ratio']:>10.3g}  {'yes' if r['accepted'] else 'NO'}"
-        )
+    rows_shown = [{**r, "ok": "yes" if r["accepted"] else "NO"} for r in rows]
+    columns = "case class setting forward_error gradient_error forward_ratio gradient_ratio ok"
+    print_table(
+        rows_shown, columns, forward_error=".2e", gradient_error=".2e", forward_ratio=".3g", gradient_ratio=".3g"
+    )
     ok = [s for s in args.settings if all(r["accepted"] for r in rows if r["setting"] == s)]
     print(f"x: error / float32 HIGHEST's error; ok: both within {FACTOR:g}x. Accepted on every class: {', '.join(ok)}")
     times = {}

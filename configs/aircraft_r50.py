@@ -17,10 +17,4 @@ from configs import finegrained
 
 
 def get_config():
-    config = finegrained.get_config()
-    config.dataset.name = "image_folder"
-    config.dataset.augment = "square_center_crop_flip"
-    config.dataset.train_resize_size = 512
-    config.eval.resize_mode = "square"
-    config.eval.resize_size = 512
-    return config
+    return finegrained.get_config("aircraft")

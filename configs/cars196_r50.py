@@ -16,10 +16,4 @@ from configs import finegrained
 
 
 def get_config():
-    config = finegrained.get_config()
-    config.dataset.name = "cars196"
-    config.dataset.augment = "square_center_crop_flip"
-    config.dataset.train_resize_size = 448
-    config.eval.resize_mode = "square"
-    config.eval.resize_size = 448
-    return config
+    return finegrained.get_config("cars196")

@@ -16,10 +16,4 @@ from configs import finegrained
 
 
 def get_config():
-    config = finegrained.get_config()
-    config.dataset.name = "caltech_birds2011"
-    config.dataset.augment = "center_crop_flip"
-    config.dataset.train_resize_size = 448
-    config.eval.resize_mode = "shorter"
-    config.eval.resize_size = 448
-    return config
+    return finegrained.get_config("cub200")

@@ -24,9 +24,24 @@ The dataset configs set the resizes before the 448 crops (imagepreprocess.py:L42
 
 from configs import default
 
+# The dataset configs' sources and transforms (imagepreprocess.py:L44-L101): train crop after
+# the resize (`augment`: shorter side or both sides resized, centre crop, flip) and eval resize.
+DATASETS = {
+    "cub200": dict(name="caltech_birds2011", augment="center_crop_flip", resize=448, resize_mode="shorter"),
+    "cars196": dict(name="cars196", augment="square_center_crop_flip", resize=448, resize_mode="square"),
+    "aircraft": dict(name="image_folder", augment="square_center_crop_flip", resize=512, resize_mode="square"),
+}
 
-def get_config():
+
+def get_config(dataset: str = "cub200"):
+    """The recipe on `dataset`, a key of `DATASETS`."""
+    spec = DATASETS[dataset]
     config = default.get_config()
+    config.dataset.name = spec["name"]
+    config.dataset.augment = spec["augment"]
+    config.dataset.train_resize_size = spec["resize"]
+    config.eval.resize_mode = spec["resize_mode"]
+    config.eval.resize_size = spec["resize"]
     config.model.name = "resnet50_3g"
     config.init_from = ""  # ImageNet weights: --config.init_from=DIR or pretrained:NAME (required).
     config.image_size = 448
@@ -42,6 +57,5 @@ def get_config():
     config.eval_every_steps = 0  # Every epoch.
     config.checkpoint_every_steps = 0  # Every epoch.
     config.eval.batch_size = 10
-    config.eval.resize_size = 448
     config.eval.mirror_crop = True
     return config

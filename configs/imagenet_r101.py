@@ -1,6 +1,6 @@
-"""ResNet-101 3G-Net on ImageNet-1K: the reference recipe (paper 20.37 / 5.17 % top-1/top-5 error).
-
-The ResNet-50 recipe (`configs/imagenet_r50.py`) with the deeper backbone.
+"""ResNet-101 3G-Net on ImageNet-1K (paper 20.37 / 5.17 % top-1/top-5 error): the recipe of
+`configs/imagenet_r50.py` with the deeper backbone (the authors' scripts give the ResNet-50
+command; csqlwang/3G-Net@bf3484d README.md:L47 says to change the model name for others).
 
   python train.py --config=configs/imagenet_r101.py --workdir=DIR --config.dataset.data_dir=TFDS_DIR
 """

@@ -1,9 +1,6 @@
-"""ResNet-101 3G-Net on Places365 (places365_small): the reference recipe
-(paper 42.77 / 13.12 % top-1/top-5 error, ten crops).
+"""ResNet-101 3G-Net on Places365, ten-crop evaluation (paper 42.77 / 13.12 % top-1/top-5 error).
 
-The ResNet-50 recipe (`configs/places365_r50.py`) with the deeper backbone.
-
-  python train.py --config=configs/places365_r101.py --workdir=DIR --config.dataset.data_dir=TFDS_DIR
+`configs/places365_r50.py` with `model.name = "resnet101_3g"`.
 """
 
 from configs import places365_r50

@@ -7,6 +7,7 @@ run the real entry points (`train.py`, `evaluate.py`) from the repository root a
 share a persistent XLA compilation cache, so the same step is compiled once per session.
 """
 
+import importlib
 import json
 import os
 import pathlib
@@ -33,23 +34,63 @@ TINY = {
 }
 
 
+# The recipes of configs/ as they are, but the tiny ResNet-18 3G-Net, small images and batches.
+SMALL = {
+    "model.name": "resnet18_3g",
+    "model.reduction_dim": 16,
+    "model.num_blocks": 1,
+    "image_size": 48,
+    "dataset.train_resize_size": 56,
+    "eval.resize_size": 56,
+    "batch_size": 4,
+    "eval.batch_size": 4,
+    "num_train_steps": 2,
+    "checkpoint_every_steps": -1,
+    # tfds.testing.mock_data swaps the file system while a pipeline is built; no background save then.
+    "async_checkpoints": False,
+}
+
+
+def small_config(name: str, **overrides):
+    """configs/NAME.py with SMALL and `overrides` ('a__b' or 'a.b' keys) applied."""
+    return _apply(importlib.import_module(f"configs.{name}").get_config(), {**SMALL, **_keys(overrides)})
+
+
+def pretrained(path, seed: int = 123) -> dict:
+    """Writes 'ImageNet' variables of the tiny model (10 classes) to `path` as the converter
+    does (a variables directory); returns them."""
+    import jax
+
+    from gg_jax import checkpoints, models
+
+    model = models.create("resnet18_3g", num_classes=10, reduction_dim=16, num_blocks=1)
+    variables = jax.tree.map(np.asarray, models.init_variables(model, jax.random.PRNGKey(seed)))
+    checkpoints.save_variables(str(path), variables, {"model": "resnet18_3g", "num_classes": 10})
+    return variables
+
+
 def flags(overrides: dict) -> list:
     """{'a.b': v} -> ['--config.a.b=v']."""
     return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
-def tiny_config(name: str = "demo", **overrides):
-    """configs/NAME.py with TINY and `overrides` ('a__b' or 'a.b' keys) applied."""
-    import importlib
+def _keys(overrides: dict) -> dict:
+    return {k.replace("__", "."): v for k, v in overrides.items()}
 
-    config = importlib.import_module(f"configs.{name}").get_config()
-    for key, value in {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
+
+def _apply(config, overrides: dict):
+    for key, value in overrides.items():
         node, *rest = key.split(".")
         target = config
         while rest:
             target, node, rest = target[node], rest[0], rest[1:]
         target[node] = value
     return config
+
+
+def tiny_config(name: str = "demo", **overrides):
+    """configs/NAME.py with TINY and `overrides` ('a__b' or 'a.b' keys) applied."""
+    return _apply(importlib.import_module(f"configs.{name}").get_config(), {**TINY, **_keys(overrides)})
 
 
 def subprocess_env(tmp_path, devices: int = 1, **extra) -> dict:

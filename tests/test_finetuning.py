@@ -7,35 +7,15 @@ import numpy as np
 import optax
 import pytest
 
-from gg_jax import checkpoints, models
 from gg_jax.training import optim, trainer
 from tests import runs
 
 pytest.importorskip("tensorflow")
 
-# The recipes as they are, but ResNet-18, small images and batches, a few steps.
-SMALL = dict(
-    model__name="resnet18_3g",
-    model__num_blocks=1,
-    image_size=48,
-    dataset__train_resize_size=56,
-    eval__resize_size=56,
-    batch_size=4,
-    eval__batch_size=4,
-    num_train_steps=2,
-    checkpoint_every_steps=-1,
-    # tfds.testing.mock_data swaps the file system while a pipeline is built; no background save then.
-    async_checkpoints=False,
-)
-
 
 def _pretrained(tmp_path):
-    """'ImageNet' variables of the small model (10 classes), as the converter writes them."""
-    model = models.create("resnet18_3g", num_classes=10, reduction_dim=16, num_blocks=1)
-    variables = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(123), jnp.zeros((1, 48, 48, 3))))
-    path = str(tmp_path / "pretrained")
-    checkpoints.save_variables(path, variables, {"model": "resnet18_3g", "num_classes": 10})
-    return path, variables
+    path = tmp_path / "pretrained"
+    return str(path), runs.pretrained(path)
 
 
 def _group_learning_rates(opt_state):
@@ -64,7 +44,7 @@ def test_cub_and_cars_configs_fine_tune_from_pretrained_on_mock_tfds(tmp_path):
 
     path, pretrained = _pretrained(tmp_path)
     data_dir = tmp_path / "tfds"
-    config = runs.tiny_config("cub200_r50", init_from=path, dataset__data_dir=str(data_dir), **SMALL)
+    config = runs.small_config("cub200_r50", init_from=path, dataset__data_dir=str(data_dir))
     assert config.dataset.name == "caltech_birds2011" and config.dataset.augment == "center_crop_flip"
     with testing.mock_tfds("caltech_birds2011", data_dir, image_size=(60, 80), train=12, test=6):
         result = trainer.train_and_evaluate(config, str(tmp_path / "cub"))
@@ -72,7 +52,7 @@ def test_cub_and_cars_configs_fine_tune_from_pretrained_on_mock_tfds(tmp_path):
     _check_run(result, config, pretrained, 200, tmp_path / "cub")
 
     # Stanford Cars: the same recipe, its classes and transforms, read from TFDS.
-    cars = runs.tiny_config("cars196_r50", init_from=path, dataset__data_dir=str(data_dir), **SMALL)
+    cars = runs.small_config("cars196_r50", init_from=path, dataset__data_dir=str(data_dir))
     assert cars.dataset.augment == "square_center_crop_flip" and cars.eval.resize_mode == "shorter"
     with testing.mock_tfds("cars196", data_dir, image_size=(60, 80), train=12, test=6):
         from gg_jax import data
@@ -98,7 +78,7 @@ def test_aircraft_config_fine_tunes_from_an_image_folder(tmp_path):
 
     path, pretrained = _pretrained(tmp_path)
     folder = testing.write_image_folder(tmp_path / "aircraft", train_per_class=4, val_per_class=2)["root"]
-    config = runs.tiny_config("aircraft_r50", init_from=path, dataset__data_dir=folder, **SMALL)
+    config = runs.small_config("aircraft_r50", init_from=path, dataset__data_dir=folder)
     assert config.dataset.name == "image_folder" and config.eval.resize_mode == "square"
     result = trainer.train_and_evaluate(config, str(tmp_path / "aircraft_run"))
     assert result.eval_metrics["num_examples"] == 6
@@ -163,10 +143,9 @@ def test_two_stage_fine_tuning_classifier_then_everything(tmp_path):
 
     path, pretrained = _pretrained(tmp_path)
     folder = testing.write_image_folder(tmp_path / "birds", train_per_class=4, val_per_class=2)["root"]
-    small = {**SMALL, "head_lr_factor": 1.0}
     everything_but_fc = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "head")
-    stage1 = runs.tiny_config(
-        "aircraft_r50", init_from=path, dataset__data_dir=folder, freeze=everything_but_fc, **small
+    stage1 = runs.small_config(
+        "aircraft_r50", init_from=path, dataset__data_dir=folder, freeze=everything_but_fc, head_lr_factor=1.0
     )
     trainer.train_and_evaluate(stage1, str(tmp_path / "stage1"))
     after1 = runs.load_params(tmp_path / "stage1")
@@ -176,7 +155,7 @@ def test_two_stage_fine_tuning_classifier_then_everything(tmp_path):
             assert value.shape[-1] == 3  # the dataset's classifier, trained
         else:
             np.testing.assert_array_equal(value, before[key], err_msg=key)  # frozen
-    stage2 = runs.tiny_config("aircraft_r50", init_from=str(tmp_path / "stage1"), dataset__data_dir=folder, **small)
+    stage2 = runs.small_config("aircraft_r50", init_from=str(tmp_path / "stage1"), dataset__data_dir=folder)
     trainer.train_and_evaluate(stage2, str(tmp_path / "stage2"))
     after2 = runs.load_params(tmp_path / "stage2")
     assert not np.array_equal(after2["layer1_0/conv1/kernel"], after1["layer1_0/conv1/kernel"])

@@ -24,19 +24,8 @@ def test_reference_config_runs_on_mock_tfds(tmp_path, config_name, dataset, num_
 
     data_dir = tmp_path / "tfds"
     # The recipe as it is, but ResNet-18 (--config.model.name=resnet18_3g), small images and batches.
-    config = runs.tiny_config(
-        config_name,
-        model__name="resnet18_3g",
-        num_train_steps=3,
-        batch_size=8,
-        image_size=48,
-        eval__batch_size=4,
-        eval__resize_size=56,
-        checkpoint_every_steps=2,
-        dataset__data_dir=str(data_dir),
-        # tfds.testing.mock_data swaps the whole file system for a fake one while a pipeline
-        # is built; a background save running at that moment would write into the fake one.
-        async_checkpoints=False,
+    config = runs.small_config(
+        config_name, num_train_steps=3, batch_size=8, checkpoint_every_steps=2, dataset__data_dir=str(data_dir)
     )
     assert config.eval.ten_crop == ten_crop and config.dataset.name == dataset
     workdir = tmp_path / "w"
@@ -68,26 +57,17 @@ def test_finetune_folder_config_starts_from_pretrained_variables(tmp_path):
     is re-initialised for the folder's 3 classes (learning rate 1e-30: the step changes
     nothing measurable). Then a corrupt evaluation image stops the next run in one line
     naming it, after that run's checkpoint is saved."""
-    import jax
-    import jax.numpy as jnp
     from flax import traverse_util
 
-    from gg_jax import checkpoints, models
     from gg_jax.data import testing
 
-    model = models.create("resnet18_3g", num_classes=10, reduction_dim=16, num_blocks=1)
-    pretrained = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(123), jnp.zeros((1, 48, 48, 3))))
-    checkpoints.save_variables(str(tmp_path / "pretrained"), pretrained, {"model": "resnet18_3g", "num_classes": 10})
+    pretrained = runs.pretrained(tmp_path / "pretrained")
     folder = testing.write_image_folder(tmp_path / "images", train_per_class=4, val_per_class=2)["root"]
 
-    config = runs.tiny_config(
+    config = runs.small_config(
         "finetune_folder",
-        model__name="resnet18_3g",
-        model__num_blocks=1,
-        image_size=48,
         batch_size=6,
         eval__batch_size=6,
-        eval__resize_size=56,
         num_train_steps=1,
         learning_rate=1e-30,
         dataset__data_dir=folder,

@@ -215,7 +215,7 @@ def test_nan_wrong_workdir_and_damaged_checkpoint_keep_every_good_checkpoint(tmp
 
     # A workdir holding another model, or trained with another batch size, is refused
     # before anything is changed.
-    for other in (dict(model__reduction_dim=8), dict(model__name="resnet18_isqrt")):
+    for other in (dict(model__reduction_dim=8), dict(model__name="resnet18_isqrt", model__num_blocks=None)):
         with pytest.raises(checkpoints.WorkdirMismatchError, match="holds checkpoints of resnet18_3g"):
             trainer.train_and_evaluate(runs.tiny_config(num_train_steps=4, **other), str(work))
     with pytest.raises(

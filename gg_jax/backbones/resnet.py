@@ -25,48 +25,48 @@ def _conv(conv: ModuleDef, features: int, kernel: int, stride: int, dtype: Dtype
     return conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
 
 
-class BasicBlock(nn.Module):
-    """3x3 -> BN -> ReLU -> 3x3 -> BN, plus shortcut, then ReLU (ResNet-18/34)."""
+class _Block(nn.Module):
+    """The fields of a residual block and the parts both kinds share."""
 
     planes: int
     stride: int = 1
     dtype: Dtype = jnp.float32
     conv: ModuleDef = blocks.Conv
+
+    def conv_bn(self, x, features: int, kernel: int, stride: int, index: str, train: bool):
+        """`conv{index}` then `bn{index}` (no ReLU)."""
+        y = _conv(self.conv, features, kernel, stride, self.dtype, f"conv{index}")(x)
+        return blocks.batch_norm(train, self.dtype, name=f"bn{index}")(y)
+
+    def residual(self, x, y, train: bool):
+        """ReLU(shortcut(x) + y); the shortcut is a strided 1x1 conv + BN where the shape changes."""
+        if self.stride != 1 or x.shape[-1] != y.shape[-1]:
+            x = _conv(self.conv, y.shape[-1], 1, self.stride, self.dtype, "downsample_0")(x)
+            x = blocks.batch_norm(train, self.dtype, name="downsample_1")(x)
+        return nn.relu(x + y)
+
+
+class BasicBlock(_Block):
+    """3x3 -> BN -> ReLU -> 3x3 -> BN, plus shortcut, then ReLU (ResNet-18/34)."""
+
     expansion = 1
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        def bn(name):
-            return blocks.batch_norm(train, self.dtype, name=name)
-
-        y = nn.relu(bn("bn1")(_conv(self.conv, self.planes, 3, self.stride, self.dtype, "conv1")(x)))
-        y = bn("bn2")(_conv(self.conv, self.planes, 3, 1, self.dtype, "conv2")(y))
-        if self.stride != 1 or x.shape[-1] != self.planes:
-            x = bn("downsample_1")(_conv(self.conv, self.planes, 1, self.stride, self.dtype, "downsample_0")(x))
-        return nn.relu(x + y)
+        y = nn.relu(self.conv_bn(x, self.planes, 3, self.stride, "1", train))
+        return self.residual(x, self.conv_bn(y, self.planes, 3, 1, "2", train), train)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1 (x4) -> BN, plus shortcut, ReLU."""
 
-    planes: int
-    stride: int = 1
-    dtype: Dtype = jnp.float32
-    conv: ModuleDef = blocks.Conv
     expansion = 4
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        def bn(name):
-            return blocks.batch_norm(train, self.dtype, name=name)
-
-        out = self.planes * self.expansion
-        y = nn.relu(bn("bn1")(_conv(self.conv, self.planes, 1, 1, self.dtype, "conv1")(x)))
-        y = nn.relu(bn("bn2")(_conv(self.conv, self.planes, 3, self.stride, self.dtype, "conv2")(y)))
-        y = bn("bn3")(_conv(self.conv, out, 1, 1, self.dtype, "conv3")(y))
-        if self.stride != 1 or x.shape[-1] != out:
-            x = bn("downsample_1")(_conv(self.conv, out, 1, self.stride, self.dtype, "downsample_0")(x))
-        return nn.relu(x + y)
+        y = nn.relu(self.conv_bn(x, self.planes, 1, 1, "1", train))
+        y = nn.relu(self.conv_bn(y, self.planes, 3, self.stride, "2", train))
+        return self.residual(x, self.conv_bn(y, self.planes * self.expansion, 1, 1, "3", train), train)
 
 
 class ResNet(nn.Module):

@@ -423,14 +423,18 @@ class CheckpointWriter:
         """The step a rerun resumes from: the save in progress (`close` completes it) or the last committed."""
         return self.committed if self.pending is None else self.pending
 
-    def _wait(self) -> None:
+    def _call(self, method, step: int | None) -> None:
+        """`method()` of the manager; a storage failure of the save of `step` as `CheckpointSaveError`."""
         try:
-            self.manager.wait_until_finished()
+            method()
         except Exception as e:
             reason = storage_error(e)
             if reason is None:
                 raise
-            raise _save_failed(self.pending, self.directory, reason, self.committed) from None
+            raise _save_failed(step, self.directory, reason, self.committed) from None
+
+    def _wait(self) -> None:
+        self._call(self.manager.wait_until_finished, self.pending)
         if self.pending is not None:
             self.committed, self.pending = self.pending, None
 
@@ -458,33 +462,21 @@ class CheckpointWriter:
         short = _space_shortage(self.directory, state)
         if short:
             raise _save_failed(step, self.directory, short, self.committed)
-        try:
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    variables=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
-                    train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-                    meta=ocp.args.JsonSave({**self.meta, "step": int(step)}),
-                ),
-                force=True,
-            )
-        except Exception as e:
-            reason = storage_error(e)
-            if reason is None:
-                raise
-            raise _save_failed(step, self.directory, reason, self.committed) from None
+        items = ocp.args.Composite(
+            variables=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
+            train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+            meta=ocp.args.JsonSave({**self.meta, "step": int(step)}),
+        )
+        self._call(lambda: self.manager.save(step, args=items, force=True), step)
         self.pending = step
 
     def close(self) -> None:
         """Waits for the running save and closes the manager. A save error here (the run
         stopped for another reason first) is logged in one line, not raised over that one."""
         try:
-            self.manager.close()
-        except Exception as e:
-            reason = storage_error(e)
-            if reason is None:
-                raise
-            logging.error("The last checkpoint save failed: %s; the checkpoints before it are kept.", reason)
+            self._call(self.manager.close, self.pending)
+        except CheckpointSaveError as e:
+            logging.error("%s", e)
         else:
             if self.pending is not None:
                 self.committed, self.pending = self.pending, None
