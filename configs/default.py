@@ -17,7 +17,8 @@ def get_config():
     # Model: gg_jax.models.create(**config.model, num_classes=...): any name of
     # gg_jax.models.names() and the options of that model under their own names; an option left
     # None takes the model's default. Baselines are a flag away: --config.model.name=resnet50_isqrt
-    # (options that only the 3G head has, such as num_blocks, must then be left unset).
+    # (an option that only the 3G head has, set by a config, is then unset with
+    # --config.model.num_blocks=None: a model refuses options it does not take).
     config.model = ml_collections.ConfigDict()
     config.model.name = "resnet50_3g"
     # Compute dtype: 'float32', or 'bfloat16' on TPU/GPU (float32 parameters, covariance head and

@@ -103,11 +103,44 @@ def _config_file_error(argv: list[str], error: BaseException) -> str | None:
     return f"cannot load --{name}={path}: {where}{text}"
 
 
+def _unset_fields(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without its `--config.FIELD=None` overrides, those `config.FIELD` paths): absl
+    cannot parse None for a typed field, so they are set after parsing (and `run` takes them
+    out of `sys.argv`, which ml_collections reads for the overrides)."""
+    kept, unset = [], []
+    for i, arg in enumerate(argv):
+        name, _, value = arg.lstrip("-").partition("=")
+        if i and arg.startswith("--") and value == "None" and "." in name:
+            unset.append(name)
+        else:
+            kept.append(arg)
+    return kept, unset
+
+
+_UNSET: list[str] = []  # The `--config.FIELD=None` overrides `run` took out of sys.argv.
+
+
+def _set_none(path: str) -> None:
+    flag, *fields = path.split(".")
+    node = flags.FLAGS[flag].value
+    for field in fields[:-1]:
+        node = node[field]
+    if fields[-1] not in node:
+        fail(f"--{path}: the config has no field {fields[-1]!r} (configs/default.py lists the fields)")
+    node[fields[-1]] = None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """`absl.flags.FLAGS(argv)`, with parse errors and config files that do not load as one
-    `error:` line and exit status 1."""
+    `error:` line and exit status 1. `--config.FIELD=None` sets a field to None (a model option
+    then takes the model's default)."""
+    argv, unset = _unset_fields(argv)
+    unset += _UNSET
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        for path in unset:
+            _set_none(path)
+        return rest
     except flags.Error as e:
         # ml_collections reports what `get_config` raised as a flag error "whilst parsing config file".
         loading = "config file" in str(e) and (e.__cause__ or e.__context__) is not None
@@ -160,6 +193,9 @@ def run(main: Callable[[list[str]], object]) -> None:
         app.usage(shorthelp=True, writeto_stdout=True)
         print("Try --helpfull to get a list of all flags.")
         sys.exit(0)
+
+    sys.argv[:], unset = _unset_fields(sys.argv)
+    _UNSET[:] = unset
 
     def checked_main(argv):
         try:

@@ -83,6 +83,10 @@ def test_user_errors_are_one_line_before_anything_is_written(tmp_path):
     for option in bad:
         assert f"{option} must be" in line, line
     assert "config.image_size=16 leaves resnet18_3g a 1x1 last feature map" in line and ">= 17" in line, line
+    # A baseline is a flag away; an option only the 3G head takes is named, with how to unset it.
+    line = _one_error_line(_run([*train, "--config.model.name=resnet18_isqrt", "--config.num_epochs=0"], env))
+    assert "Unknown option(s) ['num_blocks'] for model 'resnet18_isqrt'" in line, line
+    assert "--config.model.num_blocks=None" in line, line
 
     # The model options of configs/default.py parse (docs/training.md shows dropout_rate);
     # keep_checkpoints=0 is refused (Orbax would delete every checkpoint, the last one too).

@@ -128,7 +128,13 @@ def test_evaluate_py_on_a_converted_pytorch_checkpoint(tmp_path):
 
     # A config naming another model is refused with both names.
     wrong = runs.run(
-        ["evaluate.py", "--config=configs/demo.py", f"--checkpoint={converted}", "--config.model.name=resnet18_isqrt"],
+        [
+            "evaluate.py",
+            "--config=configs/demo.py",
+            f"--checkpoint={converted}",
+            "--config.model.name=resnet18_isqrt",
+            "--config.model.num_blocks=None",
+        ],
         env,
         check=False,
     )

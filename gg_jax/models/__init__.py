@@ -55,6 +55,14 @@ _INTERNAL_FIELDS = ("dtype", "conv")
 INIT_IMAGE_SIZE = 64
 
 
+class UnknownOptionsError(ValueError):
+    """Options that the model does not take; `unknown` names them."""
+
+    def __init__(self, message: str, unknown: list[str]):
+        super().__init__(message)
+        self.unknown = unknown
+
+
 def names() -> list[str]:
     """All registered model names, sorted."""
     return sorted(f"{b}_{h}" for b in backbones.BACKBONES for h in HEADS)
@@ -124,7 +132,9 @@ def create(name: str, *, num_classes: int, platform: str | None = None, **option
     valid = groups["head"] + groups["backbone"] + groups["model"]
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"Unknown option(s) {unknown} for model {name!r}. Valid options: {', '.join(valid)}.")
+        raise UnknownOptionsError(
+            f"Unknown option(s) {unknown} for model {name!r}. Valid options: {', '.join(valid)}.", unknown
+        )
     head_cls, head_defaults, backbone_defaults = HEADS[head]
     dtype = jnp.dtype(options.get("dtype", "float32"))
     conv = conv_for_platform(platform or jax.default_backend())

@@ -83,6 +83,9 @@ def _model_problems(config) -> list[str]:
     try:
         # Constructs the modules only (no variables); "cpu" so that no device is touched.
         models.create(model["name"], num_classes=1, platform="cpu", **options)
+    except models.UnknownOptionsError as e:
+        unset = " ".join(f"--config.model.{name}=None" for name in e.unknown)
+        problems.append(f"config.model: {e} Unset an option of another model with {unset}".rstrip("."))
     except ValueError as e:
         problems.append(f"config.model: {e}".rstrip("."))
         if "Unknown model name" in str(e):
