@@ -178,3 +178,23 @@ def test_export_and_nnx_modules_import_without_tensorflow_or_torch():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(runs.REPO))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "imported float32" in proc.stdout, runs.tail(proc)
+
+
+def test_export_and_diagnose_on_a_damaged_checkpoint_say_so_in_one_line(tmp_path, tiny_run):
+    """The command-line tools share train.py's error path: a damaged checkpoint is one `error:`
+    line naming the directory to move away, exit status 1, nothing written."""
+    import shutil
+
+    source, _ = tiny_run
+    work = tmp_path / "run"
+    shutil.copytree(source, work)
+    step = work / "checkpoints" / "1"
+    largest = max((p for p in step.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(largest, largest.stat().st_size // 2)
+    env = runs.subprocess_env(tmp_path)
+    for tool, out in (("gg_jax.export", tmp_path / "model.jax"), ("gg_jax.diagnose", tmp_path / "diag")):
+        proc = runs.run(["-m", tool, f"--checkpoint={work}", f"--out={out}"], env, check=False)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, runs.tail(proc)
+        assert lines[-1].startswith("error: The latest checkpoint, step 1, is damaged") and "mv " in lines[-1], lines
+        assert not out.exists()
