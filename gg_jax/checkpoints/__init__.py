@@ -4,8 +4,9 @@
     logits = model.apply(variables, images_nhwc, train=False)
 
 `load(path)` reads a training workdir (its latest step), its `checkpoints/` directory, one
-`checkpoints/<step>` directory, or a variables directory (`python -m gg_jax.convert ...
---out DIR`), and builds the model its metadata names. Evaluation, fine-tuning
+`checkpoints/<step>` directory, a variables directory (`python -m gg_jax.convert ...
+--out DIR`) or a released checkpoint ("pretrained:NAME", `gg_jax.pretrained`), and builds
+the model its metadata names. Evaluation, fine-tuning
 (`config.init_from`), export and diagnose all read checkpoints through it;
 `run_config(path)` is the training config (`config.json`) of the run a checkpoint belongs to.
 
@@ -62,6 +63,8 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"
+# `load("pretrained:NAME")`: a released checkpoint of the registry (`gg_jax.pretrained`), fetched if needed.
+PRETRAINED_PREFIX = "pretrained:"
 
 
 def _check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], meta, path: str) -> None:
@@ -82,7 +85,8 @@ def load(path: str, *, name: str | None = None, platform: str | None = None, **o
     Args:
       path: a variables directory (`python -m gg_jax.convert ... --out DIR`), or a training
         workdir (its latest step), its `checkpoints/` directory, or one `checkpoints/<step>`
-        directory (local or gs://).
+        directory (local or gs://), or "pretrained:NAME", a released checkpoint
+        (`gg_jax.pretrained`: downloaded, converted and cached on the first use).
       name: if given, the model name the checkpoint must hold (`CheckpointMismatchError`
         naming both otherwise).
       platform: where the model will run (`gg_jax.models.create`'s; default: this process's
@@ -101,6 +105,10 @@ def load(path: str, *, name: str | None = None, platform: str | None = None, **o
       cannot be read; CheckpointMismatchError as above.
     """
     path = os.fspath(path)
+    if path.startswith(PRETRAINED_PREFIX):
+        from gg_jax import pretrained  # Lazily: the registry and its converter are not needed otherwise.
+
+        path = pretrained.fetch(path[len(PRETRAINED_PREFIX) :])
     if is_variables_dir(path):
         variables, meta = load_variables(path)
         manager = step = None
