@@ -472,3 +472,18 @@ def test_a_file_system_error_names_the_cache(tmp_path):
             with download.writing(str(tmp_path)):
                 raise OSError(code, os.strerror(code))
         assert str(tmp_path) in str(e.value) and "GG_JAX_CACHE" in str(e.value)
+
+
+def test_the_documented_table_is_the_registry():
+    """docs/pretrained.md's table: one row per entry, with its model, classes and published errors."""
+    rows = {}
+    for line in (runs.REPO / "docs" / "pretrained.md").read_text().splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0] in pretrained.names():
+            rows[cells[0]] = cells
+    assert sorted(rows) == sorted(pretrained.names())
+    for name, (_, model, classes, errors_, protocol, *_) in rows.items():
+        e = pretrained.entry(name)
+        assert model.split(" ")[0].strip("`") == e.architecture and classes.endswith(f", {e.num_classes}")
+        assert [float(x) for x in errors_.split(" / ")] == [e.published.top1_error, e.published.top5_error]
+        assert protocol.startswith("10 crops" if e.published.ten_crop else "1 crop")
