@@ -269,7 +269,12 @@ def test_html_pages_and_other_files_are_refused(server, register, files, cache, 
 
 def test_from_file_verifies_converts_and_caches(register, files, cache, tmp_path):
     register(baidu_url="https://pan.baidu.com/s/1abc", baidu_code="x1y2")  # No URL: a manual download.
-    _refused(pretrained.DownloadError, "no source gave", pretrained.fetch, "tiny", progress=False)
+    _refused(
+        pretrained.DownloadError,
+        "no source to download from automatically: download .* Baidu Pan",
+        pretrained.fetch,
+        "tiny",
+    )
     given = tmp_path / "from_baidu.pth.tar"
     given.write_bytes(files["tiny"])
     out = pretrained.fetch("tiny", from_file=str(given), progress=False)
@@ -293,6 +298,9 @@ def test_failures_a_user_can_meet_are_one_line(server, register, files, cache, m
         closed = f"http://127.0.0.1:{s.getsockname()[1]}/tiny"
     register(urls=(closed,))
     _refused(pretrained.DownloadError, "cannot download .*check the network", pretrained.fetch, "tiny")
+    register(urls=(closed, closed + "2"))  # Each source is tried, and each failure named.
+    message = _refused(pretrained.DownloadError, "no source gave", pretrained.fetch, "tiny", progress=False)
+    assert f"cannot download {closed} (" in message and f"; cannot download {closed}2 (" in message, message
     # Google Drive without gdown.
     register(google_drive_id="1hN8Q5rlIOQa0YYkcen9jpN9YatPB1j4D")
     with monkeypatch.context() as mp:

@@ -128,10 +128,8 @@ def _say(message: str, progress: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def cached(name: str, cache_dir: str | None = None) -> str | None:
-    """The converted variables directory of `name` if the cache holds an up-to-date one, else None."""
-    e = entry(name)
-    out = _paths(e, cache_root(cache_dir))[1]
+def _cached_meta(e: Entry, out: str) -> dict | None:
+    """The metadata of the variables directory `out` if it holds entry `e` as the registry has it now."""
     if not checkpoints.is_variables_dir(out):
         return None
     try:
@@ -147,7 +145,13 @@ def cached(name: str, cache_dir: str | None = None) -> str | None:
         and str(meta.get("sha256", "")).startswith(e.sha256.lower())
         and all(options.get(k) == v for k, v in e.model_options.items())
     )
-    return out if fits else None
+    return meta if fits else None
+
+
+def cached(name: str, cache_dir: str | None = None) -> str | None:
+    """The converted variables directory of `name` if the cache holds an up-to-date one, else None."""
+    out = _paths(entry(name), cache_root(cache_dir))[1]
+    return out if _cached_meta(entry(name), out) else None
 
 
 @contextlib.contextmanager
@@ -212,9 +216,16 @@ def _download(e: Entry, target: str, progress: bool) -> tuple[str, str, str]:
         with download.writing(output):
             download.drive_download(e.google_drive_id, output, hint=_manual(e), progress=progress)
         return output, download.sha256_of(output), e.google_drive_url
+    if not failures:
+        raise DownloadError(f"{e.name} has no source to download from automatically: {_manual(e)}")
     if len(failures) == 1:
         raise failures[0]
-    raise DownloadError(f"no source gave {e.file_name}: " + "; ".join(one_line(f, 200) for f in failures))
+    hint = _manual(e)
+    messages = [str(f) for f in failures]
+    tried = [
+        (m[: m.rfind(hint)] if hint in m else m).rstrip(" ,;:.").removesuffix(" or").rstrip(" ,") for m in messages
+    ]
+    raise DownloadError(f"no source gave {e.file_name} ({'; '.join(tried)}): {hint}")
 
 
 def _convert(e: Entry, path: str, digest: str, origin: str, root: str) -> str:
@@ -285,19 +296,19 @@ def fetch(name: str, *, from_file: str | None = None, cache_dir: str | None = No
             from_file = os.path.abspath(os.path.expanduser(os.fspath(from_file)))
             if not os.path.isfile(from_file):
                 raise checkpoints.CheckpointNotFoundError(f"--from_file {from_file} is not a file.")
-            path, origin, owned = from_file, from_file, False
+            path, digest, origin, owned = from_file, "", from_file, False
         elif os.path.isfile(target):
-            path, origin, owned = target, target, True
+            path, digest, origin, owned = target, "", target, True
         else:
             _require_torch(e)
-            path, _, origin = _download(e, target, progress)
+            path, digest, origin = _download(e, target, progress)
             owned = True
         try:
             download.check_file(path, origin, _manual(e))
-            digest = download.sha256_of(path)
+            digest = digest or download.sha256_of(path)
             _verify(e, digest, target, origin)
-            if from_file is not None and cached(e.name, root):
-                return out  # The same file as the cache's: nothing to convert.
+            if (_cached_meta(e, out) or {}).get("sha256") == digest:
+                return out  # A file given by hand that the cache already holds: nothing to convert.
             _require_torch(e)
             _say(f"Converting {origin} ({e.architecture}, {e.num_classes} classes)", progress)
             tmp = _convert(e, path, digest, origin, root)
