@@ -45,7 +45,7 @@ def table(cache_dir: str | None = None) -> str:
         where = ["URL"] * bool(e.urls) + ["Google Drive"] * bool(e.google_drive_id) + ["Baidu"] * bool(e.baidu_url)
         p = e.published
         rows.append(
-            f"| {name} | {e.architecture} | {e.num_classes} | {p.top1_error:.2f} / {p.top5_error:.2f} | "
+            f"| {name} | {e.architecture} | {e.num_classes} | {p.top1_error:g} / {p.top5_error:g} | "
             f"{'10 crops' if p.ten_crop else '1 crop'} | {', '.join(where)} | "
             f"{'yes' if pretrained.cached(name, cache_dir) else 'no'} |"
         )
@@ -60,7 +60,7 @@ def describe(name: str, cache_dir: str | None = None) -> str:
     target = os.path.join(pretrained.cache_root(cache_dir), "downloads", e.file_name)
     lines = [
         f"{e.name}: {e.architecture}, {e.num_classes} classes ({e.classes})",
-        f"  published: top-1 error {p.top1_error:.2f} %, top-5 error {p.top5_error:.2f} % ({p.protocol}; {p.source})",
+        f"  published: top-1 error {p.top1_error:g} %, top-5 error {p.top5_error:g} % ({p.protocol}; {p.source})",
         f"  evaluate on: {e.dataset}; preprocessing: {e.preprocessing}",
         f"  file: {e.file_name}; sha256: {e.sha256 or 'not published'}; key convention: {e.convention}",
         *(f"  source: {s}" for s in e.sources()),
