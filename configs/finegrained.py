@@ -2,7 +2,7 @@
 FGVC-Aircraft configs: fast-MPN-COV's `finetune/finetune.sh` run through its `main.py`
 (jiangtaoxie/fast-MPN-COV@c430c78), starting from ImageNet weights.
 
-  python train.py --config=configs/cub200_r50.py --workdir=DIR --config.init_from=pretrained:3gnet_resnet50_imagenet \
+  python train.py --config=configs/cub200_r50.py --workdir=DIR --config.init_from=pretrained:resnet50_3g_imagenet \
       --config.dataset.data_dir=TFDS_DIR
 
 - 448 x 448 inputs, batch 10, 100 epochs, lr 1.2e-3 (finetune.sh:L50-L66), SGD momentum 0.9

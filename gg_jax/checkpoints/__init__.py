@@ -4,8 +4,9 @@
     logits = model.apply(variables, images_nhwc, train=False)
 
 `load(path)` reads a training workdir (its latest step), its `checkpoints/` directory, one
-`checkpoints/<step>` directory, or a variables directory (`python -m gg_jax.convert ...
---out DIR`), and builds the model its metadata names. Evaluation, fine-tuning
+`checkpoints/<step>` directory, a variables directory (`python -m gg_jax.convert ...
+--out DIR`) or a released checkpoint ("pretrained:NAME", `gg_jax.pretrained`), and builds
+the model its metadata names. Evaluation, fine-tuning
 (`config.init_from`), export and diagnose all read checkpoints through it;
 `run_config(path)` is the training config (`config.json`) of the run a checkpoint belongs to.
 
@@ -63,6 +64,8 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"
+# `load("pretrained:NAME")`: a released checkpoint of the registry (`gg_jax.pretrained`), fetched if needed.
+PRETRAINED_PREFIX = "pretrained:"
 
 
 def _check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], meta, path: str) -> None:
@@ -75,6 +78,17 @@ def _check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
             f"{path} holds {meta['model']} with options {meta.get('model_options') or {}}, whose variables do not "
             f"fit the model asked for ({shown}{more}). Give the model options the checkpoint was made with."
         )
+
+
+def _resolve(path: str) -> str:
+    """`path`, or for `pretrained:NAME` the cached variables directory of that registry entry
+    (downloaded, verified and converted on first use: `gg_jax.pretrained.fetch`)."""
+    path = os.fspath(path)
+    if path.startswith(PRETRAINED_PREFIX):
+        from gg_jax import pretrained  # Lazily: the registry and its converter are not needed otherwise.
+
+        return pretrained.fetch(path[len(PRETRAINED_PREFIX) :])
+    return path
 
 
 def _open(path: str):
@@ -103,7 +117,7 @@ def _restore(manager, step, abstract) -> dict[str, Any]:
 def read_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """`(variables, meta)` of any checkpoint `load` reads, without building its model: what
     fine-tuning merges into a fresh model of its own (`merge`)."""
-    path = os.fspath(path)
+    path = _resolve(path)
     manager, step = _open(path)
     if manager is None:
         return load_variables(path)
@@ -117,7 +131,8 @@ def load(path: str, *, name: str | None = None, platform: str | None = None, **o
     Args:
       path: a variables directory (`python -m gg_jax.convert ... --out DIR`), or a training
         workdir (its latest step), its `checkpoints/` directory, or one `checkpoints/<step>`
-        directory (local or gs://).
+        directory (local or gs://), or "pretrained:NAME", a released checkpoint
+        (`gg_jax.pretrained`: downloaded, converted and cached on the first use).
       name: if given, the model name the checkpoint must hold (`CheckpointMismatchError`
         naming both otherwise).
       platform: where the model will run (`gg_jax.models.create`'s; default: this process's

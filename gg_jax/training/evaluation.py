@@ -1,7 +1,8 @@
 """Evaluation: top-1 / top-5 error and loss over the whole eval split, each example exactly once.
 
 `evaluate_variables` is the eval loop the trainer runs after its epochs; `evaluate` is
-`evaluate.py`: any checkpoint (`gg_jax.checkpoints.load`) on the config's dataset.
+`evaluate.py`: any checkpoint (`gg_jax.checkpoints.load`) on the config's dataset, and for a
+released checkpoint ("pretrained:NAME") the accuracy its authors publish beside the measured one.
 """
 
 from __future__ import annotations
@@ -51,17 +52,55 @@ def evaluate_variables(eval_step, variables, config, mesh) -> dict[str, float]:
     }
 
 
+def published_accuracy(meta, config) -> dict:
+    """For a released checkpoint (`meta["pretrained"]`): the published top-1/top-5 error (fractions,
+    as the measured ones), where they come from and how they were measured; a logged warning when
+    `config.eval` measures otherwise. Empty for other checkpoints."""
+    name = meta.get("pretrained")
+    if not name:
+        return {}
+    from gg_jax import pretrained
+
+    if name in pretrained.names():
+        published = pretrained.entry(name).published
+    elif meta.get("published"):
+        published = pretrained.Published(**meta["published"])
+    else:
+        return {}
+    used = (bool(config.eval.ten_crop), bool(config.eval.mirror_crop), config.eval.resize_mode)
+    used += (int(config.eval.resize_size), int(config.image_size))
+    if used != (published.ten_crop, False, "shorter", published.resize_size, published.image_size):
+        logging.warning(
+            "%s's published error was measured with %s; this evaluation differs (to match: "
+            "--config.eval.ten_crop=%s --config.eval.mirror_crop=False --config.eval.resize_mode=shorter "
+            "--config.eval.resize_size=%d --config.image_size=%d).",
+            name,
+            published.protocol,
+            published.ten_crop,
+            published.resize_size,
+            published.image_size,
+        )
+    return {
+        "published_top1_error": round(published.top1_error / 100, 6),
+        "published_top5_error": round(published.top5_error / 100, 6),
+        "published_protocol": published.protocol,
+        "published_source": published.source,
+    }
+
+
 def evaluate(
     config: ml_collections.ConfigDict, workdir: str | None = None, checkpoint: str | None = None
 ) -> dict[str, float]:
     """Top-1/top-5 error over the whole eval split of `config.dataset`.
 
     checkpoint: anything `gg_jax.checkpoints.load` reads (a training workdir, one of its
-      `checkpoints/<step>` directories, a converted variables directory); default: the
-      latest of `workdir`. Its model must be `config.model.name`; the options set in
+      `checkpoints/<step>` directories, a converted variables directory, "pretrained:NAME");
+      default: the latest of `workdir`. Its model must be `config.model.name`; the options set in
       `config.model` apply over the checkpoint's (precision, dtype, ...).
     The results are logged, returned, and (if `workdir` is given) written to its
-    TensorBoard summaries as eval/top1_error and eval/top5_error.
+    TensorBoard summaries as eval/top1_error and eval/top5_error. For a released checkpoint
+    they include `published_top1_error`, `published_top5_error` (fractions),
+    `published_protocol` and `published_source` (`published_accuracy`).
     """
     path = checkpoint or workdir
     if not path:
@@ -97,8 +136,18 @@ def evaluate(
         metrics["top5_error"],
         metrics["loss"],
     )
+    published = published_accuracy(meta, config)
+    if published:
+        logging.info(
+            "Published for %s: top-1 error %.4f, top-5 error %.4f (%s; %s).",
+            meta["pretrained"],
+            published["published_top1_error"],
+            published["published_top5_error"],
+            published["published_protocol"],
+            published["published_source"],
+        )
     if workdir:
         writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
         writer.write_scalars(step, {"eval/top1_error": metrics["top1_error"], "eval/top5_error": metrics["top5_error"]})
         writer.close()
-    return {**metrics, "step": step}
+    return {**metrics, "step": step, **published}

@@ -1,10 +1,11 @@
 """Fine-tuning's start: a fresh train state with the variables of `config.init_from`.
 
 `config.init_from` is anything `gg_jax.checkpoints.load` reads (a converted variables
-directory, a training workdir or one of its steps), read with `checkpoints.read_variables`.
-Every variable is taken from it
-except the classifier `config.init_from_classifier` when the class count differs (kept
-fresh), and, with `config.init_from_backbone_only`, the modules `config.init_from_head_modules`.
+directory, a training workdir or one of its steps, or a released checkpoint "pretrained:NAME",
+`gg_jax.pretrained`), read with `checkpoints.read_variables`. Every variable is taken from it except the
+classifier `config.init_from_classifier` when the class count differs (kept fresh), and,
+with `config.init_from_backbone_only` or from a released plain backbone (torchvision's
+ResNets, whose metadata says `init_from_backbone_only`), the modules `config.init_from_head_modules`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def init_from_checkpoint(train_state, config, tx, state_sharding):
     except checkpoints.CheckpointNotFoundError as e:
         raise checkpoints.CheckpointNotFoundError(f"config.init_from={config.init_from!r}: {e}") from None
     logging.info("Initialising from %s (%s).", config.init_from, meta.get("model"))
-    keep = tuple(config.init_from_head_modules) if config.init_from_backbone_only else ()
+    backbone_only = config.init_from_backbone_only or bool(meta.get("init_from_backbone_only"))
+    keep = tuple(config.init_from_head_modules) if backbone_only else ()
     try:
         merged, kept = checkpoints.merge(
             jax.device_get(train_state.variables),
