@@ -150,7 +150,7 @@ def load(path: str, *, name: str | None = None, platform: str | None = None, **o
       CheckpointNotFoundError if `path` holds no checkpoint; DamagedCheckpointError if it
       cannot be read; CheckpointMismatchError as above.
     """
-    path = os.fspath(path)
+    path = _resolve(path)
     manager, step = _open(path)
     if manager is None:
         variables, meta = load_variables(path)
