@@ -18,10 +18,12 @@
 #      (the GPU default) and "highest", the 3G head's share of each, and the PyTorch reference
 #      in eager mode with its best GPU settings (bf16 autocast, channels_last, cudnn.benchmark);
 #   3. resnet50_gap bf16 at batch 256, the backbone-only control, both frameworks;
-#   4. the PyTorch reference torch.compile'd (default mode), resnet50_3g and resnet50_gap;
-#   5. gg_jax resnet50_3g with the other offered setting (bf16_6x);
-#   6. torch.compile mode max-autotune (long compilation: named, or when time is left);
-#   7. resnet50_isqrt, resnet50_3g at 128, float32 and resnet101_3g steps, the pooling heads
+#   4. train.py end to end on the synthetic source (bench_trainer.py): the trainer's images/s
+#      beside the bare step's of 2;
+#   5. the PyTorch reference torch.compile'd (default mode), resnet50_3g and resnet50_gap;
+#   6. gg_jax resnet50_3g with the other offered setting (bf16_6x);
+#   7. torch.compile mode max-autotune (long compilation: named, or when time is left);
+#   8. resnet50_isqrt, resnet50_3g at 128, float32 and resnet101_3g steps, the pooling heads
 #      alone (bench_layers), ops (named, or when time is left).
 # (bench_memory.py and count_products.py are compile- or trace-only: they need no lease.)
 # JAX's device peak-memory counter covers a whole process: the first configuration of a process
@@ -96,6 +98,10 @@ train r50_3g_bf16_256 140 --models resnet50_3g --dtypes bfloat16 --batch_sizes 2
   --matmul_precisions auto,highest --torch_modes eager --head_share --json "$out/train_r50_3g_bf16.json"
 train r50_gap_bf16_256 60 --models resnet50_gap --dtypes bfloat16 --batch_sizes 256 --steps 20 --warmup 5 \
   --torch_modes eager --json "$out/train_r50_gap_bf16.json"
+# The whole trainer (train.py on the synthetic source: input pipeline, metrics, one checkpoint,
+# one evaluation) beside the bare step measured above.
+step trainer_e2e 240 "$py" -m benchmarks.bench_trainer --workdir "$out/e2e_run" \
+  --bare_json "$out/train_r50_3g_bf16.json" --json "$out/trainer.json"
 # torch.compile: the reference only (--no_jax), both models in one process (PyTorch's peak
 # counter is reset between them).
 step torch_compile_bf16_256 150 "$py" -m benchmarks.bench_train_step --no_keep_freed_memory --no_jax \
