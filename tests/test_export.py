@@ -22,8 +22,6 @@ import test_training_common as common
 
 from gg_jax import data, export, variables_io
 
-pytest.importorskip("tensorflow")
-
 FAST_FLAGS = "--xla_backend_optimization_level=0"
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 

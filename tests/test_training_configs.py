@@ -9,8 +9,6 @@ import test_training_common as common
 from gg_jax import data
 from gg_jax.training import trainer
 
-pytest.importorskip("tensorflow")
-
 
 @pytest.mark.parametrize(
     "config_name, dataset, num_classes, ten_crop",

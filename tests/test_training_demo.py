@@ -4,8 +4,6 @@ import numpy as np
 import pytest
 import test_training_common as common
 
-pytest.importorskip("tensorflow")
-
 # The whole demo, as the README runs it: 6 epochs, at most 3 % top-1 error on the 360
 # held-out digits (0.8-1.7 % measured, in 1.5-3.5 minutes on 2 idle cores).
 DEMO_EPOCHS = 6

@@ -15,8 +15,6 @@ import test_training_common as common
 
 from gg_jax.training import checkpointing, trainer
 
-pytest.importorskip("tensorflow")
-
 
 def _train_cmd(workdir, **overrides):
     return ["train.py", "--config=configs/demo.py", f"--workdir={workdir}", *common.flags({**common.TINY, **overrides})]

@@ -10,8 +10,6 @@ import test_training_common as common
 from gg_jax import models, variables_io
 from gg_jax.training import trainer
 
-pytest.importorskip("tensorflow")
-
 
 def _same_model(a, b) -> bool:
     """Models of `models.create`: equal fields, the head factories (functools.partial) by function and options."""
