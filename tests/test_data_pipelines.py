@@ -467,8 +467,9 @@ def test_tfrecord_only_and_missing_arrayrecord_files_are_explained(tmp_path):
     info_file.write_text(original)
     missing = folder / f"{name}-validation.array_record-00001-of-00002"
     missing.unlink()
+    # Found when the dataset is opened (before training), not by a worker at the first evaluation.
     with pytest.raises(data.DatasetNotFoundError, match="ArrayRecord file .*00001-of-00002 of split 'validation'"):
-        data.create_eval_iterator(name, data_dir=str(tmp_path), global_batch_size=3, image_size=8, resize_size=8)
+        data.get_dataset_info(name, str(tmp_path))
 
 
 def test_batch_errors(fake_tfds):

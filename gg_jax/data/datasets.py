@@ -420,6 +420,7 @@ class TfdsSource(Source):
         )
         self._builder = builder
         self._readers: dict[str, Any] = {}
+        self._checked: set[str] = set()
         self.info = DatasetInfo(
             name=name,
             num_classes=int(label_feature.num_classes),
@@ -430,6 +431,8 @@ class TfdsSource(Source):
             data_dir=data_dir,
             class_names=tuple(getattr(label_feature, "names", ()) or ()) or None,
         )
+        for split in ("train", eval_split):  # Before any training, not at the first evaluation.
+            self.check_split(split)
 
     def __getstate__(self):  # Workers get the readers, not the builder.
         for split in self._builder.info.splits:
@@ -446,15 +449,20 @@ class TfdsSource(Source):
     def check_split(self, split):
         """Every ArrayRecord file of `split` is there (a clear error now, not in a worker later)."""
         self.split_size(split)
-        if self._builder is None:
+        if self._builder is None or split in self._checked:
             return
-        for path in self._builder.info.splits[split].filepaths:
-            if not _exists(os.fspath(path)):
-                raise DatasetNotFoundError(
-                    f"{self.info.name}: the ArrayRecord file {path} of split {split!r} is missing "
-                    f"({len(self._builder.info.splits[split].filepaths)} files expected). Copy it back, or prepare "
-                    f"the dataset again: {_tfds_build_command(self.info.name, self.info.data_dir or 'DATA_DIR')}"
-                )
+        from etils import epath  # pylint: disable=g-import-not-at-top
+
+        files = [epath.Path(p) for p in self._builder.info.splits[split].filepaths]
+        present = {p.name for p in epath.Path(self._builder.data_dir).iterdir()}  # One listing, also on gs://.
+        missing = [str(f) for f in files if f.name not in present]
+        if missing:
+            raise DatasetNotFoundError(
+                f"{self.info.name}: the ArrayRecord file {missing[0]} of split {split!r} is missing "
+                f"({len(missing)} of {len(files)} files). Copy it back, or prepare the dataset again: "
+                f"{_tfds_build_command(self.info.name, self.info.data_dir or 'DATA_DIR')}"
+            )
+        self._checked.add(split)
 
     def _reader(self, split):
         if split not in self._readers:

@@ -229,9 +229,13 @@ class _LocalBatches:
             it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=_WORKER_BUFFER))
         return iter(it_ds)
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def start(self):
+        """Starts the worker processes (idempotent): they make the first batches meanwhile."""
         if self._it is None:
             self._it = self._open()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self.start()
         try:
             batch = next(self._it)
         except datasets_lib.CorruptImageError as e:
@@ -494,6 +498,10 @@ class GlobalIterator(grain.DatasetIterator):
         self._prefetcher.clear()
         self.local.set_state(state)
         self._step = self.local.step
+
+    def start_prefetch(self) -> None:
+        """Starts making batches now (Grain's checkpoint handler calls it after `set_state`)."""
+        self.local.start()
 
     def close(self) -> None:
         self.local.close()
