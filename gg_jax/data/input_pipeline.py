@@ -176,15 +176,19 @@ def _eval_transform(source, image_size, resize_size, ten_crop, resize_mode="shor
     if source.eval_mode == "resize":
         if ten_crop or mirror_crop:
             raise ValueError(f"ten_crop/mirror_crop evaluation is not available for {source.info.name}")
-        return pp._Images(pp.resize_whole, pp._kw(image_size=image_size), uses_rng=False), (image_size, image_size, 3)
+        return pp.ImageTransform(pp.resize_whole, pp.frozen_kwargs(image_size=image_size), uses_rng=False), (
+            image_size,
+            image_size,
+            3,
+        )
     if resize_mode not in pp.RESIZE_MODES:
         raise ValueError(f"resize_mode must be one of {pp.RESIZE_MODES}, not {resize_mode!r}")
     if image_size > resize_size:
         raise ValueError(f"image_size {image_size} must not exceed resize_size {resize_size}")
     crops = "ten" if ten_crop else "mirror" if mirror_crop else "center"
     shape = {"ten": (10,), "mirror": (2,), "center": ()}[crops] + (image_size, image_size, 3)
-    kwargs = pp._kw(image_size=image_size, resize_size=resize_size, resize_mode=resize_mode, crops=crops)
-    return pp._Images(pp.eval_crop, kwargs, uses_rng=False), shape
+    kwargs = pp.frozen_kwargs(image_size=image_size, resize_size=resize_size, resize_mode=resize_mode, crops=crops)
+    return pp.ImageTransform(pp.eval_crop, kwargs, uses_rng=False), shape
 
 
 # ------------------------------------------------------------- process-local batches

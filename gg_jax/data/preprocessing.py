@@ -476,8 +476,11 @@ def get_augmentation(name: str, context: AugmentContext) -> Augment:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Images:
-    """An augmentation that returns pixels only (picklable for the worker processes)."""
+class ImageTransform:
+    """`fn(image, rng, **kwargs)` (or `fn(image, **kwargs)`) as an augmentation: {'image': pixels}.
+
+    A frozen dataclass of a module-level function, so it pickles into the worker processes.
+    """
 
     fn: Callable[..., np.ndarray]
     kwargs: tuple[tuple[str, Any], ...]
@@ -489,7 +492,9 @@ class _Images:
 
 
 @dataclasses.dataclass(frozen=True)
-class _ImagesAndShift:
+class ImageShiftTransform:
+    """`fn(image, rng, **kwargs) -> (pixels, RGB offset)` as an augmentation (`scale_aug`'s lighting)."""
+
     fn: Callable[..., tuple[np.ndarray, np.ndarray]]
     kwargs: tuple[tuple[str, Any], ...]
 
@@ -498,40 +503,45 @@ class _ImagesAndShift:
         return {"image": pixels, "pixel_shift": shift}
 
 
-def _kw(**kwargs):
+def frozen_kwargs(**kwargs) -> tuple[tuple[str, Any], ...]:
+    """Keyword arguments as a hashable, picklable tuple (for `ImageTransform`)."""
     return tuple(sorted(kwargs.items()))
 
 
 @register_augmentation("inception_crop", "random-resized crop (8%-100% area, ratio 3/4-4/3) + flip (the reference)")
 def _inception_crop(c: AugmentContext) -> Augment:
-    return _Images(inception_crop, _kw(image_size=c.image_size, flip=c.flip))
+    return ImageTransform(inception_crop, frozen_kwargs(image_size=c.image_size, flip=c.flip))
 
 
 @register_augmentation("scale_aug", "shorter side uniform in [256, 512], random crop, flip, PCA lighting (the paper)")
 def _scale_aug(c: AugmentContext) -> Augment:
-    return _ImagesAndShift(scale_aug, _kw(image_size=c.image_size, flip=c.flip))
+    return ImageShiftTransform(scale_aug, frozen_kwargs(image_size=c.image_size, flip=c.flip))
 
 
 @register_augmentation("translate", "resize, random shift of up to 1/8 of the side, no flip (the digits default)")
 def _translate(c: AugmentContext) -> Augment:
-    return _Images(translate, _kw(image_size=c.image_size, max_shift=max(1, round(c.image_size / 8))))
+    return ImageTransform(translate, frozen_kwargs(image_size=c.image_size, max_shift=max(1, round(c.image_size / 8))))
 
 
 @register_augmentation("center_crop_flip", "shorter side to train_resize_size, centre crop, flip (CUB)")
 def _center_crop_flip(c: AugmentContext) -> Augment:
     size = c.resize_size or c.image_size
-    return _Images(center_crop_flip, _kw(image_size=c.image_size, resize_size=size, resize_mode="shorter", flip=c.flip))
+    return ImageTransform(
+        center_crop_flip, frozen_kwargs(image_size=c.image_size, resize_size=size, resize_mode="shorter", flip=c.flip)
+    )
 
 
 @register_augmentation("square_center_crop_flip", "both sides to train_resize_size, centre crop, flip (Cars, Aircraft)")
 def _square_center_crop_flip(c: AugmentContext) -> Augment:
     size = c.resize_size or c.image_size
-    return _Images(center_crop_flip, _kw(image_size=c.image_size, resize_size=size, resize_mode="square", flip=c.flip))
+    return ImageTransform(
+        center_crop_flip, frozen_kwargs(image_size=c.image_size, resize_size=size, resize_mode="square", flip=c.flip)
+    )
 
 
 @register_augmentation("none", "the evaluation transform (no randomness)")
 def _none(c: AugmentContext) -> Augment:
     if c.eval_mode == "resize":
-        return _Images(resize_whole, _kw(image_size=c.image_size), uses_rng=False)
+        return ImageTransform(resize_whole, frozen_kwargs(image_size=c.image_size), uses_rng=False)
     resize = max(c.image_size, round(c.image_size * DEFAULT_RESIZE_SIZE / DEFAULT_IMAGE_SIZE))
-    return _Images(eval_crop, _kw(image_size=c.image_size, resize_size=resize), uses_rng=False)
+    return ImageTransform(eval_crop, frozen_kwargs(image_size=c.image_size, resize_size=resize), uses_rng=False)
