@@ -1,26 +1,36 @@
-"""Throughput of the train input pipeline, in images per second per CPU core.
+"""Input pipeline throughput: the Grain pipeline against the former tf.data pipeline, same JPEGs, one run.
 
-Generates ImageNet-like JPEGs (500x375 and 375x500, smooth random content with
-texture, quality 90: about 85 KB each, close to ImageNet's average), then runs
-`gg_jax.data.create_train_iterator` end to end (file or record read, JPEG
-window decode, random-resized crop to 224, flip, normalisation, batching and
-the global jax.Array assembly) with tf.data limited to 1, 2, ... threads.
+Generates ImageNet-like JPEGs (500x375, 375x500, 500x333, 333x500; smooth random
+content with texture, quality 90: about 85 KB each, close to ImageNet's average) and
+runs, for the train transform (random-resized crop to 224 + flip) and the eval
+transform (shorter side to 256 + centre crop 224), each pipeline end to end to
+normalised float32 global `jax.Array` batches:
 
-Reported per configuration:
-  images/s            wall-clock throughput of the whole iterator;
-  images/s/thread     that divided by the tf.data thread count;
-  images/CPU-s        images per second of CPU time used by the whole process
-                      (all threads): the per-core cost, robust to other load.
-Target: >= 300 images/s per core (a 16-core host then feeds > 4,000 images/s).
+  grain    `gg_jax.data.create_train_iterator` / `create_eval_iterator` with
+           `num_workers` worker processes, from the JPEGs in memory, and (train)
+           from the same JPEGs as TFDS ArrayRecord records (`tfds_arrayrecord`);
+  tf.data  a compact copy of the pipeline this project used before (JPEG window
+           decode with `tf.image.decode_and_crop_jpeg`, bilinear resize without
+           antialiasing, flip; eval: antialiased resize + centre crop; normalised in
+           tf.data), with a private thread pool of the same size, from the JPEGs in
+           memory. Skipped, with a note, where TensorFlow is not installed.
 
-  python benchmarks/bench_input.py                       # table
-  python benchmarks/bench_input.py --json bench_input.json
+Reported per row: images/s (wall clock) and images per CPU-second (CPU time of this
+process and of its worker processes during the measurement: the per-core cost,
+robust to other load on the machine), and the ratio of the latter to tf.data's.
+
+  python -m benchmarks.bench_input                  # 2 workers / threads, table
+  python -m benchmarks.bench_input --workers 4 --rounds 6 --json bench_input.json
+
+Rows of one transform are measured in interleaved rounds (each for --seconds in turn),
+so that other load on the machine weighs on them alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -30,17 +40,13 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.table import print_table
+from gg_jax import data
+from gg_jax.data import datasets as datasets_lib
+from gg_jax.data import testing
 
-from gg_jax import data  # noqa: E402
-from gg_jax.data import testing  # noqa: E402
-
-TARGET_PER_CORE = 300
-
-
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+SIZES = ((375, 500), (500, 375), (333, 500), (500, 333))
+IMAGE_SIZE, RESIZE_SIZE = 224, 256
 
 
 def _cpu_model() -> str:
@@ -54,146 +60,258 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _children_cpu_seconds() -> float:
+    """User + system CPU seconds of the live child processes (the Grain workers), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for child in multiprocessing.active_children():
+        try:
+            with open(f"/proc/{child.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime + _children_cpu_seconds()
+
+
 def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
     rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        h, w = (375, 500) if i % 3 else (500, 375)
-        out.append(testing.encode_image(testing.random_photo(rng, h, w), "JPEG", quality=90))
-    return out
+    return [
+        testing.encode_image(testing.random_photo(rng, *SIZES[i % len(SIZES)]), "JPEG", quality=90) for i in range(n)
+    ]
 
 
-def write_image_folder(root: str, jpegs: list[bytes], copies: int, num_classes: int = 16) -> int:
-    """Writes the JPEGs under root/train/<class>/ and hard-links each `copies` times (long epochs)."""
-    count = 0
-    for i, blob in enumerate(jpegs):
-        d = os.path.join(root, "train", f"class_{i % num_classes:02d}")
-        os.makedirs(d, exist_ok=True)
-        first = os.path.join(d, f"img_{i:05d}_0.jpg")
-        with open(first, "wb") as f:
-            f.write(blob)
-        count += 1
-        for c in range(1, copies):
-            os.link(first, os.path.join(d, f"img_{i:05d}_{c}.jpg"))
-            count += 1
-    return count
-
-
-def measure(name: str, data_dir: str, *, batch_size: int, threads: int, seconds: float, augment: str, cache) -> dict:
-    it = data.create_train_iterator(
-        name,
-        data_dir=data_dir,
-        global_batch_size=batch_size,
-        image_size=224,
-        augment=augment,
-        num_threads=threads,
-        cache=cache,
-        shuffle_buffer=1024,
+def memory_source(jpegs: list[bytes], num_examples: int) -> datasets_lib.Source:
+    """The JPEGs as an in-memory dataset of `num_examples` examples (example i = JPEG i % n)."""
+    payload = np.asarray([jpegs[i % len(jpegs)] for i in range(num_examples)], dtype=object)
+    labels = np.arange(num_examples, dtype=np.int32) % 16
+    info = datasets_lib.DatasetInfo("bench_jpegs", 16, num_examples, num_examples, "train", "validation")
+    return datasets_lib.ArraySource(
+        info, {"train": ("bytes", payload, labels), "validation": ("bytes", payload, labels)}
     )
-    for _ in range(3):  # Warm up: pipeline start, autotuning, shuffle buffer.
-        next(it)["image"].block_until_ready()
-    n = 0
-    t0, c0 = time.perf_counter(), _cpu_seconds()
-    while time.perf_counter() - t0 < seconds or n < 5 * batch_size:
-        next(it)["image"].block_until_ready()
-        n += batch_size
-    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-    return {
-        "source": name,
-        "augment": augment,
-        "threads": threads,
-        "batch_size": batch_size,
-        "images": n,
-        "wall_s": round(wall, 3),
-        "cpu_s": round(cpu, 3),
-        "images_per_s": round(n / wall, 1),
-        "images_per_s_per_thread": round(n / wall / threads, 1),
-        "images_per_cpu_s": round(n / cpu, 1),
-    }
+
+
+# --------------------------------------------------------------- tf.data reference
+
+
+def tf_pipeline(jpegs: list[bytes], *, train: bool, batch_size: int, threads: int, seed: int = 0):
+    """The former tf.data pipeline (gg_jax.data before Grain), compacted: NumPy batches."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    tf.config.set_visible_devices([], "GPU")
+    mean = tf.constant([255.0 * m for m in data.MEAN_RGB], tf.float32)
+    inv_std = tf.constant([1.0 / (255.0 * s) for s in data.STDDEV_RGB], tf.float32)
+
+    def inception_crop(image, key):
+        crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+        shape = tf.image.extract_jpeg_shape(image)
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            shape,
+            bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
+            seed=crop_key,
+            min_object_covered=0.08,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        crop = tf.image.decode_and_crop_jpeg(image, window, channels=3)
+        out = tf.image.resize(crop, [IMAGE_SIZE, IMAGE_SIZE], method="bilinear", antialias=False)
+        return tf.image.stateless_random_flip_left_right(out, flip_key)
+
+    def eval_crop(image):
+        decoded = tf.io.decode_jpeg(image, channels=3)
+        shape = tf.cast(tf.shape(decoded)[:2], tf.float64)
+        short = tf.minimum(shape[0], shape[1])
+        new = tf.cast(tf.floor(RESIZE_SIZE * shape / short), tf.int32)
+        resized = tf.image.resize(decoded, new, method="bilinear", antialias=True)
+        top = (new[0] - IMAGE_SIZE + 1) // 2
+        left = (new[1] - IMAGE_SIZE + 1) // 2
+        return tf.slice(resized, [top, left, 0], [IMAGE_SIZE, IMAGE_SIZE, 3])
+
+    key = tf.constant([seed, 12345], tf.int64)
+
+    def prepare(position, image):
+        pixels = inception_crop(image, tf.random.experimental.stateless_fold_in(key, position)) if train else None
+        pixels = eval_crop(image) if not train else pixels
+        return {"image": (pixels - mean) * inv_std, "label": tf.cast(position % 16, tf.int32)}
+
+    ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1
+    options.threading.private_threadpool_size = threads
+    return ds.with_options(options).as_numpy_iterator()
+
+
+class _TfGlobal:
+    """tf.data NumPy batches -> global jax.Arrays, as the former pipeline's prefetcher."""
+
+    def __init__(self, local, batch_size):
+        import jax  # pylint: disable=g-import-not-at-top
+
+        from gg_jax import sharding  # pylint: disable=g-import-not-at-top
+
+        mesh = sharding.make_mesh()
+        self._sharding = sharding.batch_sharding(mesh)
+        self._local, self._batch_size, self._jax = local, batch_size, jax
+
+    def __next__(self):
+        batch = next(self._local)
+        return {
+            k: self._jax.make_array_from_process_local_data(self._sharding, v, (self._batch_size,) + v.shape[1:])
+            for k, v in batch.items()
+        }
+
+    def close(self):
+        pass
+
+
+# ---------------------------------------------------------------------- measuring
+
+
+def measure(iterators: dict, *, batch_size: int, seconds: float, rounds: int) -> dict:
+    """{key: totals} over `rounds` rounds that measure each iterator for `seconds` in turn, so that
+    a change of load on the machine affects every row alike."""
+    for it in iterators.values():
+        for _ in range(3):  # Warm up: worker start, autotuning, compilation.
+            next(it)["image"].block_until_ready()
+    totals = {key: {"images": 0, "wall_s": 0.0, "cpu_s": 0.0} for key in iterators}
+    for _ in range(rounds):
+        for key, it in iterators.items():
+            n = 0
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            while time.perf_counter() - t0 < seconds or n < 3 * batch_size:
+                next(it)["image"].block_until_ready()
+                n += batch_size
+            totals[key]["images"] += n
+            totals[key]["wall_s"] += time.perf_counter() - t0
+            totals[key]["cpu_s"] += _cpu_seconds() - c0
+    for it in iterators.values():
+        it.close()
+    for t in totals.values():
+        t["images_per_s"] = round(t["images"] / t["wall_s"], 1)
+        t["images_per_cpu_s"] = round(t["images"] / t["cpu_s"], 1)
+        t["wall_s"], t["cpu_s"] = round(t["wall_s"], 2), round(t["cpu_s"], 2)
+    return totals
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=256, help="distinct JPEGs to generate")
-    parser.add_argument("--copies", type=int, default=64, help="image-folder entries per JPEG (hard links)")
-    parser.add_argument("--tfds-records", type=int, default=4096, help="records of the TFDS variant (0: skip)")
+    parser.add_argument("--examples", type=int, default=8192, help="examples per split (JPEG i % num-images)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", default=None, help="comma-separated tf.data thread counts (default 1,NCPU)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="measurement time per configuration")
-    parser.add_argument("--augment", default="inception_crop", choices=["inception_crop", "scale_aug"])
+    parser.add_argument("--workers", type=int, default=2, help="Grain worker processes = tf.data threads")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measurement time per row and round")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds over the rows (interleaved)")
+    parser.add_argument("--no-arrayrecord", action="store_true", help="skip the TFDS ArrayRecord row")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
-    ncpu = os.cpu_count() or 1
-    threads = sorted({int(t) for t in args.threads.split(",")}) if args.threads else sorted({1, ncpu})
-    jpegs = make_jpegs(args.num_images)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = os.path.join(tmp, "folder")
-        entries = write_image_folder(folder, jpegs, args.copies)
-        sources = [("image_folder", folder, None)]
-        if args.tfds_records:
-            tfds_dir = os.path.join(tmp, "tfds")
-            name = testing.write_tfds_dataset(
-                tfds_dir,
-                name="gg_bench_images",
-                num_classes=16,
-                num_shards=8,
-                encoded_images=jpegs,
-                train=args.tfds_records,
-                validation=16,
-            )
-            sources.append((name, tfds_dir, False))  # Streaming from tfrecords, as for ImageNet.
-        for name, data_dir, cache in sources:
-            for t in threads:
-                r = measure(
-                    name,
-                    data_dir,
-                    batch_size=args.batch_size,
-                    threads=t,
-                    seconds=args.seconds,
-                    augment=args.augment,
-                    cache=cache,
-                )
-                results.append(r)
-                print(f"  measured {name} threads={t}: {r['images_per_s']} images/s", file=sys.stderr)
+    try:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        tf_version = tf.__version__
+    except ImportError:
+        tf_version = None
+    jpegs = make_jpegs(args.num_images)
+    source = memory_source(jpegs, args.examples)
+    rows = []
+    common = dict(global_batch_size=args.batch_size, image_size=IMAGE_SIZE, num_workers=args.workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        plans = []
+        for transform in ("train", "eval"):
+            if tf_version:
+                plans.append(
+                    (
+                        "tf.data",
+                        transform,
+                        "memory",
+                        lambda t=transform: _TfGlobal(
+                            tf_pipeline(jpegs, train=t == "train", batch_size=args.batch_size, threads=args.workers),
+                            args.batch_size,
+                        ),
+                    )
+                )
+            if transform == "train":
+                plans.append(("grain", transform, "memory", lambda: data.create_train_iterator(source, **common)))
+                if not args.no_arrayrecord:
+                    name = testing.write_tfds_dataset(
+                        tmp,
+                        name="gg_bench_images",
+                        num_classes=16,
+                        num_shards=8,
+                        encoded_images=jpegs,
+                        train=args.examples,
+                        validation=16,
+                    )
+                    plans.append(
+                        (
+                            "grain",
+                            transform,
+                            "tfds_arrayrecord",
+                            lambda n=name: data.create_train_iterator(n, data_dir=tmp, **common),
+                        )
+                    )
+            else:
+                plans.append(
+                    (
+                        "grain",
+                        transform,
+                        "memory",
+                        lambda: data.create_eval_iterator(source, resize_size=RESIZE_SIZE, **common),
+                    )
+                )
+        for transform in ("train", "eval"):  # One transform at a time: fewer idle workers around.
+            chosen = [p for p in plans if p[1] == transform]
+            iterators = {(p, t, src): make() for p, t, src, make in chosen}
+            totals = measure(iterators, batch_size=args.batch_size, seconds=args.seconds, rounds=args.rounds)
+            for (pipeline, t, src), r in totals.items():
+                rows.append({"pipeline": pipeline, "transform": t, "source": src, "workers": args.workers, **r})
+                print(f"  measured {pipeline} {t} {src}: {r['images_per_cpu_s']} images/CPU-s", file=sys.stderr)
+
+    ref = {r["transform"]: r["images_per_cpu_s"] for r in rows if r["pipeline"] == "tf.data"}
+    for r in rows:
+        r["ratio_vs_tf_data"] = round(r["images_per_cpu_s"] / ref[r["transform"]], 3) if r["transform"] in ref else None
+    import grain  # pylint: disable=g-import-not-at-top
 
     report = {
         "benchmark": "bench_input",
-        "command": "python benchmarks/bench_input.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.bench_input " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {
             "cpu": _cpu_model(),
-            "cpu_count": ncpu,
-            "tensorflow": tf.__version__,
+            "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
+            "grain": grain.__version__,
+            "tensorflow": tf_version,
         },
         "data": {
             "distinct_jpegs": len(jpegs),
             "mean_jpeg_bytes": int(np.mean([len(j) for j in jpegs])),
-            "image_folder_entries": entries,
-            "tfds_records": args.tfds_records,
-            "sizes": "500x375 and 375x500",
+            "sizes": ", ".join(f"{w}x{h}" for h, w in SIZES),
+            "batch_size": args.batch_size,
         },
-        "target_images_per_s_per_core": TARGET_PER_CORE,
-        "results": results,
+        "results": rows,
     }
-    header = (
-        f"{'source':<16}{'augment':<16}{'threads':>8}{'batch':>7}{'images/s':>11}{'img/s/thread':>14}{'img/CPU-s':>11}"
-    )
     print(
-        f"Train input pipeline, 224x224, {report['machine']['cpu']} ({ncpu} CPUs), "
-        f"JPEGs ~{report['data']['mean_jpeg_bytes'] // 1000} KB"
+        f"Input pipelines to normalised 224x224 float32 jax.Arrays, {report['machine']['cpu']} "
+        f"({report['machine']['cpu_count']} CPUs), JPEGs ~{report['data']['mean_jpeg_bytes'] // 1000} KB, "
+        f"batch {args.batch_size}"
     )
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(
-            f"{r['source']:<16}{r['augment']:<16}{r['threads']:>8}{r['batch_size']:>7}{r['images_per_s']:>11.1f}"
-            f"{r['images_per_s_per_thread']:>14.1f}{r['images_per_cpu_s']:>11.1f}"
-        )
-    print(f"Target: >= {TARGET_PER_CORE} images/s per core.")
+    shown = [{**r, "vs_tf_data": "-" if r["ratio_vs_tf_data"] is None else r["ratio_vs_tf_data"]} for r in rows]
+    columns = "pipeline transform source workers images wall_s cpu_s images_per_s images_per_cpu_s vs_tf_data"
+    formats = dict(wall_s=".1f", cpu_s=".1f", images_per_s=".1f", images_per_cpu_s=".1f", vs_tf_data=".2f")
+    print_table(shown, columns, **formats)
+    if not tf_version:
+        print("tf.data: not measured (TensorFlow is not installed; pip install tensorflow-cpu for that column).")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -51,9 +51,8 @@ def get_config():
     # 'inception_crop' | 'scale_aug' | 'center_crop_flip' | ... (gg_jax.data.AUGMENTATIONS); None = dataset default.
     config.dataset.augment = config_dict.placeholder(str)
     config.dataset.train_resize_size = config_dict.placeholder(int)  # Of the centre-crop augments; None = image_size.
-    config.dataset.cache = config_dict.placeholder(bool)  # Encoded examples in memory; None = if small.
-    config.dataset.shuffle_buffer = config_dict.placeholder(int)  # TFDS record shuffle buffer; None = 10,000.
-    config.dataset.num_threads = config_dict.placeholder(int)  # Private tf.data thread pool; None = shared.
+    # Grain worker processes that decode and augment; None = one per CPU core (0 for digits); 0 = a thread.
+    config.dataset.num_workers = config_dict.placeholder(int)
     config.image_size = 224
 
     # Optimisation: SGD momentum 0.9, weight decay 1e-4 added to the gradient of every

@@ -22,7 +22,6 @@ def tiny_run(tmp_path_factory):
     """(workdir, TrainResult) of one step of the tiny demo model (tests.runs.TINY),
     trained in this process: its checkpoint of step 1 and final evaluation. Shared by the
     tests that need a trained run, which must only add files to it."""
-    pytest.importorskip("tensorflow")
     from gg_jax.training import trainer
     from tests import runs
 

@@ -111,6 +111,15 @@ def subprocess_env(tmp_path, devices: int = 1, **extra) -> dict:
     return env
 
 
+def without_tensorflow(env: dict, tmp_path) -> dict:
+    """`env` with a `tensorflow` package first on PYTHONPATH that raises ImportError: the
+    subprocess runs as on a host where TensorFlow is not installed."""
+    blocker = pathlib.Path(tmp_path) / "no_tensorflow" / "tensorflow"
+    blocker.mkdir(parents=True, exist_ok=True)
+    (blocker / "__init__.py").write_text("raise ImportError('TensorFlow is not installed here')\n")
+    return {**env, "PYTHONPATH": os.pathsep.join([str(blocker.parent), env.get("PYTHONPATH", "")])}
+
+
 # Time limits of subprocesses are hang guards, not speed checks: a busy 2-core machine ran
 # the suite in 57 minutes (10 when idle) and CI allows 90, so one command may take long.
 HANG_GUARD_S = 2400

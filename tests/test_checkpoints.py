@@ -14,8 +14,6 @@ from gg_jax.backbones import blocks
 from gg_jax.training import trainer
 from tests import runs
 
-pytest.importorskip("tensorflow")
-
 
 def _fields(module) -> dict:
     """A model's configuration: its fields, those that are modules by their own fields."""

@@ -17,7 +17,6 @@ from gg_jax import diagnose
 from tests import runs
 
 pytest.importorskip("matplotlib")
-pytest.importorskip("tensorflow")
 
 
 def test_fit_channels_vectorised_with_degenerate_channels():

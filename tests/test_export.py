@@ -23,8 +23,6 @@ from gg_jax import checkpoints, data, export
 from gg_jax.errors import UserError
 from tests import runs
 
-pytest.importorskip("tensorflow")
-
 FAST_FLAGS = "--xla_backend_optimization_level=0"
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 

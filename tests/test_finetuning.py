@@ -1,5 +1,5 @@
 """The fine-grained fine-tuning recipes: configs on mocked TFDS data and on an image folder,
-per-group learning rates on the optimizer state, and fast-MPN-COV's resize / centre crops."""
+per-group learning rates on the optimizer state (the transforms: test_data_preprocessing.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +9,6 @@ import pytest
 
 from gg_jax.training import optim, trainer
 from tests import runs
-
-pytest.importorskip("tensorflow")
 
 
 def _pretrained(tmp_path):
@@ -99,40 +97,6 @@ def test_grouped_optimizer_scales_the_head_update():
     np.testing.assert_allclose(got["head"]["w"], 5 * want["head"]["w"])
     np.testing.assert_allclose(got["fc"]["kernel"], 5 * want["fc"]["kernel"])
     assert _group_learning_rates(state) == pytest.approx({"backbone": 0.1, "head": 0.5})
-
-
-def test_fine_grained_resize_and_crops():
-    """fast-MPN-COV's transforms on a coordinate image (R = row, G = column): the shorter side or
-    both sides resized, the centre crop, its mirror; a flip mirrors the columns."""
-    import tensorflow as tf
-
-    from gg_jax.data import preprocessing as pp
-    from gg_jax.data import testing
-
-    image = testing.coordinate_image(40, 80)  # rows 0..39, columns 0..79
-    shorter = pp.center_crop_flip(image, tf.constant([1, 2], tf.int64), image_size=20, resize_size=20, flip=False)
-    # Shorter side 40 -> 20 (factor 2), width 160 -> ... 80 -> 40; the centre 20 x 20: columns 10..29 of 40.
-    assert shorter.shape == (20, 20, 3)
-    np.testing.assert_allclose(shorter[:, :, 1].numpy().mean(axis=0), np.linspace(20.5, 58.5, 20), atol=1.0)
-    square = pp.center_crop_flip(
-        image, tf.constant([1, 2], tf.int64), image_size=16, resize_size=20, resize_mode="square", flip=False
-    )
-    # Both sides -> 20: columns scaled by 4, rows by 2; the centre 16 x 16 starts at 2.
-    np.testing.assert_allclose(square[:, :, 0].numpy().mean(axis=1), 2 * np.arange(2, 18) + 0.5, atol=1.0)
-    flips = [
-        pp.center_crop_flip(image, tf.constant([k, 0], tf.int64), image_size=20, resize_size=20).numpy()
-        for k in range(8)
-    ]
-    mirrored = [f for f in flips if f[0, 0, 1] > f[0, -1, 1]]
-    assert 0 < len(mirrored) < 8 and all(np.allclose(f[:, ::-1], shorter) for f in mirrored)
-    pair = pp.eval_preprocess(image, image_size=20, resize_size=20, mirror_crop=True).numpy()
-    assert pair.shape == (2, 20, 20, 3)
-    np.testing.assert_allclose(pair[0], shorter.numpy())
-    np.testing.assert_allclose(pair[1], shorter.numpy()[:, ::-1])
-    with pytest.raises(ValueError, match="exclude each other"):
-        from gg_jax.data import input_pipeline
-
-        input_pipeline._eval_fn(None, 20, 20, ten_crop=True, mirror_crop=True)
 
 
 def test_two_stage_fine_tuning_classifier_then_everything(tmp_path):

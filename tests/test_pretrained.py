@@ -389,7 +389,6 @@ def test_init_from_a_released_backbone_keeps_the_head_fresh(register, files, tmp
 
 
 def test_evaluation_prints_the_published_error_beside_the_measured_one(register, files, tmp_path, caplog):
-    pytest.importorskip("tensorflow")
     from gg_jax.training import evaluation
 
     given = tmp_path / "tiny.pth.tar"

@@ -9,8 +9,6 @@ from gg_jax import data
 from gg_jax.training import trainer
 from tests import runs
 
-pytest.importorskip("tensorflow")
-
 
 @pytest.mark.parametrize(
     "config_name, dataset, num_classes, ten_crop",

@@ -5,8 +5,6 @@ import pytest
 
 from tests import runs
 
-pytest.importorskip("tensorflow")
-
 # The whole demo, as the README runs it: 6 epochs, at most 3 % top-1 error on the 360
 # held-out digits (0.8-1.7 % measured, in 1.5-3.5 minutes on 2 idle cores).
 DEMO_EPOCHS = 6
@@ -14,7 +12,8 @@ MAX_ERROR = 0.03
 
 
 def test_demo_learns_and_evaluate_py_reproduces_its_error(tmp_path):
-    env = runs.subprocess_env(tmp_path)
+    """The README's quick start, on a host where TensorFlow cannot be imported."""
+    env = runs.without_tensorflow(runs.subprocess_env(tmp_path), tmp_path)
     workdir = tmp_path / "demo"
     train = runs.run(["train.py", "--config=configs/demo.py", f"--workdir={workdir}", "--config.profile=True"], env)
     steps = DEMO_EPOCHS * (1437 // 32)

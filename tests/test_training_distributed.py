@@ -5,11 +5,8 @@ import subprocess
 import textwrap
 
 import numpy as np
-import pytest
 
 from tests import runs
-
-pytest.importorskip("tensorflow")
 
 # Runs in a subprocess with N fake devices: trains the tiny demo for 2 steps (checkpoint
 # at every step, eval of the whole test split at the end), evaluates the step-1 checkpoint

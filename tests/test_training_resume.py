@@ -16,8 +16,6 @@ from gg_jax import checkpoints
 from gg_jax.training import trainer
 from tests import runs
 
-pytest.importorskip("tensorflow")
-
 
 def _train_cmd(workdir, **overrides):
     return ["train.py", "--config=configs/demo.py", f"--workdir={workdir}", *runs.flags({**runs.TINY, **overrides})]

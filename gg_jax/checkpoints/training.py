@@ -3,7 +3,9 @@
 Each checkpoint holds these items:
   variables/  {'params', 'batch_stats'}: all that evaluation and fine-tuning need;
   train/      {'step', 'opt_state'}: the rest of the train state;
-  meta/       JSON: model name and options, number of classes, dataset, image size, batch, step.
+  meta/       JSON: model name and options, number of classes, dataset, image size, batch, step;
+  data/       the train input iterator's state, one JSON per process (Grain's checkpoint
+              handler), restored on resume so that the run reads on exactly where it stopped.
 Saves are asynchronous (the arrays are copied to host memory before `save` returns, then
 written in the background, so the next step may reuse the device buffers) and atomic: a
 run killed mid-save leaves a temporary directory that is ignored and cleaned up, never a
@@ -95,10 +97,13 @@ def create_manager(
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=asynchronous,
     )
+    import grain  # The input pipeline's iterator state (the `train` extra, as Orbax).
+
     handlers = {
         "variables": ocp.StandardCheckpointHandler(),
         "train": ocp.StandardCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
     }
     return ocp.CheckpointManager(os.fspath(directory), options=options, item_handlers=handlers)
 
@@ -239,6 +244,20 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, sha
         raise _damaged(
             manager, step, e, lambda older: jax.block_until_ready(_restore_state(manager, older, target))
         ) from None
+
+
+def restore_data(manager: ocp.CheckpointManager, step: int, iterator) -> bool:
+    """Restores the input iterator's state saved at `step` into `iterator` (a Grain
+    `DatasetIterator` with get_state/set_state); False (nothing changed) when the checkpoint
+    holds none for this process layout (saved by another number of processes, or before the
+    item existed): the iterator then starts at the step it was created for."""
+    import grain
+
+    index, count = jax.process_index(), jax.process_count()
+    if not (epath.Path(manager.directory) / str(step) / "data" / f"process_{index}-of-{count}.json").exists():
+        return False
+    manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
+    return True
 
 
 def restore_variables(manager: ocp.CheckpointManager, step: int, abstract_variables, shardings) -> dict[str, Any]:
@@ -447,9 +466,11 @@ class CheckpointWriter:
         """Waits until the running save is committed."""
         self._wait()
 
-    def save(self, step: int, state) -> None:
-        """Starts saving `state` (with `params`, `batch_stats`, `step`, `opt_state`) as `step`;
-        returns once its arrays are on the host. A step already saved is not saved again.
+    def save(self, step: int, state, data_iterator=None) -> None:
+        """Starts saving `state` (with `params`, `batch_stats`, `step`, `opt_state`) as `step`,
+        and `data_iterator`'s state if given (a Grain `DatasetIterator` positioned after the
+        batch of `step`); returns once its arrays are on the host. A step already saved is not
+        saved again.
 
         `CheckpointSaveError` if the file system has less space free than the arrays take
         (checked first: a save failing half-way is noisier and slower to notice), or if this
@@ -462,11 +483,16 @@ class CheckpointWriter:
         short = _space_shortage(self.directory, state)
         if short:
             raise _save_failed(step, self.directory, short, self.committed)
-        items = ocp.args.Composite(
+        items = dict(
             variables=ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
             train=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
             meta=ocp.args.JsonSave({**self.meta, "step": int(step)}),
         )
+        if data_iterator is not None:
+            import grain
+
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        items = ocp.args.Composite(**items)
         self._call(lambda: self.manager.save(step, args=items, force=True), step)
         self.pending = step
 

@@ -1,50 +1,68 @@
-"""Input pipelines: TFDS datasets, image folders and the embedded digits, as global jax.Arrays.
+"""Input pipelines on Grain: TFDS datasets (ArrayRecord), image folders, the embedded digits,
+synthetic ImageNet-shaped images; global jax.Array batches out.
 
     from gg_jax import data
     info = data.get_dataset_info('imagenet2012', data_dir)
     train = data.create_train_iterator('imagenet2012', data_dir=data_dir, global_batch_size=256)
     batch = next(train)  # {'image': [256, 224, 224, 3] float32, 'label': [256] int32}
+    state = train.get_state()  # JSON; train.set_state(state) resumes at the same batch
     for batch in data.create_eval_iterator('imagenet2012', data_dir=data_dir, global_batch_size=256):
       ...  # + 'mask' [256] bool: False for padding of the last batch
 
-Importing this package does not import TensorFlow; building a pipeline does, and
-TensorFlow then runs on the CPU only (it never takes GPU memory).
+Nothing here imports TensorFlow. Datasets are chosen by name from registries:
+`SOURCES` (plus any TFDS name) and `AUGMENTATIONS`.
 """
 
 from gg_jax.data.datasets import (
     DIGITS,
     IMAGE_FOLDER,
+    SOURCES,
+    SYNTHETIC,
     CorruptImageError,
+    DatasetFormatError,
     DatasetInfo,
     DatasetNotFoundError,
     get_dataset_info,
+    register_source,
     shard_range,
 )
 from gg_jax.data.input_pipeline import (
     AUGMENTATIONS,
+    GlobalIterator,
+    InputWorkerError,
     create_eval_iterator,
     create_train_iterator,
+    default_num_workers,
     eval_batches,
     num_eval_batches,
     steps_per_epoch,
     train_batches,
 )
-from gg_jax.data.preprocessing import MEAN_RGB, STDDEV_RGB
+from gg_jax.data.preprocessing import MEAN_RGB, STDDEV_RGB, eval_image, register_augmentation
 
 __all__ = [
     "AUGMENTATIONS",
     "CorruptImageError",
     "DIGITS",
+    "DatasetFormatError",
     "DatasetInfo",
     "DatasetNotFoundError",
+    "GlobalIterator",
     "IMAGE_FOLDER",
+    "InputWorkerError",
     "MEAN_RGB",
+    "SOURCES",
     "STDDEV_RGB",
+    "SYNTHETIC",
     "create_eval_iterator",
     "create_train_iterator",
+    "default_num_workers",
     "eval_batches",
+    "eval_image",
     "get_dataset_info",
     "num_eval_batches",
+    "register_augmentation",
+    "register_source",
     "shard_range",
     "steps_per_epoch",
     "train_batches",

@@ -1,15 +1,17 @@
-"""Dataset sources: TFDS datasets, image folders and the embedded digits.
+"""Dataset sources by name: TFDS datasets (ArrayRecord), image folders, the embedded digits, synthetic.
 
-A source knows a dataset's splits and yields its raw examples, one data shard at
-a time, as tf.data datasets of `{'image': ..., 'label': int32}` where the image
-is encoded bytes, decoded uint8 pixels, or (`'path'` instead of `'image'`) a file
-to read. Decoding and augmentation happen later, in `input_pipeline`, after any
-records skipped for resumption have been dropped.
+A source knows a dataset's splits and reads any example of them by position
+(random access, as Grain's data sources): `record(split, index) -> (image, label)`
+where the image is encoded bytes or uint8 pixels. Decoding and augmentation
+happen later, in `input_pipeline`. Sources are built by name from `SOURCES`, a
+registry (`register_source`); any other name is a TFDS dataset, read with
+`tfds.data_source`-style ArrayRecord readers, which need no TensorFlow.
 
 Sharding: shard `i` of `n` holds the contiguous examples
 `[i * (N // n) + min(i, N % n), (i + 1) * (N // n) + min(i + 1, N % n))`, the
-arithmetic of `tfds.even_splits` (which TFDS sources use directly), so the shards
-partition the split and differ in size by at most one example.
+arithmetic of `tfds.even_splits` and of Grain's `ShardByJaxProcess` (without
+`drop_remainder`), so the shards partition the split and differ in size by at
+most one example.
 """
 
 from __future__ import annotations
@@ -19,35 +21,40 @@ import functools
 import logging
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from gg_jax.data import digits as digits_lib
-from gg_jax.data._tf import tf as _tf
-from gg_jax.data._tf import tfds as _tfds
 from gg_jax.errors import UserError
 
 IMAGE_FOLDER = "image_folder"
 DIGITS = digits_lib.NAME
+SYNTHETIC = "synthetic"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # Image folders: the eval split is the first of these sub-folders that exists.
 IMAGE_FOLDER_EVAL_DIRS = ("val", "validation", "test")
-# TFDS datasets whose encoded shard is at most this big are read into memory once.
-AUTO_CACHE_MAX_BYTES = 1 << 30
 
 
 class DatasetNotFoundError(UserError, FileNotFoundError):
     """The dataset is not prepared where it was looked for; the message says how to prepare it."""
 
 
+class DatasetFormatError(UserError, ValueError):
+    """The dataset is prepared in a format the pipeline does not read (TFRecord); the message says how to convert it."""
+
+
 class CorruptImageError(UserError, ValueError):
-    """An image file could not be decoded; `path` names it."""
+    """An image could not be decoded; `path` names its file (or TFDS record)."""
 
     def __init__(self, path: str, reason: str):
         super().__init__(f"Corrupt or unreadable image file {path}: {reason}")
         self.path = path
         self.reason = reason
+
+    def __reduce__(self):  # Raised in input worker processes and re-raised in the trainer's.
+        return type(self), (self.path, self.reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +79,8 @@ def shard_range(num_examples: int, index: int, count: int) -> tuple[int, int]:
     return per * index + min(index, rem), per * (index + 1) + min(index + 1, rem)
 
 
-def _seed_ints(seed: np.random.SeedSequence, n: int) -> list[int]:
-    return [int(x) for x in seed.generate_state(n, np.uint64) >> np.uint64(1)]
-
-
 class Source:
-    """Base class of the dataset sources."""
+    """Base class of the dataset sources (picklable: input worker processes get a copy)."""
 
     info: DatasetInfo
     # Whether horizontal flips keep the label (False for digits).
@@ -85,46 +88,26 @@ class Source:
     # 'crop': resize the shorter side + centre crop; 'resize': resize the whole image.
     eval_mode: str = "crop"
     default_augment: str = "inception_crop"
+    # In-memory pixels that take microseconds each: no worker processes by default.
+    cheap: bool = False
 
     def split_size(self, split: str) -> int:
         raise NotImplementedError
 
-    def shard_size(self, split: str, index: int, count: int) -> int:
-        start, stop = shard_range(self.split_size(split), index, count)
-        return stop - start
-
-    def sequential(self, split: str, index: int, count: int):
-        """The shard's examples in a fixed order."""
+    def record(self, split: str, index: int) -> tuple[Any, int]:
+        """(image: encoded bytes or uint8 pixels, label) of example `index` of `split`."""
         raise NotImplementedError
 
-    def shuffled(
-        self,
-        split: str,
-        index: int,
-        count: int,
-        *,
-        seed: np.random.SeedSequence,
-        shuffle_buffer: int | None,
-        cache: bool | None,
-    ):
-        """(dataset, order): the shard's examples in an order that depends only on `seed`.
+    def describe(self, split: str, index: int) -> str:
+        """Where example `index` of `split` comes from (its file or record), for error messages."""
+        return f"{self.info.name}/{split}[{index}]"
 
-        `order[j]` is the position in `sequential` order of the j-th example, when the
-        source can tell (in-memory sources), else None.
-        """
-        raise NotImplementedError
-
-    def paths(self, split: str, index: int, count: int) -> np.ndarray | None:
-        """File of each example of the shard in `sequential` order, if examples are files."""
-        return None
+    def check_split(self, split: str) -> None:
+        self.split_size(split)
 
 
 class ArraySource(Source):
-    """A source whose splits are arrays in memory (pixels, encoded bytes or file paths).
-
-    Shuffling is a full permutation of the shard, so it is exact and skipping
-    examples costs nothing.
-    """
+    """A source whose splits are arrays in memory (pixels, encoded bytes or file paths)."""
 
     def __init__(self, info: DatasetInfo, splits: dict[str, tuple[str, np.ndarray, np.ndarray]]):
         # splits[name] = (kind, payload, labels); kind in {'pixels', 'bytes', 'path'}.
@@ -139,28 +122,22 @@ class ArraySource(Source):
     def split_size(self, split):
         return len(self._get(split)[2])
 
-    def _dataset(self, split, index, count, order):
-        tf = _tf()
+    def record(self, split, index):
         kind, payload, labels = self._get(split)
-        start, stop = shard_range(len(labels), index, count)
-        idx = np.arange(start, stop) if order is None else start + order
-        key = "path" if kind == "path" else "image"
-        return tf.data.Dataset.from_tensor_slices({key: payload[idx], "label": labels[idx].astype(np.int32)})
+        item = payload[index]
+        if kind == "path":
+            with open(item, "rb") as f:
+                item = f.read()
+        return item, int(labels[index])
 
-    def sequential(self, split, index, count):
-        return self._dataset(split, index, count, None)
+    def describe(self, split, index):
+        kind, payload, _ = self._get(split)
+        return str(payload[index]) if kind == "path" else super().describe(split, index)
 
-    def shuffled(self, split, index, count, *, seed, shuffle_buffer, cache):
-        del shuffle_buffer, cache  # Always a full, exact shuffle.
-        order = np.random.default_rng(seed).permutation(self.shard_size(split, index, count))
-        return self._dataset(split, index, count, order), order
-
-    def paths(self, split, index, count):
-        kind, payload, labels = self._get(split)
-        if kind != "path":
-            return None
-        start, stop = shard_range(len(labels), index, count)
-        return payload[start:stop]
+    def paths(self, split: str) -> np.ndarray | None:
+        """The file of each example of `split`, if examples are files."""
+        kind, payload, _ = self._get(split)
+        return payload if kind == "path" else None
 
 
 class DigitsSource(ArraySource):
@@ -169,6 +146,7 @@ class DigitsSource(ArraySource):
     allow_flip = False
     eval_mode = "resize"
     default_augment = "translate"
+    cheap = True
 
     def __init__(self):
         splits = {}
@@ -187,6 +165,9 @@ class DigitsSource(ArraySource):
         super().__init__(info, splits)
 
 
+# ------------------------------------------------------------------ image folder
+
+
 def _image_folder_layout(root: str) -> str:
     return (
         f"An image folder dataset needs this layout under data_dir={root!r}:\n"
@@ -199,35 +180,26 @@ def _image_folder_layout(root: str) -> str:
 
 
 def _list_class_dirs(split_dir: str) -> list[str]:
-    tf = _tf()
-    return sorted(
-        d.rstrip("/")
-        for d in tf.io.gfile.listdir(split_dir)
-        if tf.io.gfile.isdir(os.path.join(split_dir, d.rstrip("/")))
-    )
+    return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
 
 
 def _list_images(class_dir: str) -> list[str]:
-    tf = _tf()
-    return sorted(
-        os.path.join(class_dir, f) for f in tf.io.gfile.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    return sorted(os.path.join(class_dir, f) for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 class ImageFolderSource(ArraySource):
     """`root/train/<class>/*.jpg` and `root/val/<class>/*.jpg`, as `tfds.folder_dataset.ImageFolder`."""
 
     def __init__(self, root: str | None):
-        tf = _tf()
         if not root:
             raise DatasetNotFoundError("The image_folder dataset needs data_dir.\n" + _image_folder_layout("DATA_DIR"))
         root = os.fspath(root).rstrip("/")
         train_dir = os.path.join(root, "train")
-        if not tf.io.gfile.isdir(train_dir):
+        if not os.path.isdir(train_dir):
             raise DatasetNotFoundError(f"No image folder at {train_dir}.\n" + _image_folder_layout(root))
-        eval_name = next((d for d in IMAGE_FOLDER_EVAL_DIRS if tf.io.gfile.isdir(os.path.join(root, d))), "val")
+        eval_name = next((d for d in IMAGE_FOLDER_EVAL_DIRS if os.path.isdir(os.path.join(root, d))), "val")
         split_dirs = {"train": train_dir, eval_name: os.path.join(root, eval_name)}
-        class_dirs = {split: _list_class_dirs(d) if tf.io.gfile.isdir(d) else [] for split, d in split_dirs.items()}
+        class_dirs = {split: _list_class_dirs(d) if os.path.isdir(d) else [] for split, d in split_dirs.items()}
         class_names = sorted(set().union(*class_dirs.values()))
         splits = {}
         empty = []  # Class folders without an image file.
@@ -280,28 +252,97 @@ class ImageFolderSource(ArraySource):
         super().__init__(info, splits)
 
 
+# --------------------------------------------------------------------- synthetic
+
+
+class SyntheticSource(Source):
+    """ImageNet-shaped examples made up on the fly, for benchmarking the whole trainer without data.
+
+    ImageNet-1K's sizes (1,000 classes, 1,281,167 train / 50,000 validation examples);
+    example `i` is one of `NUM_DISTINCT` generated photo-like JPEGs of ImageNet's common
+    sizes (500x375, 375x500, 500x333; quality 90, about 85 KB), with label `i % 1000`.
+    The images go through the same decoding and augmentation as real ones.
+    """
+
+    NUM_DISTINCT = 64
+    SIZES = ((375, 500), (500, 375), (333, 500))
+
+    def __init__(self):
+        self.info = DatasetInfo(
+            name=SYNTHETIC,
+            num_classes=1000,
+            num_train_examples=1_281_167,
+            num_eval_examples=50_000,
+            train_split="train",
+            eval_split="validation",
+            class_names=None,
+        )
+        self._jpegs: dict[int, bytes] = {}
+
+    def __getstate__(self):  # Each process makes the images itself (the same ones).
+        return {**self.__dict__, "_jpegs": {}}
+
+    def image(self, k: int) -> bytes:
+        """Distinct image `k` (made on first use, the same in every process)."""
+        if k not in self._jpegs:
+            from gg_jax.data import testing  # pylint: disable=g-import-not-at-top
+
+            rng = np.random.default_rng([20190616, k])
+            pixels = testing.random_photo(rng, *self.SIZES[k % len(self.SIZES)])
+            self._jpegs[k] = testing.encode_image(pixels, quality=90)
+        return self._jpegs[k]
+
+    def split_size(self, split):
+        sizes = {"train": self.info.num_train_examples, "validation": self.info.num_eval_examples}
+        if split not in sizes:
+            raise ValueError(f"{SYNTHETIC} has splits 'train' and 'validation', not {split!r}")
+        return sizes[split]
+
+    def record(self, split, index):
+        offset = 0 if split == "train" else 7  # Validation images in another order.
+        return self.image((index + offset) % self.NUM_DISTINCT), index % self.info.num_classes
+
+
+# -------------------------------------------------------------------------- TFDS
+
+
+def _tfds():
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    return tfds
+
+
+def _tfds_build_command(name: str, dd: str, manual: bool = False) -> str:
+    manual_dir = " --manual_dir=MANUAL_DIR" if manual else ""
+    return f"tfds build {name} --data_dir={dd}{manual_dir} --file_format=array_record"
+
+
 def _tfds_instructions(name: str, data_dir: str | None) -> str:
     where = data_dir or "~/tensorflow_datasets (or $TFDS_DATA_DIR)"
     dd = data_dir or "DATA_DIR"
+    setup = "pip install tensorflow-datasets tensorflow-cpu  (TensorFlow only for this step)"
     if name.startswith("imagenet2012"):
         return (
             f"ImageNet-1K ({name}) is not prepared in {where}. It cannot be downloaded automatically:\n"
             "  1. Register at https://image-net.org/download-images and download\n"
             "     ILSVRC2012_img_train.tar (138 GB) and ILSVRC2012_img_val.tar (6.3 GB).\n"
             "  2. Put both tar files in one folder, MANUAL_DIR (do not extract them).\n"
-            f"  3. pip install tensorflow-datasets && tfds build {name} --data_dir={dd} --manual_dir=MANUAL_DIR\n"
+            f"  3. {setup}\n"
+            f"     {_tfds_build_command(name, dd, manual=True)}\n"
             "     (about 150 GB more disk and a few hours; data_dir may be a gs:// bucket).\n"
-            f"  4. Pass data_dir={dd} (config field dataset.data_dir)."
+            f"  4. Pass data_dir={dd} (config field dataset.data_dir). See docs/data.md."
         )
     if name.startswith("places365_small"):
         return (
             f"Places365 ({name}) is not prepared in {where}. TFDS downloads it (about 30 GB) and prepares it:\n"
-            f"  tfds build {name} --data_dir={dd}\n"
-            f"then pass data_dir={dd} (config field dataset.data_dir)."
+            f"  {setup}\n"
+            f"  {_tfds_build_command(name, dd)}\n"
+            f"then pass data_dir={dd} (config field dataset.data_dir). See docs/data.md."
         )
     return (
         f"The TFDS dataset {name!r} is not prepared in {where}. Prepare it with\n"
-        f"  tfds build {name} --data_dir={dd}\n"
+        f"  {setup}\n"
+        f"  {_tfds_build_command(name, dd)}\n"
         f"(datasets that need a manual download print where to put the files), then pass data_dir={dd}."
     )
 
@@ -313,23 +354,26 @@ def _tfds_folder_name(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _tfds_folder_exists(folder: str, data_dir: str | None) -> bool:
-    """Whether `folder` exists in `data_dir`, or (None) in any data dir TFDS looks in."""
-    tf = _tf()
+def _tfds_data_dirs(data_dir: str | None) -> list[str]:
     if data_dir:
-        roots = [data_dir]
-    else:
-        try:
-            from tensorflow_datasets.core.utils import file_utils
+        return [os.fspath(data_dir)]
+    try:
+        from tensorflow_datasets.core.utils import file_utils  # pylint: disable=g-import-not-at-top
 
-            roots = file_utils.list_data_dirs(None)
-        except (ImportError, AttributeError):  # TFDS internals moved: its documented default.
-            roots = [os.environ.get("TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))]
-    return any(tf.io.gfile.exists(os.path.join(os.fspath(root), folder)) for root in roots)
+        return [os.fspath(d) for d in file_utils.list_data_dirs(None)]
+    except (ImportError, AttributeError):  # TFDS internals moved: its documented default.
+        return [os.environ.get("TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))]
+
+
+def _exists(path: str) -> bool:
+    from etils import epath  # pylint: disable=g-import-not-at-top  # gs:// paths too.
+
+    return epath.Path(path).exists()
 
 
 class TfdsSource(Source):
-    """Any prepared TFDS image-classification dataset (features image + label)."""
+    """Any prepared TFDS image-classification dataset (features image + label), read from its
+    ArrayRecord files (`tfds build ... --file_format=array_record`) without TensorFlow."""
 
     def __init__(self, name: str, data_dir: str | None):
         tfds = _tfds()
@@ -338,11 +382,11 @@ class TfdsSource(Source):
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             return DatasetNotFoundError(
                 f"Unknown dataset {name!r}: it is neither a TFDS dataset nor prepared in data_dir={data_dir!r}; "
-                f"the built-in names are {DIGITS!r} and {IMAGE_FOLDER!r}. ({first})"
+                f"the built-in names are {', '.join(repr(n) for n in SOURCES)}. ({first})"
             )
 
         base = _tfds_folder_name(name)
-        if base is not None and not _tfds_folder_exists(base, data_dir):
+        if base is not None and not any(_exists(os.path.join(d, base)) for d in _tfds_data_dirs(data_dir)):
             # Not prepared there: say so before TFDS warns about the missing folder.
             try:
                 tfds.builder_cls(base)
@@ -359,11 +403,24 @@ class TfdsSource(Source):
         eval_split = next((s for s in ("validation", "test", "val") if s in splits), None)
         if eval_split is None:
             raise DatasetNotFoundError(f"{name} has no validation or test split (splits: {list(splits)}).")
+        formats = {f.value for f in builder.info.available_file_formats()}
+        if "array_record" not in formats:
+            raise DatasetFormatError(
+                f"{name} in {builder.data_dir} is prepared as {', '.join(sorted(formats)) or 'an unknown format'} "
+                "only; the input pipeline reads ArrayRecord files (random access, no TensorFlow). Convert it once "
+                "(this step needs TensorFlow: pip install tensorflow-cpu): tfds convert_format "
+                f"--dataset_version_dir={builder.data_dir} --out_file_format=array_record "
+                f"(or rebuild it with: {_tfds_build_command(name, data_dir or 'DATA_DIR')})."
+            )
         keys = builder.info.supervised_keys or ("image", "label")
         self._image_key, self._label_key = keys[0], keys[1]
         label_feature = builder.info.features[self._label_key]
+        self._name_key = next(
+            (k for k in ("file_name", "filename", "image/filename") if k in builder.info.features), None
+        )
         self._builder = builder
-        self._cache: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
+        self._readers: dict[str, Any] = {}
+        self._checked: set[str] = set()
         self.info = DatasetInfo(
             name=name,
             num_classes=int(label_feature.num_classes),
@@ -374,111 +431,131 @@ class TfdsSource(Source):
             data_dir=data_dir,
             class_names=tuple(getattr(label_feature, "names", ()) or ()) or None,
         )
+        for split in ("train", eval_split):  # Before any training, not at the first evaluation.
+            self.check_split(split)
+
+    def __getstate__(self):  # Workers get the readers, not the builder.
+        for split in self._builder.info.splits:
+            self._reader(split)
+        return {**self.__dict__, "_builder": None}
 
     def split_size(self, split):
+        if self._builder is None:
+            return len(self._reader(split))
+        if split not in self._builder.info.splits:
+            raise ValueError(f"{self.info.name} has no split {split!r}; it has {list(self._builder.info.splits)}")
         return int(self._builder.info.splits[split].num_examples)
 
-    def _subsplit(self, split, index, count):
-        return _tfds().even_splits(split, n=count)[index]
+    def check_split(self, split):
+        """Every ArrayRecord file of `split` is there (a clear error now, not in a worker later)."""
+        self.split_size(split)
+        if self._builder is None or split in self._checked:
+            return
+        from etils import epath  # pylint: disable=g-import-not-at-top
 
-    def shard_size(self, split, index, count):
-        return int(self._builder.info.splits[self._subsplit(split, index, count)].num_examples)
+        files = [epath.Path(p) for p in self._builder.info.splits[split].filepaths]
+        present = {p.name for p in epath.Path(self._builder.data_dir).iterdir()}  # One listing, also on gs://.
+        missing = [str(f) for f in files if f.name not in present]
+        if missing:
+            raise DatasetNotFoundError(
+                f"{self.info.name}: the ArrayRecord file {missing[0]} of split {split!r} is missing "
+                f"({len(missing)} of {len(files)} files). Copy it back, or prepare the dataset again: "
+                f"{_tfds_build_command(self.info.name, self.info.data_dir or 'DATA_DIR')}"
+            )
+        self._checked.add(split)
 
-    def _read(self, split, index, count, *, shuffle_seed=None):
-        tf, tfds = _tf(), _tfds()
-        read_config = tfds.ReadConfig(
-            try_autocache=False,
-            skip_prefetch=True,
-            shuffle_seed=shuffle_seed,
-            shuffle_reshuffle_each_iteration=False,
-            interleave_cycle_length=16,
-            interleave_block_length=1,
-        )
-        decoders = tfds.decode.PartialDecoding(
-            {self._image_key: True, self._label_key: True},
-            decoders={self._image_key: tfds.decode.SkipDecoding()},
-        )
-        ds = self._builder.as_dataset(
-            split=self._subsplit(split, index, count),
-            shuffle_files=shuffle_seed is not None,
-            decoders=decoders,
-            read_config=read_config,
-        )
-        return ds.map(
-            lambda ex: {"image": ex[self._image_key], "label": tf.cast(ex[self._label_key], tf.int32)},
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
+    def _reader(self, split):
+        if split not in self._readers:
+            tfds = _tfds()
+            self.check_split(split)
+            self._readers[split] = self._builder.as_data_source(
+                split=split, decoders={self._image_key: tfds.decode.SkipDecoding()}
+            )
+        return self._readers[split]
 
-    def sequential(self, split, index, count):
-        return self._read(split, index, count)
+    def _example(self, split, index):
+        return self._reader(split)[int(index)]
 
-    def _should_cache(self, split, index, count, cache):
-        if cache is not None:
-            return cache
-        num_bytes = self._builder.info.splits[split].num_bytes or 0
-        return num_bytes / count <= AUTO_CACHE_MAX_BYTES
+    def record(self, split, index):
+        example = self._example(split, index)
+        return example[self._image_key], int(example[self._label_key])
 
-    def cached_arrays(self, split, index, count):
-        """The shard's encoded images and labels, read once into memory."""
-        key = (split, index, count)
-        if key not in self._cache:
-            images, labels = [], []
-            for ex in self._read(split, index, count).as_numpy_iterator():
-                images.append(ex["image"])
-                labels.append(ex["label"])
-            logging.info("Cached %d encoded examples of %s/%s in memory.", len(labels), self.info.name, split)
-            self._cache[key] = (np.asarray(images, dtype=object), np.asarray(labels, np.int32))
-        return self._cache[key]
-
-    def shuffled(self, split, index, count, *, seed, shuffle_buffer, cache):
-        tf = _tf()
-        if self._should_cache(split, index, count, cache):
-            images, labels = self.cached_arrays(split, index, count)
-            order = np.random.default_rng(seed).permutation(len(labels))
-            return tf.data.Dataset.from_tensor_slices({"image": images[order], "label": labels[order]}), order
-        file_seed, buffer_seed = _seed_ints(seed, 2)
-        ds = self._read(split, index, count, shuffle_seed=file_seed)
-        buffer = shuffle_buffer or 10_000
-        ds = ds.shuffle(buffer, seed=buffer_seed, reshuffle_each_iteration=False)
-        return ds, None
+    def describe(self, split, index):
+        where = f"{self.info.name}/{split}[{index}]"
+        if self._name_key is None:
+            return where
+        try:
+            file_name = self._example(split, index)[self._name_key]
+        except Exception:  # pylint: disable=broad-except  # Only for a message.
+            return where
+        file_name = file_name.decode() if isinstance(file_name, bytes) else str(file_name)
+        return f"{where} ({file_name})"
 
 
+# ---------------------------------------------------------------------- registry
+
+SourceFactory = Callable[[str | None], Source]
+SOURCES: dict[str, SourceFactory] = {}
+
+
+def register_source(name: str):
+    """Registers `factory(data_dir) -> Source` as dataset `name`; other names are TFDS datasets."""
+
+    def wrap(factory):
+        if name in SOURCES:
+            raise ValueError(f"dataset source {name!r} is registered twice")
+        SOURCES[name] = factory
+        return factory
+
+    return wrap
+
+
+@register_source(DIGITS)
 @functools.lru_cache(maxsize=1)
-def _digits_source() -> DigitsSource:
+def _digits_source(data_dir=None) -> DigitsSource:
+    del data_dir  # Embedded.
     return DigitsSource()
+
+
+@register_source(IMAGE_FOLDER)
+def _image_folder_source(data_dir) -> ImageFolderSource:
+    return ImageFolderSource(data_dir)
+
+
+@register_source(SYNTHETIC)
+def _synthetic_source(data_dir=None) -> SyntheticSource:
+    del data_dir  # Generated.
+    return SyntheticSource()
 
 
 def get_source(name: str, data_dir: str | None = None) -> Source:
     """The source of dataset `name` (see `get_dataset_info` for the names)."""
-    if name == DIGITS:
-        return _digits_source()
-    if name == IMAGE_FOLDER:
-        return ImageFolderSource(data_dir)
-    return TfdsSource(name, data_dir)
+    factory = SOURCES.get(name)
+    return factory(data_dir) if factory is not None else TfdsSource(name, data_dir)
 
 
 def get_dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
     """Split sizes, class count and split names of dataset `name`.
 
     Names: 'imagenet2012', 'places365_small' and any TFDS image-classification
-    dataset (prepared under `data_dir`, which may be a gs:// path);
-    'image_folder' (`data_dir` holds train/<class>/* and val/<class>/*); 'digits'
-    (embedded, no data_dir). A dataset that is not there raises
-    `DatasetNotFoundError` explaining how to prepare it.
+    dataset prepared in ArrayRecord format under `data_dir` (which may be a gs://
+    path); 'image_folder' (`data_dir` holds train/<class>/* and val/<class>/*);
+    'digits' (embedded, no data_dir); 'synthetic' (ImageNet-shaped generated
+    images, no data_dir). A dataset that is not there raises `DatasetNotFoundError`
+    explaining how to prepare it; one in TFRecord format only, `DatasetFormatError`
+    explaining how to convert it.
     """
     return get_source(name, data_dir).info
 
 
 def find_corrupt_image(paths) -> CorruptImageError | None:
     """Decodes each file and returns the error for the first that fails, else None."""
-    tf = _tf()
+    from gg_jax.data import preprocessing as pp  # pylint: disable=g-import-not-at-top
+
     for path in paths:
         path = path.decode() if isinstance(path, bytes) else str(path)
         try:
-            data = tf.io.read_file(path)
-            tf.io.decode_image(data, channels=3, expand_animations=False)
-        except (tf.errors.OpError, ValueError) as e:
-            reason = getattr(e, "message", None) or str(e)
-            return CorruptImageError(path, reason.strip().splitlines()[0] if reason.strip() else type(e).__name__)
+            pp.to_array(pp.decode(pp.read_image(path)))
+        except (pp.UndecodableImageError, OSError) as e:
+            return CorruptImageError(path, str(e) or type(e).__name__)
     return None

@@ -1,16 +1,21 @@
-"""Train and eval input pipelines: tf.data on the CPU, global `jax.Array` batches out.
+"""Train and eval input pipelines on Grain: random-access sources, worker processes, global `jax.Array` batches.
 
-Determinism and resumption (train). Epoch `e` of data shard `p` is a fixed order
-of the shard's examples that depends only on (seed, p, shard count, e): TFDS
-datasets shuffle their files and then records through a buffer with seeds drawn
-from those numbers (in-memory sources use an exact permutation). Each epoch is
-cut to `steps_per_epoch` batches, so step `s` is batch `s % steps_per_epoch` of
-epoch `s // steps_per_epoch`. Augmentation is stateless, keyed by
-(seed, p, shard count, e, position in the epoch), so an example's crop does not
-depend on what ran before it. Starting at `start_step` therefore begins directly
-at the right epoch and drops the records of the earlier batches of that epoch
-before they are decoded (TFDS still reads them: up to one epoch of I/O; image
-folders and in-memory data skip for free).
+A pipeline is a Grain `MapDataset` of whole batches: batch `k` is computed from the
+examples it holds by one call, in one worker process (`mp_prefetch`, one batch per
+worker in turn, `num_workers` processes, by default one per CPU core of the host), and
+is a pure function of its index. Images leave the workers as uint8 and are normalised
+on the devices (`prefetch`); the process-local iterators (`train_batches`,
+`eval_batches`) normalise on the host instead.
+
+Determinism and resumption (train). Epoch `e` of data shard `p` of `n` is a
+permutation of the shard's examples drawn from (seed, p, n, e), cut to
+`steps_per_epoch` batches (the remainder is dropped), so step `s` is batch
+`s % steps_per_epoch` of epoch `s // steps_per_epoch`. Each example's augmentation
+draws from a NumPy generator seeded with (seed, p, n, e, position in the epoch).
+Batch `s` is therefore a pure function of (seed, process layout, s): `start_step=k`
+begins at batch k without reading anything before it, and so does `set_state`
+with the state `get_state` returned (what Orbax checkpoints through Grain's
+checkpoint handler).
 
 Evaluation. Every process reads its shard of the eval split once, in order, and
 pads it with masked examples up to `num_eval_batches` batches, the same number on
@@ -19,20 +24,29 @@ every process, so collectives line up and every example is counted exactly once.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
+import dataclasses
+import os
+import threading
+from typing import Any
 
+import grain
 import numpy as np
 
 from gg_jax import sharding
 from gg_jax.data import datasets as datasets_lib
 from gg_jax.data import prefetch as prefetch_lib
 from gg_jax.data import preprocessing as pp
-from gg_jax.data._tf import tf as _tf
+from gg_jax.errors import UserError
 
-AUGMENTATIONS = ("inception_crop", "scale_aug", "translate", "center_crop_flip", "square_center_crop_flip", "none")
-# How far around a failing batch to look for the corrupt file, in batches.
-_DIAGNOSE_WINDOW = (2, 8)
+AUGMENTATIONS = pp.AUGMENTATIONS
+# Batches each worker process keeps ready.
+_WORKER_BUFFER = 2
+# Grain's words for a worker process that exited without handing over its error.
+_DEAD_WORKER = "terminated unexpectedly"
+
+
+class InputWorkerError(UserError, RuntimeError):
+    """An input worker process died (killed, out of memory, crashed); the run stops instead of waiting."""
 
 
 def steps_per_epoch(info: datasets_lib.DatasetInfo, global_batch_size: int) -> int:
@@ -45,74 +59,11 @@ def num_eval_batches(info: datasets_lib.DatasetInfo, global_batch_size: int) -> 
     return -(-info.num_eval_examples // global_batch_size)
 
 
-def _tf_dtype(dtype):
-    tf = _tf()
-    if dtype is None:
-        return tf.float32
-    name = np.dtype(dtype).name
-    return tf.bfloat16 if name == "bfloat16" else tf.as_dtype(name)
-
-
-def _options(num_threads: int | None):
-    tf = _tf()
-    options = tf.data.Options()
-    options.deterministic = True
-    options.autotune.enabled = True
-    options.threading.max_intra_op_parallelism = 1
-    if num_threads:
-        options.threading.private_threadpool_size = int(num_threads)
-    return options
-
-
-def _load(example):
-    tf = _tf()
-    return example["image"] if "image" in example else tf.io.read_file(example["path"])
-
-
-def _eval_fn(source, image_size, resize_size, ten_crop, resize_mode="shorter", mirror_crop=False):
-    if ten_crop and mirror_crop:
-        raise ValueError("ten_crop and mirror_crop exclude each other: choose one set of crops.")
-    if source.eval_mode == "resize":
-        if ten_crop or mirror_crop:
-            raise ValueError(f"ten_crop/mirror_crop evaluation is not available for {source.info.name}")
-        return lambda image: pp.eval_resize(image, image_size=image_size)
-    return lambda image: pp.eval_preprocess(
-        image,
-        image_size=image_size,
-        resize_size=resize_size,
-        ten_crop_eval=ten_crop,
-        resize_mode=resize_mode,
-        mirror_crop=mirror_crop,
-    )
-
-
-def _train_fn(source, augment, image_size, resize_size=None):
-    flip = source.allow_flip
-    if augment in ("center_crop_flip", "square_center_crop_flip"):
-        mode = "square" if augment.startswith("square") else "shorter"
-        size = resize_size or image_size
-        return lambda image, key: pp.center_crop_flip(
-            image, key, image_size=image_size, resize_size=size, resize_mode=mode, flip=flip
-        )
-    if augment == "inception_crop":
-        return lambda image, key: pp.inception_crop(image, key, image_size=image_size, flip=flip)
-    if augment == "scale_aug":
-        return lambda image, key: pp.scale_aug(image, key, image_size=image_size, flip=flip)
-    if augment == "translate":
-        shift = max(1, round(image_size / 8))
-        return lambda image, key: pp.translate(image, key, image_size=image_size, max_shift=shift)
-    if augment == "none":
-        fn = _eval_fn(source, image_size, max(image_size, round(image_size * 256 / 224)), False)
-        return lambda image, key: fn(image)
-    raise ValueError(f"augment must be one of {AUGMENTATIONS} (or None), not {augment!r}")
-
-
-def _epoch_seeds(seed: int, shard_index: int, shard_count: int, epoch: int):
-    """(shuffle SeedSequence, augmentation key int64 [2]) of one epoch of one shard."""
-    entropy = [int(seed) % (1 << 64), shard_index, shard_count, epoch]
-    shuffle_seed, aug_seed = np.random.SeedSequence(entropy).spawn(2)
-    aug_key = (aug_seed.generate_state(2, np.uint64) >> np.uint64(1)).astype(np.int64)
-    return shuffle_seed, aug_key
+def default_num_workers(source: datasets_lib.Source) -> int:
+    """One worker process per CPU core this process may use; none for in-memory pixels (digits)."""
+    if source.cheap:
+        return 0
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _check_shard(shard_index, shard_count, global_batch_size):
@@ -130,66 +81,213 @@ def _default_shard(process_index, process_count):
     return int(process_index), int(process_count)
 
 
-class _LocalBatches:
-    """Shared machinery: iterate tf.data pipelines and name corrupt files on failure."""
+def _entropy(seed: int) -> int:
+    return int(seed) % (1 << 64)
 
-    def __init__(self, source, split, shard_index, shard_count, local_batch_size):
+
+def _absl_flags_ready():
+    """Grain's worker processes read absl flags: outside an absl program, take their defaults."""
+    from absl import flags  # pylint: disable=g-import-not-at-top
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+# ------------------------------------------------------------ per-example functions
+# Run in the worker processes (pickled with the pipeline): plain data and a source.
+
+
+@dataclasses.dataclass
+class _TrainExample:
+    """Element j of the infinite train sequence of one data shard: read, decode, augment."""
+
+    source: datasets_lib.Source
+    split: str
+    start: int  # The shard's first example in the split.
+    shard_size: int
+    per_epoch: int  # Examples used per epoch (steps_per_epoch * local batch).
+    seed: int
+    shard_index: int
+    shard_count: int
+    augment: pp.Augment
+
+    def __post_init__(self):
+        self._orders: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_orders", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__post_init__()
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The permutation of the shard's examples in `epoch`."""
+        with self._lock:
+            if epoch not in self._orders:
+                entropy = [_entropy(self.seed), self.shard_index, self.shard_count, epoch, 0]
+                if len(self._orders) >= 2:
+                    self._orders.pop(min(self._orders))
+                self._orders[epoch] = np.random.default_rng(entropy).permutation(self.shard_size)
+            return self._orders[epoch]
+
+    def __call__(self, j: int) -> dict[str, Any]:
+        epoch, position = divmod(int(j), self.per_epoch)
+        index = self.start + int(self.order(epoch)[position])
+        rng = np.random.default_rng([_entropy(self.seed), self.shard_index, self.shard_count, epoch, 1, position])
+        image, label = self.source.record(self.split, index)
+        try:
+            out = self.augment(image, rng)
+        except pp.UndecodableImageError as e:
+            raise datasets_lib.CorruptImageError(self.source.describe(self.split, index), str(e)) from None
+        out["label"] = np.int32(label)
+        return out
+
+
+@dataclasses.dataclass
+class _EvalExample:
+    """Element i of one data shard of the eval split, or a masked padding example past its end."""
+
+    source: datasets_lib.Source
+    split: str
+    start: int
+    shard_size: int
+    transform: pp.Augment
+    pad_shape: tuple[int, ...]
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        i = int(i)
+        if i >= self.shard_size:
+            return {"image": np.zeros(self.pad_shape, np.uint8), "label": np.int32(0), "mask": np.bool_(False)}
+        index = self.start + i
+        image, label = self.source.record(self.split, index)
+        try:
+            out = self.transform(image, None)
+        except pp.UndecodableImageError as e:
+            raise datasets_lib.CorruptImageError(self.source.describe(self.split, index), str(e)) from None
+        return {"image": out["image"], "label": np.int32(label), "mask": np.bool_(True)}
+
+
+def _eval_transform(source, image_size, resize_size, ten_crop, resize_mode="shorter", mirror_crop=False):
+    """(transform, output shape) of the eval split of `source`."""
+    if ten_crop and mirror_crop:
+        raise ValueError("ten_crop and mirror_crop exclude each other: choose one set of crops.")
+    if source.eval_mode == "resize":
+        if ten_crop or mirror_crop:
+            raise ValueError(f"ten_crop/mirror_crop evaluation is not available for {source.info.name}")
+        return pp.ImageTransform(pp.resize_whole, pp.frozen_kwargs(image_size=image_size), uses_rng=False), (
+            image_size,
+            image_size,
+            3,
+        )
+    if resize_mode not in pp.RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {pp.RESIZE_MODES}, not {resize_mode!r}")
+    if image_size > resize_size:
+        raise ValueError(f"image_size {image_size} must not exceed resize_size {resize_size}")
+    crops = "ten" if ten_crop else "mirror" if mirror_crop else "center"
+    shape = {"ten": (10,), "mirror": (2,), "center": ()}[crops] + (image_size, image_size, 3)
+    kwargs = pp.frozen_kwargs(image_size=image_size, resize_size=resize_size, resize_mode=resize_mode, crops=crops)
+    return pp.ImageTransform(pp.eval_crop, kwargs, uses_rng=False), shape
+
+
+# ------------------------------------------------------------- process-local batches
+
+
+class _LocalBatches:
+    """Shared machinery: a Grain pipeline of batches from `first_batch` on, in worker processes."""
+
+    def __init__(self, source, split, shard_index, shard_count, local_batch_size, *, num_workers, dtype, normalize):
         self.source = source
         self.info = source.info
         self.split = split
         self.shard_index = shard_index
         self.shard_count = shard_count
         self.local_batch_size = local_batch_size
-        self._tf_iter = None
-        self._order = None  # Positions (sequential order) of the current pipeline's examples.
-        self._first = 0  # Index in _order of the pipeline's first example.
-        self._batches_read = 0  # Batches taken from the current pipeline.
+        self.num_workers = default_num_workers(source) if num_workers is None else int(num_workers)
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, not {num_workers}")
+        self.dtype = dtype
+        self.normalize = normalize
+        self.step = 0  # Index of the next batch.
+        self._it = None
+        source.check_split(split)
+
+    def batches(self) -> grain.MapDataset:
+        """All batches of this shard as a random-access Grain dataset."""
+        raise NotImplementedError
 
     def __iter__(self):
         return self
 
-    def _start(self, dataset, order, first):
-        self._tf_iter = dataset.as_numpy_iterator()
-        self._order, self._first, self._batches_read = order, first, 0
+    def _open(self):
+        ds = self.batches()[self.step :]
+        if self.num_workers:
+            _absl_flags_ready()
+            # Each worker computes whole batches in turn (batch k in worker k % num_workers).
+            it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+            it_ds = it_ds.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=self.num_workers, per_worker_buffer_size=_WORKER_BUFFER)
+            )
+        else:  # One background thread in this process.
+            it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=_WORKER_BUFFER))
+        return iter(it_ds)
 
-    def _next_from_pipeline(self):
-        tf = _tf()
+    def start(self):
+        """Starts the worker processes (idempotent): they make the first batches meanwhile."""
+        if self._it is None:
+            self._it = self._open()
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self.start()
         try:
-            batch = next(self._tf_iter)
-        except tf.errors.OpError:
-            corrupt = self._find_corrupt()
-            if corrupt is not None:
-                # The file and the decoder's reason say it all; TensorFlow's traceback would not help.
-                raise corrupt from None
+            batch = next(self._it)
+        except datasets_lib.CorruptImageError as e:
+            self.close()
+            # The file and the decoder's reason say it all; the worker's traceback would not help.
+            raise datasets_lib.CorruptImageError(e.path, e.reason) from None
+        except RuntimeError as e:
+            self.close()
+            if _DEAD_WORKER in str(e):
+                raise InputWorkerError(
+                    f"An input worker process of {self.info.name}/{self.split} died ({e}). A killed worker "
+                    "(exit code -9) is most often the out-of-memory killer: lower dataset.num_workers or the "
+                    "batch size. The run stops here; rerunning resumes from the last checkpoint."
+                ) from None
             raise
-        self._batches_read += 1
+        self.step += 1
+        if self.normalize:
+            batch = dict(batch)
+            shift = batch.pop("pixel_shift", None)
+            batch["image"] = pp.normalize(batch["image"], self.dtype, shift)
         return batch
 
-    def _find_corrupt(self):
-        paths = self.source.paths(self.split, self.shard_index, self.shard_count)
-        if paths is None:
-            return None
-        size = self.local_batch_size
-        failing = self._first + self._batches_read * size
-        windows = [
-            (failing, failing + size),
-            (failing - _DIAGNOSE_WINDOW[0] * size, failing + _DIAGNOSE_WINDOW[1] * size),
-        ]
-        for lo, hi in windows:
-            positions = np.arange(max(lo, 0), min(hi, len(paths) if self._order is None else len(self._order)))
-            if self._order is not None:
-                positions = self._order[positions]
-            corrupt = datasets_lib.find_corrupt_image(paths[positions])
-            if corrupt is not None:
-                return corrupt
-        return None
+    def get_state(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.close()
+        self.step = int(state["step"])
+
+    def close(self):
+        """Stops the worker processes (idempotent; iterating again restarts them)."""
+        if self._it is not None:
+            it, self._it = self._it, None
+            it.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # pylint: disable=broad-except  # Interpreter shutdown.
+            pass
 
 
 class LocalTrainBatches(_LocalBatches):
     """Infinite iterator of this data shard's train batches as NumPy dicts.
 
-    `image` [local_batch, H, W, 3] (dtype), `label` [local_batch] int32. Batch `step`
-    is a pure function of (dataset, seed, shard_index, shard_count, step).
+    `image` [local_batch, H, W, 3] (dtype, normalised; uint8 with `normalize=False`, then
+    with `pixel_shift` [local_batch, 3] for `scale_aug`), `label` [local_batch] int32.
+    Batch `step` is a pure function of (dataset, seed, shard_index, shard_count, step).
     """
 
     def __init__(
@@ -205,12 +303,20 @@ class LocalTrainBatches(_LocalBatches):
         augment=None,
         train_resize_size=None,
         dtype=np.float32,
-        shuffle_buffer=None,
-        cache=None,
-        num_threads=None,
+        num_workers=None,
+        normalize=True,
     ):
         local = _check_shard(shard_index, shard_count, global_batch_size)
-        super().__init__(source, source.info.train_split, shard_index, shard_count, local)
+        super().__init__(
+            source,
+            source.info.train_split,
+            shard_index,
+            shard_count,
+            local,
+            num_workers=num_workers,
+            dtype=dtype,
+            normalize=normalize,
+        )
         self.global_batch_size = global_batch_size
         self.steps_per_epoch = steps_per_epoch(self.info, global_batch_size)
         if self.steps_per_epoch < 1:
@@ -220,78 +326,40 @@ class LocalTrainBatches(_LocalBatches):
             )
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, not {start_step}")
-        augment = augment or source.default_augment
-        self._preprocess = _train_fn(source, augment, image_size, train_resize_size)
-        self.augment = augment
+        self.augment = augment or source.default_augment
+        context = pp.AugmentContext(image_size, train_resize_size, source.allow_flip, source.eval_mode)
+        self._augment = pp.get_augmentation(self.augment, context)
         self.image_size = image_size
         self.seed = seed
         self.step = start_step
-        self._dtype = _tf_dtype(dtype)
-        self._shuffle_buffer = shuffle_buffer
-        self._cache = cache
-        self._num_threads = num_threads
-        self._epoch = None
-        self._epoch_batches = 0
 
-    def epoch_dataset(self, epoch: int, first_batch: int = 0):
-        """(tf.data.Dataset of this shard's batches of `epoch` from `first_batch` on, order or None)."""
-        tf = _tf()
-        shuffle_seed, aug_key = _epoch_seeds(self.seed, self.shard_index, self.shard_count, epoch)
-        ds, order = self.source.shuffled(
-            self.split,
-            self.shard_index,
-            self.shard_count,
-            seed=shuffle_seed,
-            shuffle_buffer=self._shuffle_buffer,
-            cache=self._cache,
+    def example_fn(self) -> _TrainExample:
+        num_examples = self.source.split_size(self.split)
+        start, stop = datasets_lib.shard_range(num_examples, self.shard_index, self.shard_count)
+        return _TrainExample(
+            source=self.source,
+            split=self.split,
+            start=start,
+            shard_size=stop - start,
+            per_epoch=self.steps_per_epoch * self.local_batch_size,
+            seed=self.seed,
+            shard_index=self.shard_index,
+            shard_count=self.shard_count,
+            augment=self._augment,
         )
-        local = self.local_batch_size
-        ds = ds.take(self.steps_per_epoch * local).enumerate().skip(first_batch * local)
-        preprocess, dtype = self._preprocess, self._dtype
-        aug_key = tf.constant(aug_key, tf.int64)
 
-        def prepare(position, example):
-            key = tf.random.experimental.stateless_fold_in(aug_key, position)
-            image = pp.normalize(preprocess(_load(example), key), dtype)
-            return {"image": image, "label": example["label"]}
+    def batches(self):
+        examples = grain.MapDataset.range(np.iinfo(np.int64).max).map(self.example_fn())
+        return examples.batch(self.local_batch_size, drop_remainder=True)
 
-        ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(local, drop_remainder=True)
-        ds = ds.prefetch(tf.data.AUTOTUNE)
-        return ds.with_options(_options(self._num_threads)), order
-
-    def __next__(self):
-        while True:
-            if self._tf_iter is None:
-                epoch, first = divmod(self.step, self.steps_per_epoch)
-                if self._epoch is not None and epoch <= self._epoch:
-                    # The previous epoch ended early: its shard held fewer examples than the
-                    # dataset info says (mocked data). Carry on with the next epoch.
-                    epoch, first = self._epoch + 1, 0
-                ds, order = self.epoch_dataset(epoch, first)
-                self._start(ds, order, first * self.local_batch_size)
-                self._epoch, self._epoch_batches = epoch, 0
-            try:
-                batch = self._next_from_pipeline()
-            except StopIteration:
-                self._tf_iter = None
-                if self._epoch_batches == 0:
-                    raise ValueError(
-                        f"Epoch {self._epoch} of {self.info.name} yielded no batch of {self.local_batch_size} "
-                        "examples on this process: the dataset is smaller than its info says."
-                    ) from None
-                if self._epoch_batches + self._first // self.local_batch_size < self.steps_per_epoch:
-                    logging.warning(
-                        "Epoch %d of %s ended after %d of %d batches.",
-                        self._epoch,
-                        self.info.name,
-                        self._epoch_batches,
-                        self.steps_per_epoch,
-                    )
-                continue
-            self._epoch_batches += 1
-            self.step += 1
-            return batch
+    def get_state(self):
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "shard_index": self.shard_index,
+            "shard_count": self.shard_count,
+            "dataset": self.info.name,
+        }
 
 
 class LocalEvalBatches(_LocalBatches):
@@ -310,42 +378,42 @@ class LocalEvalBatches(_LocalBatches):
         resize_mode="shorter",
         mirror_crop=False,
         dtype=np.float32,
-        num_threads=None,
+        num_workers=None,
         split=None,
+        normalize=True,
     ):
         local = _check_shard(shard_index, shard_count, global_batch_size)
-        super().__init__(source, split or source.info.eval_split, shard_index, shard_count, local)
+        super().__init__(
+            source,
+            split or source.info.eval_split,
+            shard_index,
+            shard_count,
+            local,
+            num_workers=num_workers,
+            dtype=dtype,
+            normalize=normalize,
+        )
         self.global_batch_size = global_batch_size
-        num_examples = source.split_size(self.split)
-        self.num_batches = -(-num_examples // global_batch_size)
-        self.num_examples = num_examples
-        tf = _tf()
-        preprocess = _eval_fn(source, image_size, resize_size, ten_crop, resize_mode, mirror_crop)
-        dtype = _tf_dtype(dtype)
+        self.num_examples = source.split_size(self.split)
+        self.num_batches = -(-self.num_examples // global_batch_size)
+        self._transform, self._shape = _eval_transform(
+            source, image_size, resize_size, ten_crop, resize_mode, mirror_crop
+        )
 
-        def prepare(example):
-            image = pp.normalize(preprocess(_load(example)), dtype)
-            return {"image": image, "label": example["label"], "mask": tf.constant(True)}
-
-        ds = source.sequential(self.split, shard_index, shard_count)
-        ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        padding = tf.data.Dataset.from_tensors(
-            {
-                "image": tf.zeros(ds.element_spec["image"].shape, dtype),
-                "label": tf.constant(0, tf.int32),
-                "mask": tf.constant(False),
-            }
-        ).repeat()
-        ds = ds.concatenate(padding).take(self.num_batches * local).batch(local)
-        ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(num_threads))
-        self.dataset = ds
-        self._start(ds, None, 0)
+    def batches(self):
+        start, stop = datasets_lib.shard_range(self.num_examples, self.shard_index, self.shard_count)
+        fn = _EvalExample(self.source, self.split, start, stop - start, self._transform, self._shape)
+        examples = grain.MapDataset.range(self.num_batches * self.local_batch_size).map(fn)
+        return examples.batch(self.local_batch_size)
 
     def __len__(self):
         return self.num_batches
 
     def __next__(self):
-        return self._next_from_pipeline()
+        if self.step >= self.num_batches:
+            self.close()
+            raise StopIteration
+        return super().__next__()
 
 
 def _resolve_source(name, data_dir):
@@ -366,7 +434,8 @@ def train_batches(
     """Process-local train batches (NumPy) of data shard `process_index` of `process_count`.
 
     Defaults to `jax.process_index()` / `jax.process_count()`; pass them explicitly
-    to look at another process's shard. Keyword arguments as `create_train_iterator`.
+    to look at another process's shard. Keyword arguments as `create_train_iterator`
+    (without mesh, data_axis, prefetch), and `normalize=False` for uint8 images.
     """
     index, count = _default_shard(process_index, process_count)
     return LocalTrainBatches(
@@ -398,24 +467,49 @@ def eval_batches(
     )
 
 
-class GlobalIterator:
-    """Batches of global `jax.Array`s sharded over the mesh's data axis."""
+# ------------------------------------------------------------------ global batches
 
-    def __init__(self, local: _LocalBatches, mesh, data_axis: str, prefetch: int):
+
+class GlobalIterator(grain.DatasetIterator):
+    """Batches of global `jax.Array`s sharded over the mesh's data axis.
+
+    A Grain `DatasetIterator`: `get_state()` is the position of the next batch it returns
+    (whatever it has prefetched), `set_state(state)` moves it there, so
+    `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` checkpoint it with Orbax.
+    """
+
+    def __init__(self, local: _LocalBatches, mesh, data_axis: str, prefetch: int, dtype):
+        super().__init__()
         self.local = local
         self.info = local.info
         self.mesh = mesh
         self.sharding = sharding.batch_sharding(mesh, data_axis)
-        self._it = prefetch_lib.DevicePrefetcher(local, self.sharding, local.global_batch_size, prefetch)
-
-    def __iter__(self):
-        return self
+        self._step = local.step
+        self._prefetcher = prefetch_lib.DevicePrefetcher(local, self.sharding, local.global_batch_size, prefetch, dtype)
 
     def __next__(self):
-        return next(self._it)
+        batch = next(self._prefetcher)
+        self._step += 1
+        return batch
 
     def __len__(self):
         return len(self.local)
+
+    def get_state(self) -> dict[str, Any]:
+        return {**self.local.get_state(), "step": self._step}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._prefetcher.clear()
+        self.local.set_state(state)
+        self._step = self.local.step
+
+    def start_prefetch(self) -> None:
+        """Starts making batches now (Grain's checkpoint handler calls it after `set_state`)."""
+        self.local.start()
+
+    def close(self) -> None:
+        self.local.close()
+        super().close()
 
 
 def _mesh_shard(mesh, data_axis, global_batch_size):
@@ -438,30 +532,27 @@ def create_train_iterator(
     data_axis: str = "data",
     dtype=np.float32,
     prefetch: int = 2,
-    shuffle_buffer: int | None = None,
-    cache: bool | None = None,
-    num_threads: int | None = None,
-) -> Iterator[dict]:
+    num_workers: int | None = None,
+) -> GlobalIterator:
     """Infinite iterator of train batches `{'image': [B, S, S, 3], 'label': [B] int32}`.
 
     Arrays are global `jax.Array`s of the whole batch B = global_batch_size, split
     over `data_axis` of `mesh` (default: a 1-axis mesh over all devices); each
     process reads and preprocesses only its own rows. Batches are a pure function
-    of (seed, process layout, step), and `start_step=k` yields exactly the batches
-    a fresh iterator yields from its k-th on, without decoding the skipped images.
+    of (seed, process layout, step), and `start_step=k` (or `set_state`) yields exactly
+    the batches a fresh iterator yields from its k-th on, without reading the skipped ones.
 
-    augment: 'inception_crop' (random-resized crop + flip, the reference's),
-      'scale_aug' (shorter side in [256, 512], random crop, flip, PCA lighting),
-      'translate' (random shift, no flip; the digits default), 'center_crop_flip' /
-      'square_center_crop_flip' (shorter side / both sides resized to `train_resize_size`,
-      centre crop, flip: fast-MPN-COV's fine-grained training), 'none' (eval crop),
-      None = the dataset's default ('translate' for digits, else 'inception_crop').
-      Digits are never flipped.
+    augment: a name of `AUGMENTATIONS`: 'inception_crop' (random-resized crop + flip, the
+      reference's), 'scale_aug' (shorter side in [256, 512], random crop, flip, PCA
+      lighting), 'translate' (random shift, no flip; the digits default),
+      'center_crop_flip' / 'square_center_crop_flip' (shorter side / both sides resized
+      to `train_resize_size`, centre crop, flip: fast-MPN-COV's fine-grained training),
+      'none' (eval crop), None = the dataset's default ('translate' for digits, else
+      'inception_crop'). Digits are never flipped.
     train_resize_size: the resize of the centre-crop augmentations (default image_size).
-    shuffle_buffer: TFDS record shuffle buffer (default 10,000) when not cached.
-    cache: read the process's shard of encoded examples into memory once and shuffle
-      it exactly each epoch; None = when the split is at most 1 GiB per process.
-    num_threads: size of a private tf.data thread pool (default: shared pool).
+    num_workers: Grain worker processes decoding and augmenting (default: one per CPU
+      core; 0 for digits); 0 = one thread of this process.
+    prefetch: batches kept transferred to the devices ahead of the step.
     """
     mesh, index, count = _mesh_shard(mesh, data_axis, global_batch_size)
     local = train_batches(
@@ -475,12 +566,10 @@ def create_train_iterator(
         start_step=start_step,
         augment=augment,
         train_resize_size=train_resize_size,
-        dtype=dtype,
-        shuffle_buffer=shuffle_buffer,
-        cache=cache,
-        num_threads=num_threads,
+        num_workers=num_workers,
+        normalize=False,
     )
-    return GlobalIterator(local, mesh, data_axis, prefetch)
+    return GlobalIterator(local, mesh, data_axis, prefetch, dtype)
 
 
 def create_eval_iterator(
@@ -497,18 +586,18 @@ def create_eval_iterator(
     data_axis: str = "data",
     dtype=np.float32,
     prefetch: int = 2,
-    num_threads: int | None = None,
+    num_workers: int | None = None,
     split: str | None = None,
-) -> Iterator[dict]:
+) -> GlobalIterator:
     """Finite iterator over the whole eval split, once: `{'image', 'label', 'mask'}`.
 
     image [B, S, S, 3], or [B, 10, S, S, 3] with `ten_crop` (torchvision TenCrop
     order: 4 corners + centre, then the same of the mirrored image; average the
     logits), or [B, 2, S, S, 3] with `mirror_crop` (the centre crop and its mirror);
     label [B] int32; mask [B] bool, False for padding. `resize_mode`: "shorter" (the
-    shorter side to resize_size, torchvision `Resize(s)`) or "square" (`Resize((s, s))`). The last batch is
-    padded, never dropped, and every process yields `num_eval_batches` batches.
-    Digits are resized whole to image_size (resize_size is not used).
+    shorter side to resize_size, torchvision `Resize(s)`) or "square" (`Resize((s, s))`).
+    The last batch is padded, never dropped, and every process yields `num_eval_batches`
+    batches. Digits are resized whole to image_size (resize_size is not used).
     """
     mesh, index, count = _mesh_shard(mesh, data_axis, global_batch_size)
     local = eval_batches(
@@ -522,8 +611,8 @@ def create_eval_iterator(
         ten_crop=ten_crop,
         resize_mode=resize_mode,
         mirror_crop=mirror_crop,
-        dtype=dtype,
-        num_threads=num_threads,
+        num_workers=num_workers,
         split=split,
+        normalize=False,
     )
-    return GlobalIterator(local, mesh, data_axis, prefetch)
+    return GlobalIterator(local, mesh, data_axis, prefetch, dtype)

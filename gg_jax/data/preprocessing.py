@@ -1,35 +1,46 @@
-"""Per-example image preprocessing in TensorFlow (runs inside tf.data, on the CPU).
+"""Per-example image preprocessing in NumPy and PIL: the reference's torchvision transforms.
 
-Every function takes one image, either encoded bytes (a scalar `tf.string`: JPEG,
-PNG, GIF or BMP) or decoded pixels (`uint8 [H, W, 3]`), and returns float32
-pixels in [0, 255]; `normalize` turns a batch of those into model inputs.
+Every transform takes one image, either encoded bytes (JPEG, PNG, GIF, BMP) or
+decoded pixels (`uint8 [H, W]`, `[H, W, 1|3|4]`), and returns `uint8` pixels;
+normalisation (`normalize`) comes later, on whole batches (on the accelerator in
+`create_train_iterator` / `create_eval_iterator`). Randomness comes from a NumPy
+`Generator` the caller seeds per example, so an example's augmentation depends
+only on its seed, never on thread timing or on what ran before it.
 
-Randomness is stateless: each function takes a `key` (`int64 [2]`), so the
-augmentation of an example depends only on its key, never on thread timing or
-on how many examples came before it.
+Decoding: JPEGs (YCbCr or grey) with libjpeg-turbo through `simplejpeg`, other
+files and colour spaces (CMYK) with PIL, always to RGB. Evaluation decodes exactly
+as PIL does (the same pixels as torchvision's `default_loader`); training uses
+libjpeg-turbo's fast IDCT and upsampling, and decodes at 1/2, 1/4 or 1/8 scale
+(DCT-domain downscaling) when the crop still has at least the output's resolution
+at that scale.
 
-Train, `inception_crop` (the reference training scripts; torchvision's
-`RandomResizedCrop(224)` + `RandomHorizontalFlip`): a window of 8%-100% of the
-image area with aspect ratio in [3/4, 4/3] is sampled with
-`tf.image.stateless_sample_distorted_bounding_box` (10 attempts); if every attempt
-fails the centre square of 224/256 of the shorter side is used instead (as the
-Flax ImageNet example does). Only that window of a JPEG is decoded
-(`tf.image.decode_and_crop_jpeg`). It is resized to 224x224 with bilinear
-interpolation (no antialiasing: the crop is rarely more than 2x larger than the
-output, and antialiasing halves the throughput), then flipped with probability 1/2.
+Train, `inception_crop` (the reference's `RandomResizedCrop(224)` +
+`RandomHorizontalFlip()`): `random_resized_crop_params` is torchvision's
+`RandomResizedCrop.get_params` (10 attempts of an area share uniform in [0.08, 1]
+and a log-uniform aspect ratio in [3/4, 4/3], w = round(sqrt(area * ratio)),
+h = round(sqrt(area / ratio)); then the whole image with its aspect ratio clamped
+to that range, centred); the window is resized to 224 x 224 with PIL's bilinear
+filter (antialiased when shrinking, as torchvision on PIL images), then flipped
+with probability 1/2.
 
-Train, `scale_aug` (the paper): the shorter side is resized to an integer drawn
-uniformly from [256, 512] (scaled by image_size / 224 for other sizes), a random
-224x224 window is cropped, flipped with probability 1/2, and AlexNet's PCA
-lighting noise (standard deviation 0.1, the ImageNet eigenvalues/eigenvectors of
-fb.resnet.torch) is added.
+Train, `scale_aug` (the paper): the shorter side resized to an integer uniform in
+[256, 512] (times image_size / 224), a uniform random 224 x 224 window, a flip
+with probability 1/2, and AlexNet's PCA lighting noise (standard deviation 0.1,
+fb.resnet.torch's ImageNet eigenvalues and eigenvectors), returned as a per-image
+RGB offset that `normalize` adds.
 
-Eval: the shorter side is resized to 256 (bilinear with antialiasing, like
-PIL/torchvision `Resize(256)`; the longer side is `int(256 * long / short)` as in
-torchvision), then the centre 224x224 crop is taken (`CenterCrop(224)`), or the
-ten crops of torchvision's `TenCrop(224)`: top-left, top-right, bottom-left,
-bottom-right and centre, then the same five crops of the horizontally flipped
-image.
+Train, `center_crop_flip` / `square_center_crop_flip` (fast-MPN-COV's fine-grained
+recipes): `Resize(s)` or `Resize((s, s))`, `CenterCrop(image_size)`, flip.
+
+Eval: `Resize(256)` (shorter side 256, longer `int(256 * long / short)`, PIL
+bilinear with antialiasing) then `CenterCrop(224)` (offsets
+`int(round((h - 224) / 2))`), or `TenCrop(224)` (top-left, top-right, bottom-left,
+bottom-right, centre, then the same of the mirrored image), or the centre crop and
+its mirror.
+
+Crops of a resized image are computed directly: PIL resizes only the crop's
+preimage (`Image.resize(..., box=...)`) with the filter scale of the whole resize,
+which is the same computation up to rounding (at most 1 grey level).
 
 Normalisation: pixels / 255, minus mean (0.485, 0.456, 0.406), divided by
 std (0.229, 0.224, 0.225), per RGB channel.
@@ -37,13 +48,20 @@ std (0.229, 0.224, 0.225), per RGB channel.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+import dataclasses
+import io
+import math
+import os
+from collections.abc import Callable
+from typing import Any
 
-from gg_jax.data._tf import tf as _tf
+import numpy as np
+from PIL import Image
 
-if TYPE_CHECKING:
-    import tensorflow as tf
+try:  # libjpeg-turbo; PIL decodes everything without it, only slower.
+    import simplejpeg
+except ImportError:  # pragma: no cover - a train dependency
+    simplejpeg = None
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
@@ -63,283 +81,467 @@ MAX_ATTEMPTS = 10
 # Eval resizes the shorter side to 256 and crops 224: the crop covers 224/256 of it.
 DEFAULT_RESIZE_SIZE = 256
 DEFAULT_IMAGE_SIZE = 224
+RESIZE_MODES = ("shorter", "square")
+# JPEG DCT-domain scales libjpeg decodes fastest (1/k of each side).
+_JPEG_REDUCTIONS = (8, 4, 2)
+_JPEG_COLORSPACES = ("YCbCr", "Gray")
 
 
-def split_key(key, num: int):
-    """Splits an int64 [2] key into `num` independent int64 [2] keys."""
-    tf = _tf()
-    keys = tf.random.experimental.stateless_split(tf.cast(key, tf.int64), num=num)
-    return [keys[i] for i in range(num)]
+class UndecodableImageError(ValueError):
+    """The bytes are not an image any decoder reads (the pipeline names the example)."""
 
 
-def _as_rgb(image):
-    tf = _tf()
-    image = tf.convert_to_tensor(image)
-    if image.shape.rank == 2:
-        image = image[:, :, None]
-    channels = image.shape[-1]
-    if channels == 1:
-        image = tf.image.grayscale_to_rgb(image)
-    elif channels == 4:
-        image = image[:, :, :3]
-    image = tf.ensure_shape(image, [None, None, 3])
+# ----------------------------------------------------------------------- decoding
+
+
+def is_jpeg(data) -> bool:
+    return isinstance(data, bytes | bytearray | memoryview) and bytes(data[:3]) == b"\xff\xd8\xff"
+
+
+def _rgb_array(pixels: np.ndarray) -> np.ndarray:
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"decoded images must be uint8, not {pixels.dtype}")
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.ndim != 3 or pixels.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"decoded images must be [H, W] or [H, W, 1|3|4], not {pixels.shape}")
+    if pixels.shape[-1] == 1:
+        return np.repeat(pixels, 3, axis=-1)
+    return pixels[:, :, :3]
+
+
+def _jpeg_header(data) -> tuple[int, int, str] | None:
+    """(height, width, colour space) of a JPEG libjpeg-turbo decodes to RGB, else None."""
+    if simplejpeg is None or not is_jpeg(data):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError as e:
+        raise UndecodableImageError(f"not a readable JPEG ({e})") from None
+    return (height, width, colorspace) if colorspace in _JPEG_COLORSPACES else None
+
+
+def _open_pil(data) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UndecodableImageError(str(e) or type(e).__name__) from None
+
+
+def _pil_rgb(image: Image.Image, reduce: int = 1) -> Image.Image:
+    try:
+        if reduce > 1 and image.format == "JPEG":
+            image.draft("RGB", (-(-image.width // reduce), -(-image.height // reduce)))
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UndecodableImageError(str(e) or type(e).__name__) from None
+
+
+def image_shape(image) -> tuple[int, int]:
+    """(height, width) of encoded bytes (from the header only) or of pixels."""
+    if isinstance(image, np.ndarray):
+        return int(image.shape[0]), int(image.shape[1])
+    header = _jpeg_header(image)
+    if header is not None:
+        return header[0], header[1]
+    pil = _open_pil(image)
+    return pil.height, pil.width
+
+
+def decode(image, *, reduce: int = 1, fast: bool = False) -> Image.Image:
+    """RGB PIL image of encoded bytes or pixels; JPEGs at 1/`reduce` scale (1, 2, 4 or 8).
+
+    `fast`: libjpeg-turbo's fast integer IDCT and plain chroma upsampling (training);
+    otherwise the pixels are exactly PIL's. The image's size tells the scale reached.
+    """
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(np.ascontiguousarray(_rgb_array(image)))
+    header = _jpeg_header(image)
+    if header is not None:
+        height, width, _ = header
+        kwargs = {}
+        if reduce > 1:
+            kwargs = {"min_height": -(-height // reduce), "min_width": -(-width // reduce)}
+        try:
+            rgbx = simplejpeg.decode_jpeg(image, colorspace="RGBX", fastdct=fast, fastupsample=fast, **kwargs)
+        except ValueError as e:
+            raise UndecodableImageError(f"corrupt JPEG data ({e})") from None
+        # PIL keeps RGB as 4 bytes a pixel: RGBX pixels are used in place, not copied.
+        return Image.frombuffer("RGBX", (rgbx.shape[1], rgbx.shape[0]), rgbx, "raw", "RGBX", 0, 1)
+    return _pil_rgb(_open_pil(image), reduce)
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] pixels of an RGB or RGBX PIL image."""
+    pixels = np.asarray(image)
+    return pixels[:, :, :3] if pixels.shape[-1] == 4 else pixels
+
+
+def read_image(image) -> bytes | np.ndarray:
+    """Bytes of a file path (str or os.PathLike); bytes and arrays unchanged."""
+    if isinstance(image, str | os.PathLike):
+        with open(image, "rb") as f:
+            return f.read()
+    if isinstance(image, bytearray | memoryview):
+        return bytes(image)
     return image
 
 
-def decode_full(image):
-    """Decodes encoded bytes (any format TensorFlow reads) to uint8 [H, W, 3]."""
-    tf = _tf()
-    if image.dtype == tf.string:
-        image = tf.io.decode_image(image, channels=3, expand_animations=False)
-    return _as_rgb(image)
+def _reduction(height: int, width: int, box_h: float, box_w: float, out_h: int, out_w: int) -> int:
+    """Largest JPEG scale-down 1/k at which the box keeps at least the output's resolution."""
+    for k in _JPEG_REDUCTIONS:
+        if box_h / k >= out_h and box_w / k >= out_w and height >= 8 * k and width >= 8 * k:
+            return k
+    return 1
 
 
-def decode_window(image, window_fn: Callable[[tf.Tensor], tf.Tensor]):
-    """Decodes the window `window_fn((h, w))` of the image, uint8 [h', w', 3].
-
-    `window_fn` maps the image's (height, width) to an int32 window
-    (offset_y, offset_x, height, width).
-
-    For JPEGs only the header and the window are decoded
-    (`tf.image.decode_and_crop_jpeg`); other formats are decoded whole and sliced.
-    """
-    tf = _tf()
-
-    def crop_decoded(decoded):
-        window = window_fn(tf.shape(decoded)[:2])
-        return tf.slice(decoded, [window[0], window[1], 0], [window[2], window[3], 3])
-
-    if image.dtype != tf.string:
-        return crop_decoded(_as_rgb(image))
-
-    def jpeg():
-        window = window_fn(tf.image.extract_jpeg_shape(image)[:2])
-        return tf.image.decode_and_crop_jpeg(image, window, channels=3)
-
-    def other():
-        return crop_decoded(decode_full(image))
-
-    return tf.ensure_shape(tf.cond(tf.io.is_jpeg(image), jpeg, other), [None, None, 3])
-
-
-def center_square_window(shape, fraction: float):
-    """Centre square of `fraction` of the shorter side (the Flax example's fallback)."""
-    tf = _tf()
-    shape = tf.cast(shape, tf.int32)
-    h, w = shape[0], shape[1]
-    size = tf.cast(fraction * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
-    size = tf.maximum(size, 1)
-    return tf.stack([(h - size + 1) // 2, (w - size + 1) // 2, size, size])
-
-
-def random_resized_crop_window(
-    shape,
-    key,
+def resize_box(
+    image,
+    box: tuple[float, float, float, float],
+    size: tuple[int, int],
     *,
-    area_range: Sequence[float] = AREA_RANGE,
-    aspect_ratio_range: Sequence[float] = ASPECT_RATIO_RANGE,
-    max_attempts: int = MAX_ATTEMPTS,
-    fallback_fraction: float = DEFAULT_IMAGE_SIZE / DEFAULT_RESIZE_SIZE,
-):
-    """The inception-crop window (offset_y, offset_x, height, width) for an image of `shape`."""
-    tf = _tf()
-    shape = tf.cast(shape, tf.int32)
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.concat([shape, [3]], axis=0),
-        bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
-        seed=key,
-        min_object_covered=area_range[0],
-        aspect_ratio_range=aspect_ratio_range,
-        area_range=area_range,
-        max_attempts=max_attempts,
-        use_image_if_no_bounding_boxes=True,
-    )
-    sampled = tf.stack([begin[0], begin[1], size[0], size[1]])
-    # When every attempt fails the op returns the whole image.
-    failed = tf.logical_and(tf.equal(size[0], shape[0]), tf.equal(size[1], shape[1]))
-    return tf.where(failed, center_square_window(shape, fallback_fraction), sampled)
+    fast: bool = False,
+) -> np.ndarray:
+    """The window `box` = (left, top, right, bottom) of the image, in the image's pixel
+    coordinates, resized to `size` = (height, width) with PIL's bilinear filter
+    (antialiased when shrinking, as torchvision on PIL images): uint8 [h, w, 3].
 
-
-def resize(image, size):
-    """Bilinear resize (no antialiasing) of uint8/float [H, W, 3] to `size`, float32."""
-    tf = _tf()
-    return tf.image.resize(image, size, method="bilinear", antialias=False)
-
-
-def inception_crop(image, key, *, image_size: int = DEFAULT_IMAGE_SIZE, flip: bool = True):
-    """Random-resized crop + optional horizontal flip, float32 [image_size, image_size, 3]."""
-    tf = _tf()
-    crop_key, flip_key = split_key(key, 2)
-    crop = decode_window(image, lambda shape: random_resized_crop_window(shape, crop_key))
-    out = resize(crop, [image_size, image_size])
-    if flip:
-        out = tf.image.stateless_random_flip_left_right(out, flip_key)
-    return tf.ensure_shape(out, [image_size, image_size, 3])
-
-
-def resized_shorter_side_shape(shape, size):
-    """torchvision `Resize(size)`: shorter side -> size, longer -> int(size * long / short)."""
-    tf = _tf()
-    shape = tf.cast(shape, tf.float64)
-    h, w = shape[0], shape[1]
-    size = tf.cast(size, tf.float64)
-    short = tf.minimum(h, w)
-    new_h = tf.where(h <= w, size, tf.floor(size * h / short))
-    new_w = tf.where(h <= w, tf.floor(size * w / short), size)
-    return tf.cast(tf.stack([new_h, new_w]), tf.int32)
-
-
-def resize_shorter_side(image, size, *, antialias: bool = True):
-    """Resizes so that the shorter side is `size` (as torchvision `Resize(size)`), float32."""
-    tf = _tf()
-    image = _as_rgb(image)
-    new_shape = resized_shorter_side_shape(tf.shape(image)[:2], size)
-    same = tf.reduce_all(tf.equal(new_shape, tf.shape(image)[:2]))
-    return tf.cond(
-        same,
-        lambda: tf.cast(image, tf.float32),
-        lambda: tf.image.resize(image, new_shape, method="bilinear", antialias=antialias),
-    )
-
-
-def resize_square(image, size, *, antialias: bool = True):
-    """Resizes both sides to `size`, ignoring the aspect ratio (torchvision `Resize((size, size))`), float32."""
-    tf = _tf()
-    return tf.image.resize(_as_rgb(image), [size, size], method="bilinear", antialias=antialias)
-
-
-def _resize(image, size, mode: str):
-    if mode == "shorter":
-        return resize_shorter_side(image, size)
-    if mode == "square":
-        return resize_square(image, size)
-    raise ValueError(f"resize mode must be 'shorter' or 'square', not {mode!r}")
-
-
-def center_crop_flip(image, key, *, image_size: int, resize_size: int, resize_mode: str = "shorter", flip: bool = True):
-    """Resize, centre crop, random horizontal flip: fast-MPN-COV's fine-grained training.
-
-    `resize_mode` "shorter": shorter side to `resize_size` (torchvision `Resize(s)`, CUB);
-    "square": both sides (`Resize((s, s))`, FGVC-Aircraft 512, Stanford Cars 448); then
-    `CenterCrop(image_size)` and `RandomHorizontalFlip()`. float32 [image_size, image_size, 3].
+    JPEGs are decoded at the smallest DCT scale that keeps the window's resolution
+    at least `size` when `fast` (training); otherwise in full.
     """
-    tf = _tf()
+    height, width = image_shape(image)
+    left, top, right, bottom = box
+    reduce = _reduction(height, width, bottom - top, right - left, size[0], size[1]) if fast else 1
+    pil = decode(image, reduce=reduce, fast=fast)
+    sx, sy = pil.width / width, pil.height / height
+    scaled = (left * sx, top * sy, right * sx, bottom * sy)
+    if size == (pil.height, pil.width) and scaled == (0, 0, pil.width, pil.height):
+        return to_array(pil)
+    return to_array(pil.resize((size[1], size[0]), Image.BILINEAR, box=scaled))
+
+
+# --------------------------------------------------------------- torchvision geometry
+
+
+def random_resized_crop_params(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    *,
+    scale: tuple[float, float] = AREA_RANGE,
+    ratio: tuple[float, float] = ASPECT_RATIO_RANGE,
+    attempts: int = MAX_ATTEMPTS,
+) -> tuple[int, int, int, int]:
+    """torchvision `RandomResizedCrop.get_params`: the window (top, left, height, width)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(attempts):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback: the whole image, its aspect ratio clamped to the range, centred.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_shape(height: int, width: int, size: int, mode: str = "shorter") -> tuple[int, int]:
+    """torchvision `Resize(size)` ("shorter": shorter side -> size, longer ->
+    int(size * long / short)) or `Resize((size, size))` ("square")."""
+    if mode == "square":
+        return size, size
+    if mode != "shorter":
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, not {mode!r}")
+    if height <= width:
+        return size, int(size * width / height)
+    return int(size * height / width), size
+
+
+def center_crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
+    """torchvision `CenterCrop(size)`: (top, left) = int(round((h - size) / 2)), ...(half to even)."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
+def _resized_crop(image, resize: tuple[int, int], top: int, left: int, size: int, *, fast: bool) -> np.ndarray:
+    """Crop [top, top + size) x [left, left + size) of the image resized to `resize` = (h, w)."""
+    height, width = image_shape(image)
+    fy, fx = height / resize[0], width / resize[1]
+    box = (left * fx, top * fy, (left + size) * fx, (top + size) * fy)
+    return resize_box(image, box, (size, size), fast=fast)
+
+
+def _check_sizes(image_size: int, resize_size: int):
     if image_size > resize_size:
         raise ValueError(f"image_size {image_size} must not exceed resize_size {resize_size}")
-    out = center_crop(_resize(decode_full(image), resize_size, resize_mode), image_size)
-    if flip:
-        out = tf.image.stateless_random_flip_left_right(out, key)
-    return tf.ensure_shape(out, [image_size, image_size, 3])
+
+
+def _maybe_flip(pixels: np.ndarray, rng: np.random.Generator, flip: bool) -> np.ndarray:
+    return pixels[:, ::-1] if flip and rng.random() < 0.5 else pixels
+
+
+# ------------------------------------------------------------------------ train
+
+
+def inception_crop(image, rng: np.random.Generator, *, image_size: int = DEFAULT_IMAGE_SIZE, flip: bool = True):
+    """Random-resized crop + optional horizontal flip: uint8 [image_size, image_size, 3]."""
+    height, width = image_shape(image)
+    top, left, h, w = random_resized_crop_params(rng, height, width)
+    out = resize_box(image, (left, top, left + w, top + h), (image_size, image_size), fast=True)
+    return _maybe_flip(out, rng, flip)
+
+
+def pca_lighting_shift(rng: np.random.Generator, std: float = PCA_STD) -> np.ndarray:
+    """AlexNet lighting noise as an RGB offset in pixel units: 255 * eigvec @ (alpha * eigval), alpha ~ N(0, std)."""
+    alpha = rng.normal(0.0, std, 3)
+    return (255.0 * np.asarray(PCA_EIGVEC) @ (alpha * np.asarray(PCA_EIGVAL))).astype(np.float32)
 
 
 def scale_aug(
     image,
-    key,
+    rng: np.random.Generator,
     *,
     image_size: int = DEFAULT_IMAGE_SIZE,
-    scale_range: Sequence[int] | None = None,
+    scale_range: tuple[int, int] | None = None,
     flip: bool = True,
     lighting_std: float = PCA_STD,
 ):
-    """The paper's scale augmentation + PCA lighting, float32 [image_size, image_size, 3]."""
-    tf = _tf()
+    """The paper's scale augmentation: (uint8 [S, S, 3], RGB offset float32 [3] of the lighting noise)."""
     if scale_range is None:
         scale_range = (
             round(256 * image_size / DEFAULT_IMAGE_SIZE),
             round(512 * image_size / DEFAULT_IMAGE_SIZE),
         )
-    scale_key, crop_key, flip_key, light_key = split_key(key, 4)
-    short = tf.random.stateless_uniform([], scale_key, minval=scale_range[0], maxval=scale_range[1] + 1, dtype=tf.int32)
-    decoded = decode_full(image)
-    new_shape = resized_shorter_side_shape(tf.shape(decoded)[:2], short)
-    out = tf.image.resize(decoded, new_shape, method="bilinear", antialias=False)
-    out = tf.image.stateless_random_crop(out, [image_size, image_size, 3], crop_key)
-    if flip:
-        out = tf.image.stateless_random_flip_left_right(out, flip_key)
-    if lighting_std:
-        out = pca_lighting(out, light_key, std=lighting_std)
-    return tf.ensure_shape(out, [image_size, image_size, 3])
+    height, width = image_shape(image)
+    short = int(rng.integers(scale_range[0], scale_range[1] + 1))
+    new_h, new_w = resized_shape(height, width, short)
+    if min(new_h, new_w) < image_size:
+        raise ValueError(f"scale_range {scale_range} must not go below image_size {image_size}")
+    top = int(rng.integers(0, new_h - image_size + 1))
+    left = int(rng.integers(0, new_w - image_size + 1))
+    out = _maybe_flip(_resized_crop(image, (new_h, new_w), top, left, image_size, fast=True), rng, flip)
+    shift = pca_lighting_shift(rng, lighting_std) if lighting_std else np.zeros(3, np.float32)
+    return out, shift
 
 
-def pca_lighting(image, key, *, std: float = PCA_STD):
-    """AlexNet lighting noise on float [0, 255] pixels: + eigvec @ (alpha * eigval), alpha ~ N(0, std)."""
-    tf = _tf()
-    alpha = tf.random.stateless_normal([3], key, stddev=std)
-    rgb = tf.linalg.matvec(tf.constant(PCA_EIGVEC), alpha * tf.constant(PCA_EIGVAL))
-    return image + 255.0 * rgb
+def center_crop_flip(
+    image,
+    rng: np.random.Generator,
+    *,
+    image_size: int,
+    resize_size: int,
+    resize_mode: str = "shorter",
+    flip: bool = True,
+):
+    """`Resize(s)` / `Resize((s, s))`, `CenterCrop(image_size)`, `RandomHorizontalFlip()`: uint8 [S, S, 3]."""
+    _check_sizes(image_size, resize_size)
+    height, width = image_shape(image)
+    new_h, new_w = resized_shape(height, width, resize_size, resize_mode)
+    top, left = center_crop_offsets(new_h, new_w, image_size)
+    return _maybe_flip(_resized_crop(image, (new_h, new_w), top, left, image_size, fast=True), rng, flip)
 
 
-def translate(image, key, *, image_size: int, max_shift: int):
-    """Resize to image_size, then shift by up to max_shift pixels (zero fill), float32."""
-    tf = _tf()
-    out = resize(decode_full(image), [image_size, image_size])
+def translate(image, rng: np.random.Generator, *, image_size: int, max_shift: int):
+    """Resize to image_size (bilinear), then shift by up to max_shift pixels (zero fill): uint8."""
+    out = resize_whole(image, image_size)
     if max_shift > 0:
-        out = tf.pad(out, [[max_shift, max_shift], [max_shift, max_shift], [0, 0]])
-        out = tf.image.stateless_random_crop(out, [image_size, image_size, 3], key)
-    return tf.ensure_shape(out, [image_size, image_size, 3])
+        padded = np.pad(out, [(max_shift, max_shift), (max_shift, max_shift), (0, 0)])
+        dy, dx = rng.integers(0, 2 * max_shift + 1, 2)
+        out = padded[dy : dy + image_size, dx : dx + image_size]
+    return out
 
 
-def center_crop(image, size: int):
-    """torchvision `CenterCrop(size)` of [H, W, C] (offsets rounded half to even)."""
-    tf = _tf()
-    shape = tf.shape(image)
-    top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float32) / 2.0), tf.int32)
-    left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float32) / 2.0), tf.int32)
-    return tf.slice(image, [top, left, 0], [size, size, -1])
+# ------------------------------------------------------------------------- eval
 
 
-def five_crop(image, size: int):
-    """torchvision `FiveCrop(size)`: [5, size, size, C] = top-left, top-right, bottom-left, bottom-right, centre."""
-    tf = _tf()
-    shape = tf.shape(image)
-    h, w = shape[0], shape[1]
-    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size)]
-    crops = [tf.slice(image, [y, x, 0], [size, size, -1]) for y, x in corners]
-    crops.append(center_crop(image, size))
-    return tf.stack(crops)
+def resize_whole(image, image_size: int) -> np.ndarray:
+    """The whole image resized to image_size x image_size (bilinear): uint8 (the digits' eval)."""
+    height, width = image_shape(image)
+    return resize_box(image, (0, 0, width, height), (image_size, image_size))
 
 
-def ten_crop(image, size: int):
-    """torchvision `TenCrop(size)`: the five crops, then the five crops of the mirrored image."""
-    tf = _tf()
-    return tf.concat([five_crop(image, size), five_crop(tf.reverse(image, [1]), size)], 0)
-
-
-def eval_preprocess(
+def eval_crop(
     image,
     *,
     image_size: int = DEFAULT_IMAGE_SIZE,
     resize_size: int = DEFAULT_RESIZE_SIZE,
-    ten_crop_eval: bool = False,
     resize_mode: str = "shorter",
-    mirror_crop: bool = False,
-):
-    """Resize (shorter side, or both sides with `resize_mode="square"`) to resize_size, then
-    the centre crop, float32 `[S, S, 3]`; `ten_crop_eval`: torchvision's ten crops
-    `[10, S, S, 3]`; `mirror_crop`: the centre crop and its mirror image `[2, S, S, 3]`
-    (fast-MPN-COV's fine-grained evaluation)."""
-    tf = _tf()
-    if image_size > resize_size:
-        raise ValueError(f"image_size {image_size} must not exceed resize_size {resize_size}")
-    resized = _resize(decode_full(image), resize_size, resize_mode)
-    if ten_crop_eval:
-        return tf.ensure_shape(ten_crop(resized, image_size), [10, image_size, image_size, 3])
-    crop = center_crop(resized, image_size)
-    if mirror_crop:
-        return tf.ensure_shape(tf.stack([crop, tf.reverse(crop, [1])]), [2, image_size, image_size, 3])
-    return tf.ensure_shape(crop, [image_size, image_size, 3])
+    crops: str = "center",
+) -> np.ndarray:
+    """torchvision `Resize(resize_size)` (or `Resize((s, s))` with resize_mode "square"), then
+    `CenterCrop` uint8 [S, S, 3] (crops "center"), `TenCrop` [10, S, S, 3] ("ten") or the
+    centre crop and its mirror [2, S, S, 3] ("mirror")."""
+    _check_sizes(image_size, resize_size)
+    height, width = image_shape(image)
+    new_h, new_w = resized_shape(height, width, resize_size, resize_mode)
+    if crops in ("center", "mirror"):
+        top, left = center_crop_offsets(new_h, new_w, image_size)
+        crop = _resized_crop(image, (new_h, new_w), top, left, image_size, fast=False)
+        return crop if crops == "center" else np.stack([crop, crop[:, ::-1]])
+    if crops != "ten":
+        raise ValueError(f"crops must be 'center', 'ten' or 'mirror', not {crops!r}")
+    resized = resize_box(image, (0, 0, width, height), (new_h, new_w))
+    s = image_size
+    corners = [(0, 0), (0, new_w - s), (new_h - s, 0), (new_h - s, new_w - s), center_crop_offsets(new_h, new_w, s)]
+    five = [resized[y : y + s, x : x + s] for y, x in corners]
+    mirrored = resized[:, ::-1]
+    five_mirrored = [mirrored[y : y + s, x : x + s] for y, x in corners]
+    return np.stack(five + five_mirrored)
 
 
-def eval_resize(image, *, image_size: int):
-    """Whole image resized to image_size x image_size (the digits dataset's eval), float32."""
-    tf = _tf()
-    return tf.ensure_shape(resize(decode_full(image), [image_size, image_size]), [image_size, image_size, 3])
+def normalize(images, dtype=np.float32, shift=None) -> np.ndarray:
+    """((pixels + shift) / 255 - mean) / std per RGB channel; uint8/float [..., 3] in, `dtype` out.
+
+    shift: per-image RGB offsets [B, 3] in pixel units (the lighting noise of `scale_aug`), or None.
+    """
+    mean = np.asarray([255.0 * m for m in MEAN_RGB], np.float32)
+    inv_std = np.asarray([1.0 / (255.0 * s) for s in STDDEV_RGB], np.float32)
+    out = np.asarray(images, np.float32)
+    if shift is not None:
+        shift = np.asarray(shift, np.float32)
+        out = out + shift.reshape(shift.shape[:1] + (1,) * (out.ndim - 2) + (3,))
+    return ((out - mean) * inv_std).astype(dtype)
 
 
-def normalize(images, dtype=None):
-    """(pixels / 255 - mean) / std per RGB channel; float [..., 3] in, `dtype` out."""
-    tf = _tf()
-    dtype = tf.float32 if dtype is None else dtype
-    mean = tf.constant([255.0 * m for m in MEAN_RGB], tf.float32)
-    inv_std = tf.constant([1.0 / (255.0 * s) for s in STDDEV_RGB], tf.float32)
-    return tf.cast((tf.cast(images, tf.float32) - mean) * inv_std, dtype)
+def eval_image(
+    image,
+    *,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    resize_size: int | None = None,
+    resize_mode: str = "shorter",
+) -> np.ndarray:
+    """One image (a file path, encoded bytes or uint8 pixels) as the eval pipeline makes it:
+    resize, centre crop, normalise; float32 [S, S, 3]. resize_size defaults to S * 256 / 224."""
+    resize_size = resize_size or round(image_size * DEFAULT_RESIZE_SIZE / DEFAULT_IMAGE_SIZE)
+    pixels = eval_crop(read_image(image), image_size=image_size, resize_size=resize_size, resize_mode=resize_mode)
+    return normalize(pixels)
+
+
+# ---------------------------------------------------------------- augmentations
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentContext:
+    """What an augmentation is built for: output size, the resize of centre-crop recipes,
+    whether flips keep the label, and the dataset's evaluation transform ('crop' | 'resize')."""
+
+    image_size: int
+    resize_size: int | None = None
+    flip: bool = True
+    eval_mode: str = "crop"
+
+
+# An augmentation maps (image, rng) to {'image': uint8 [S, S, 3]} (+ 'pixel_shift': float32 [3]).
+Augment = Callable[[Any, np.random.Generator], dict[str, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    name: str
+    build: Callable[[AugmentContext], Augment]
+    doc: str
+
+
+AUGMENTATIONS: dict[str, Augmentation] = {}
+
+
+def register_augmentation(name: str, doc: str):
+    """Registers `build(context) -> augment` under `name` (the config's `dataset.augment`)."""
+
+    def wrap(build):
+        if name in AUGMENTATIONS:
+            raise ValueError(f"augmentation {name!r} is registered twice")
+        AUGMENTATIONS[name] = Augmentation(name, build, doc)
+        return build
+
+    return wrap
+
+
+def get_augmentation(name: str, context: AugmentContext) -> Augment:
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)} (or None), not {name!r}")
+    return AUGMENTATIONS[name].build(context)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTransform:
+    """`fn(image, rng, **kwargs)` (or `fn(image, **kwargs)`) as an augmentation: {'image': pixels}.
+
+    A frozen dataclass of a module-level function, so it pickles into the worker processes.
+    """
+
+    fn: Callable[..., np.ndarray]
+    kwargs: tuple[tuple[str, Any], ...]
+    uses_rng: bool = True
+
+    def __call__(self, image, rng):
+        kwargs = dict(self.kwargs)
+        return {"image": self.fn(image, rng, **kwargs) if self.uses_rng else self.fn(image, **kwargs)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageShiftTransform:
+    """`fn(image, rng, **kwargs) -> (pixels, RGB offset)` as an augmentation (`scale_aug`'s lighting)."""
+
+    fn: Callable[..., tuple[np.ndarray, np.ndarray]]
+    kwargs: tuple[tuple[str, Any], ...]
+
+    def __call__(self, image, rng):
+        pixels, shift = self.fn(image, rng, **dict(self.kwargs))
+        return {"image": pixels, "pixel_shift": shift}
+
+
+def frozen_kwargs(**kwargs) -> tuple[tuple[str, Any], ...]:
+    """Keyword arguments as a hashable, picklable tuple (for `ImageTransform`)."""
+    return tuple(sorted(kwargs.items()))
+
+
+@register_augmentation("inception_crop", "random-resized crop (8%-100% area, ratio 3/4-4/3) + flip (the reference)")
+def _inception_crop(c: AugmentContext) -> Augment:
+    return ImageTransform(inception_crop, frozen_kwargs(image_size=c.image_size, flip=c.flip))
+
+
+@register_augmentation("scale_aug", "shorter side uniform in [256, 512], random crop, flip, PCA lighting (the paper)")
+def _scale_aug(c: AugmentContext) -> Augment:
+    return ImageShiftTransform(scale_aug, frozen_kwargs(image_size=c.image_size, flip=c.flip))
+
+
+@register_augmentation("translate", "resize, random shift of up to 1/8 of the side, no flip (the digits default)")
+def _translate(c: AugmentContext) -> Augment:
+    return ImageTransform(translate, frozen_kwargs(image_size=c.image_size, max_shift=max(1, round(c.image_size / 8))))
+
+
+@register_augmentation("center_crop_flip", "shorter side to train_resize_size, centre crop, flip (CUB)")
+def _center_crop_flip(c: AugmentContext) -> Augment:
+    size = c.resize_size or c.image_size
+    return ImageTransform(
+        center_crop_flip, frozen_kwargs(image_size=c.image_size, resize_size=size, resize_mode="shorter", flip=c.flip)
+    )
+
+
+@register_augmentation("square_center_crop_flip", "both sides to train_resize_size, centre crop, flip (Cars, Aircraft)")
+def _square_center_crop_flip(c: AugmentContext) -> Augment:
+    size = c.resize_size or c.image_size
+    return ImageTransform(
+        center_crop_flip, frozen_kwargs(image_size=c.image_size, resize_size=size, resize_mode="square", flip=c.flip)
+    )
+
+
+@register_augmentation("none", "the evaluation transform (no randomness)")
+def _none(c: AugmentContext) -> Augment:
+    if c.eval_mode == "resize":
+        return ImageTransform(resize_whole, frozen_kwargs(image_size=c.image_size), uses_rng=False)
+    resize = max(c.image_size, round(c.image_size * DEFAULT_RESIZE_SIZE / DEFAULT_IMAGE_SIZE))
+    return ImageTransform(eval_crop, frozen_kwargs(image_size=c.image_size, resize_size=resize), uses_rng=False)

@@ -1,29 +1,32 @@
-"""Test helpers: mocked TFDS datasets with consistent split sizes, generated image folders.
+"""Test helpers: small TFDS datasets in ArrayRecord format, image folders, test images.
 
-`mock_tfds` wraps `tfds.testing.mock_data` so that pipelines run their real code
-on generated data: it writes the dataset's metadata (with the split sizes you
-choose) to a temporary directory, and serves every (sub-)split with exactly the
-examples it should hold. Example `i` of a split is generated deterministically
-from `i` and has label `i % num_classes`, so tests can tell which examples they
-received.
+`mock_tfds` writes a real, small TFDS dataset (ArrayRecord files and the metadata
+TFDS keeps with them) under the directory you give, with the split sizes you
+choose and the features of the registered TFDS dataset of that name, so the
+pipelines and `train.py` read it exactly as a prepared dataset. Example `i` of a
+split has label `i % num_classes`, so tests can tell which examples they received.
+Nothing here needs TensorFlow.
 
     with gg_jax.data.testing.mock_tfds('imagenet2012', tmp_path, train=40, validation=13):
       it = gg_jax.data.create_train_iterator('imagenet2012', data_dir=str(tmp_path), ...)
-
-(`data_dir` is ignored while mocked; any value works.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
+import shutil
 import zlib
 
 import numpy as np
 
-from gg_jax.data._tf import tf as _tf
-from gg_jax.data._tf import tfds as _tfds
+
+def _tfds():
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    return tfds
 
 
 def coordinate_image(height: int, width: int) -> np.ndarray:
@@ -41,7 +44,10 @@ def encode_image(image: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
     buf = io.BytesIO()
     if fmt.upper() == "JPEG":
         kwargs.setdefault("quality", 90)
-    Image.fromarray(np.asarray(image, np.uint8)).save(buf, fmt, **kwargs)
+    image = np.asarray(image, np.uint8)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    Image.fromarray(image).save(buf, fmt, **kwargs)
     return buf.getvalue()
 
 
@@ -89,73 +95,118 @@ def write_image_folder(
     return {"root": str(root), "corrupt_path": corrupt_path}
 
 
-def _write_metadata(name: str, metadata_dir: str, split_sizes: dict[str, int]):
+# ------------------------------------------------------------- TFDS datasets on disk
+
+
+def _fake_value(feature, key: str, i: int, rng: np.random.Generator, image_size):
+    """A valid value of one TFDS feature for example `i` (images: a random photo, encoded)."""
     tfds = _tfds()
-    builder = tfds.builder(name, data_dir=metadata_dir)
-    info = builder.info
-    split_infos = [
-        tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=1000 * n) for split, n in split_sizes.items()
-    ]
-    info.set_splits(tfds.core.SplitDict(split_infos))
-    os.makedirs(builder.data_dir, exist_ok=True)
-    info.write_to_directory(builder.data_dir)
+    f = tfds.features
+    if isinstance(feature, f.FeaturesDict):
+        return {k: _fake_value(v, f"{key}/{k}", i, rng, image_size) for k, v in feature.items()}
+    if isinstance(feature, f.ClassLabel):
+        return i % feature.num_classes
+    if isinstance(feature, f.Image):
+        h, w, c = feature.shape
+        if h is None or w is None:
+            h, w = image_size if image_size is not None else (int(rng.integers(32, 81)), int(rng.integers(32, 81)))
+        pixels = random_photo(rng, h, w)
+        pixels = pixels[..., :1] if c == 1 else pixels
+        fmt = "JPEG" if getattr(feature, "_encoding_format", None) == "jpeg" or c == 3 else "PNG"
+        return io.BytesIO(encode_image(pixels, fmt))
+    if isinstance(feature, f.Text):
+        return f"{key}_{i:06d}"
+    if isinstance(feature, f.BBoxFeature):
+        return f.BBox(ymin=0.1, xmin=0.2, ymax=0.7, xmax=0.9)
+    if isinstance(feature, f.Tensor):
+        shape = tuple(1 if d is None else d for d in feature.shape)
+        return np.zeros(shape, feature.np_dtype)
+    raise ValueError(f"No fake value for the feature {key!r} ({type(feature).__name__}) of this dataset")
 
 
-def _split_indices(split, split_infos) -> list[tuple[str, int, int]]:
-    from tensorflow_datasets.core import splits as splits_lib  # pylint: disable=g-import-not-at-top
+def _write_dataset(
+    data_dir: str,
+    *,
+    name: str,
+    version: str,
+    config: str | None,
+    features,
+    supervised_keys,
+    split_sizes: dict[str, int],
+    example_fn,
+    num_shards: int,
+) -> str:
+    """Writes a TFDS dataset in ArrayRecord format with a throwaway builder; returns its folder."""
+    tfds = _tfds()
 
-    out = []
-    for inst in splits_lib.AbstractSplit.from_spec(split).to_absolute(split_infos):
-        stop = split_infos[inst.splitname].num_examples if inst.to is None else inst.to
-        out.append((inst.splitname, inst.from_ or 0, stop))
-    return out
+    class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version(version)
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=config)] if config else []
+        url_infos = {}  # Nothing to download (and no checksums file to look up).
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self, features=copy.deepcopy(features), supervised_keys=supervised_keys
+            )
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {split: self._generate_examples(split, n) for split, n in split_sizes.items()}
+
+        def _generate_examples(self, split, n):
+            for i in range(n):
+                yield i, example_fn(split, i)
+
+    _Builder.name = name
+    tfds.disable_progress_bar()
+    builder = _Builder(data_dir=os.fspath(data_dir), file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+    return os.fspath(builder.data_dir)
 
 
 @contextlib.contextmanager
-def mock_tfds(name: str, metadata_dir, image_size: tuple[int, int] | None = None, **split_sizes: int):
-    """Mocks TFDS dataset `name` with the given split sizes (e.g. train=40, validation=13).
+def mock_tfds(
+    name: str,
+    data_dir,
+    image_size: tuple[int, int] | None = None,
+    *,
+    num_shards: int = 1,
+    **split_sizes: int,
+):
+    """Writes TFDS dataset `name` (its registered features and version) with the given split
+    sizes (e.g. train=40, validation=13) as ArrayRecord files under `data_dir`, and removes
+    it on exit. Pass the same `data_dir` to the pipelines.
 
-    image_size: (H, W) of the generated images (default: the feature's shape, or
-    random 5..50 sides where it is dynamic).
+    image_size: (H, W) of the generated images where the feature's shape is dynamic
+    (default: random sides in [32, 80]); a static shape (places365_small's 256 x 256) wins.
     """
-    tf, tfds = _tf(), _tfds()
-    from tensorflow_datasets.testing import mocking  # pylint: disable=g-import-not-at-top
+    tfds = _tfds()
+    data_dir = os.fspath(data_dir)
+    registered = tfds.builder(name, data_dir=data_dir)
+    info = registered.info
+    keys = info.supervised_keys or ("image", "label")
 
-    metadata_dir = os.fspath(metadata_dir)
-    _write_metadata(name, metadata_dir, split_sizes)
+    def example(split, i):
+        rng = np.random.default_rng([zlib.crc32(split.encode()), i])
+        ex = {k: _fake_value(v, k, i, rng, image_size) for k, v in info.features.items()}
+        ex[keys[1]] = i % info.features[keys[1]].num_classes
+        return ex
 
-    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
-        del read_config, shuffle_files
-        features = self.info.features
-        num_classes = features["label"].num_classes
-        gen_cls, sub_features, specs, decode_fn = mocking._get_fake_data_components(  # pylint: disable=protected-access
-            decoders, features
-        )
-        ranges = _split_indices(split, self.info.splits)
-
-        def generate():
-            for split_name, start, stop in ranges:
-                gen = gen_cls(sub_features, num_examples=stop, seed=zlib.crc32(split_name.encode()) % 1000 * 100_000)
-                for i in range(start, stop):
-                    ex = mocking.RandomFakeGenerator.__getitem__(gen, i)
-                    if image_size is not None and None in features["image"].shape:
-                        rng = np.random.default_rng(i)
-                        ex["image"] = rng.integers(0, 256, image_size + (3,), dtype=np.uint8)
-                    ex["label"] = i % num_classes
-                    if gen_cls is not mocking.RandomFakeGenerator:
-                        ex = sub_features.encode_example(ex)
-                    yield ex
-
-        ds = tf.data.Dataset.from_generator(
-            generate,
-            output_signature=tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), specs),
-        )
-        return ds.map(decode_fn)
-
-    with tfds.testing.mock_data(
-        policy=tfds.testing.MockPolicy.USE_FILES, data_dir=metadata_dir, as_dataset_fn=as_dataset
-    ):
-        yield
+    folder = _write_dataset(
+        data_dir,
+        name=registered.name,
+        version=str(registered.version),
+        config=registered.builder_config.name if registered.builder_config else None,
+        features=info.features,
+        supervised_keys=info.supervised_keys,
+        split_sizes=split_sizes,
+        example_fn=example,
+        num_shards=num_shards,
+    )
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_tfds_dataset(
@@ -169,49 +220,40 @@ def write_tfds_dataset(
     encoded_images=None,
     **split_sizes: int,
 ) -> str:
-    """Prepares a real (not mocked) TFDS image-classification dataset on disk.
+    """Prepares a TFDS image-classification dataset on disk, as `tfds build --file_format=array_record`.
 
-    Written by a TFDS builder as tfrecord shards (`num_shards` per split), it is
-    read back as any prepared dataset: `tfds.builder(name, data_dir=data_dir)`.
-    Example i of a split is a JPEG of random size around `size` (or
-    `encoded_images[i % len(encoded_images)]`) with label `i % num_classes`.
-    Returns the dataset name.
+    `num_shards` ArrayRecord files per split; read back as any prepared dataset:
+    `tfds.builder(name, data_dir=data_dir)`. Example i of a split is a JPEG of random
+    size around `size` (or `encoded_images[i % len(encoded_images)]`) with label
+    `i % num_classes`. Returns the dataset name.
     """
     tfds = _tfds()
+    features = tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(num_classes=num_classes),
+        }
+    )
 
-    class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        VERSION = tfds.core.Version("1.0.0")
-        url_infos = {}  # Nothing to download (and no checksums file to look up).
+    def example(split, i):
+        if encoded_images is not None:
+            image = encoded_images[i % len(encoded_images)]
+        else:
+            rng = np.random.default_rng([seed, zlib.crc32(split.encode()), i])
+            h = int(size[0] * rng.uniform(0.7, 1.3))
+            w = int(size[1] * rng.uniform(0.7, 1.3))
+            image = encode_image(random_photo(rng, h, w))
+        return {"image": io.BytesIO(image), "label": i % num_classes}
 
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                features=tfds.features.FeaturesDict(
-                    {
-                        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                        "label": tfds.features.ClassLabel(num_classes=num_classes),
-                    }
-                ),
-                supervised_keys=("image", "label"),
-            )
-
-        def _split_generators(self, dl_manager):
-            del dl_manager
-            return {split: self._generate_examples(split, n) for split, n in split_sizes.items()}
-
-        def _generate_examples(self, split, n):
-            rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
-            for i in range(n):
-                if encoded_images is not None:
-                    image = encoded_images[i % len(encoded_images)]
-                else:
-                    h = int(size[0] * rng.uniform(0.7, 1.3))
-                    w = int(size[1] * rng.uniform(0.7, 1.3))
-                    image = encode_image(random_photo(rng, h, w))
-                yield i, {"image": image, "label": i % num_classes}
-
-    _Builder.name = name
-    tfds.disable_progress_bar()
-    builder = _Builder(data_dir=os.fspath(data_dir))
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+    _write_dataset(
+        data_dir,
+        name=name,
+        version="1.0.0",
+        config=None,
+        features=features,
+        supervised_keys=("image", "label"),
+        split_sizes=split_sizes,
+        example_fn=example,
+        num_shards=num_shards,
+    )
     return name

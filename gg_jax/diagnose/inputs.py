@@ -72,13 +72,7 @@ def load_images(
             f"--images={images}: no image files found (a folder, a glob such as 'photos/*.jpg', comma-separated "
             "files, or a dataset name such as 'digits')."
         )
-    from gg_jax.data._tf import tf as _tf
-
-    tf = _tf()
-    out = []
-    for f in files:
-        image = pp.eval_preprocess(tf.io.read_file(f), image_size=image_size, resize_size=resize_size)
-        out.append(np.asarray(pp.normalize(image[None]))[0])
+    out = [pp.eval_image(f, image_size=image_size, resize_size=resize_size) for f in files]
     return np.stack(out).astype(np.float32), files
 
 

@@ -52,9 +52,9 @@ def markdown(summary: dict) -> str:
 
 
 def write_tensorboard(workdir: str, step: int, summary: dict, out: str):
-    from clu import metric_writers
+    from gg_jax import summary as summary_lib
 
-    writer = metric_writers.create_default_writer(workdir, asynchronous=False)
+    writer = summary_lib.create_writer(workdir)
     scalars = {}
     for layer, entry in summary["layers"].items():
         for scope in ("per_image", "pooled"):

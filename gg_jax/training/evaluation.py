@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
-from clu import metric_writers
 
-from gg_jax import checkpoints, data, sharding
+from gg_jax import checkpoints, data, sharding, summary
 from gg_jax.training import steps as steps_lib
 from gg_jax.training import validation
 
@@ -37,6 +36,7 @@ def evaluate_variables(eval_step, variables, config, mesh) -> dict[str, float]:
         mirror_crop=config.eval.mirror_crop,
         mesh=mesh,
         dtype=jnp.dtype(config.model.dtype or "float32"),
+        num_workers=config.dataset.num_workers,
     )
     totals = None
     for batch in batches:
@@ -147,7 +147,7 @@ def evaluate(
             published["published_source"],
         )
     if workdir:
-        writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+        writer = summary.create_writer(workdir, just_logging=jax.process_index() > 0)
         writer.write_scalars(step, {"eval/top1_error": metrics["top1_error"], "eval/top5_error": metrics["top5_error"]})
         writer.close()
     return {**metrics, "step": step, **published}

@@ -1,12 +1,14 @@
 """What a run reports as it goes: the train metrics between log steps and the progress line.
 
 `TrainMetrics` is a `clu.metrics.Collection` of the step's means (loss, top-1 error), merged
-on the devices between log steps and read at the log step. `Progress` is clu's
-`ReportProgress` with the timing a train loop with asynchronous dispatch needs: it is
-called at each log step once that step's metrics are on the host (reading them waits for
-the devices), its first call is the end of the run's first step (compilation excluded),
-evaluations are timed apart and left out of the rate, and the ETA adds the evaluations still
-due at their mean duration.
+on the devices between log steps and read at the log step. `Progress` reports what clu's
+`periodic_actions.ReportProgress` reports (steps per second, ETA, `steps_per_sec` to the
+writer) with the timing a train loop with asynchronous dispatch needs: it is called at each
+log step once that step's metrics are on the host (reading them waits for the devices), its
+first call is the end of the run's first step (compilation excluded), evaluations are timed
+apart and left out of the rate, and the ETA adds the evaluations still due at their mean
+duration. (clu's class itself is not used: `clu.periodic_actions` imports TensorFlow, which
+the trainer does not need.)
 """
 
 import contextlib
@@ -15,7 +17,7 @@ import time
 import flax
 import numpy as np
 from absl import logging
-from clu import metrics, periodic_actions
+from clu import metrics
 
 
 @flax.struct.dataclass
@@ -51,26 +53,25 @@ def evals_left(step: int, total_steps: int, eval_every: int | None) -> int:
     return periodic + (0 if eval_every and total_steps % eval_every == 0 else 1)
 
 
-class Progress(periodic_actions.ReportProgress):
+class Progress:
     """`progress(step)` logs "Step s of N (p%): r steps/s, ETA ..." and writes `steps_per_sec`.
 
     Call it when step `s` has completed on the devices: first at the end of the run's first
-    step (the reference point), then at each log step. `rate` is the steps per second of the
-    last report, evaluations (`with progress.evaluation():`) left out.
+    step (`first_step_done`, the reference point), then at each log step. `rate` is the steps
+    per second of the last report, evaluations (`with progress.evaluation():`) left out.
     """
 
     def __init__(self, *, num_train_steps: int, writer, eval_every: "int | None"):
-        super().__init__(num_train_steps=num_train_steps, writer=writer, every_steps=None, every_secs=None)
+        self._num_train_steps = num_train_steps
+        self._writer = writer
         self._eval_every = eval_every
         self._eval_seconds: list[float] = []
         self._eval_since_report = 0.0
+        self._previous: tuple[int, float] | None = None  # (step, time) of the last report.
         self.rate: float | None = None
 
-    def _should_trigger(self, step: int, t: float) -> bool:
-        return step != self._previous_step  # Each call after the first reports.
-
     def first_step_done(self, step: int) -> None:
-        self(step)
+        self._previous, self._eval_since_report = (step, time.monotonic()), 0.0
         logging.info(
             "Step %d of %d: the first step of this run (compilation included) is done.", step, self._num_train_steps
         )
@@ -86,9 +87,12 @@ class Progress(periodic_actions.ReportProgress):
             self._eval_seconds.append(seconds)
             self._eval_since_report += seconds
 
-    def _apply(self, step: int, t: float) -> None:
-        self.rate = (step - self._previous_step) / max(t - self._previous_time - self._eval_since_report, 1e-9)
-        self._eval_since_report = 0.0
+    def __call__(self, step: int) -> None:
+        now = time.monotonic()
+        if self._previous is None or step <= self._previous[0]:
+            return  # The first step's line said it.
+        self.rate = (step - self._previous[0]) / max(now - self._previous[1] - self._eval_since_report, 1e-9)
+        self._previous, self._eval_since_report = (step, now), 0.0
         eta = (self._num_train_steps - step) / self.rate
         due = evals_left(step, self._num_train_steps, self._eval_every)
         if due and self._eval_seconds:
@@ -103,5 +107,4 @@ class Progress(periodic_actions.ReportProgress):
             _duration(eta),
             note,
         )
-        if self._writer is not None:
-            self._writer.write_scalars(step, {"steps_per_sec": self.rate})
+        self._writer.write_scalars(step, {"steps_per_sec": self.rate})

@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
-from clu import metric_writers, periodic_actions
 from etils import epath
 
-from gg_jax import checkpoints, data, models, sharding
+from gg_jax import checkpoints, data, models, sharding, summary
 from gg_jax.checkpoints import training as run_checkpoints
 from gg_jax.errors import UserError
 from gg_jax.training import evaluation, init_from, optim, preemption, progress, validation
@@ -204,7 +203,7 @@ def _train(config, workdir, mesh, info, model, tx, schedule, meta, watcher) -> T
         return TrainResult(state, start_step, None)
 
     _write_config(config, workdir)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = summary.create_writer(workdir, just_logging=jax.process_index() > 0)
     logging.info(
         "Training %s on %s (%d classes) for %d steps (%d per epoch), global batch %d over %d devices, "
         "learning rate %g, from step %d.",
@@ -229,6 +228,12 @@ def _train(config, workdir, mesh, info, model, tx, schedule, meta, watcher) -> T
         dtype=jnp.dtype(config.model.dtype or "float32"),
         **{k: v for k, v in config.dataset.items() if k not in ("name", "data_dir") and v is not None},
     )
+    if start_step and not run_checkpoints.restore_data(manager, start_step, train_iter):
+        logging.info(
+            "The checkpoint holds no input state for %d processes: reading on from step %d.",
+            jax.process_count(),
+            start_step,
+        )
     train_step = steps_lib.jit_train_step(
         model, tx, mesh, state_sharding, seed=config.seed, accum_steps=config.grad_accum_steps
     )
@@ -239,16 +244,8 @@ def _train(config, workdir, mesh, info, model, tx, schedule, meta, watcher) -> T
     eval_every = _every(config.eval_every_steps, steps_per_epoch)
     checkpoint_every = _every(config.checkpoint_every_steps, steps_per_epoch)
     report = progress.Progress(num_train_steps=total_steps, writer=writer, eval_every=eval_every)
-    profile = None
-    if config.profile and jax.process_index() == 0:
-        # One trace of 5 steps, after compilation and warm-up, into WORKDIR/plugins/profile.
-        profile = periodic_actions.Profile(
-            logdir=workdir,
-            num_profile_steps=5,
-            profile_duration_ms=None,
-            first_profile=start_step + 10,
-            every_secs=None,
-        )
+    # One profiler trace of 5 steps, after compilation and warm-up, into WORKDIR/plugins/profile.
+    profile_from = start_step + 10 if config.profile and jax.process_index() == 0 else None
     saver = checkpoints.CheckpointWriter(manager, meta, committed=start_step or None)
     train_metrics = eval_metrics = stopped_by = None
     step = start_step
@@ -265,8 +262,10 @@ def _train(config, workdir, mesh, info, model, tx, schedule, meta, watcher) -> T
             if step == start_step + 1:
                 jax.block_until_ready(step_metrics)  # Compilation and the first step are done.
                 report.first_step_done(step)
-            if profile is not None:
-                profile(step)
+            if step == profile_from:
+                jax.profiler.start_trace(workdir)
+            elif profile_from is not None and step == profile_from + 5:
+                jax.profiler.stop_trace()
             last = step == total_steps
             stopped_by = watcher.reached(step)
             saver.poll()
@@ -291,7 +290,7 @@ def _train(config, workdir, mesh, info, model, tx, schedule, meta, watcher) -> T
                 )
                 if not (losses_finite and bool(state_is_finite(state))):
                     raise _diverged(step, saver.last_good, workdir, config)
-                saver.save(step, state)
+                saver.save(step, state, train_iter)
                 if stopped_by:
                     saver.finish()
                     logging.warning(
@@ -315,6 +314,7 @@ def _train(config, workdir, mesh, info, model, tx, schedule, meta, watcher) -> T
         try:
             saver.close()
         finally:
+            train_iter.close()
             writer.flush()
             writer.close()
     if step == total_steps and eval_metrics is not None:
