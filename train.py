@@ -2,7 +2,7 @@ r"""Train a 3G-Net (or any gg_jax model) with an ml_collections config.
 
   python train.py --config=configs/demo.py --workdir=/tmp/gg_demo
   python train.py --config=configs/imagenet_r50.py --workdir=gs://bucket/r50 \
-      --config.dataset.data_dir=gs://bucket/tfds --config.batch_size=1024 --config.half_precision=True
+      --config.dataset.data_dir=gs://bucket/data --config.batch_size=1024 --config.model.dtype=bfloat16
 
 Every config field can be overridden with --config.FIELD=VALUE. Rerunning the same
 command in the same workdir resumes from the latest checkpoint (a finished run does not

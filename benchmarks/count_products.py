@@ -8,7 +8,7 @@ re-weighting blocks; covariance; iSQRT, K = 5; vector) on a `layer4`-shaped bf16
 (28 x 28 x 2048 at 224 pixels), forward then backward for its parameters and input
 (`jax.value_and_grad`, BatchNorm in train mode), traced, not run (abstract shapes: any
 size, any machine), with the heads' default `nn.Conv` (the GPU/TPU program). Counted from
-the program's jaxpr (`tests/program_counts.py`, scan bodies times their length):
+the program's jaxpr (`tests/reference/program_counts.py`, scan bodies times their length):
 products of 256 x 256 matrices ("CxC"), products over the 784 positions ("features": the
 covariance and its gradient), convolutions ("conv"), with GFLOPs, for the forward pass
 alone and for forward + backward.

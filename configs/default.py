@@ -97,8 +97,9 @@ def get_config():
     config.eval.resize_mode = "shorter"  # 'shorter' side to resize_size, or 'square': both sides.
     config.eval.mirror_crop = False  # The centre crop and its mirror image, logits averaged.
 
-    # Fine-tuning: start from a variables directory (`python -m gg_jax.convert ... --out DIR`)
-    # or a training workdir. The classifier is re-initialised when the number of classes
+    # Fine-tuning: start from any checkpoint `gg_jax.checkpoints.load` reads (a variables
+    # directory of `python -m gg_jax.convert ... --out DIR`, a training workdir, or a released
+    # checkpoint "pretrained:NAME"). The classifier is re-initialised when the number of classes
     # differs; init_from_backbone_only re-initialises the head too.
     config.init_from = ""
     config.init_from_backbone_only = False

@@ -11,7 +11,7 @@ platform, `linalg.default_matmul_precision`), and every head returns float32.
 BatchNorm follows the reference (PyTorch defaults): epsilon 1e-5, running averages
 `0.9 * running + 0.1 * batch` (Flax `momentum=0.9`). Flax updates the running
 variance with the *biased* batch variance, PyTorch with the unbiased one; eval-mode
-outputs are unaffected (see the README).
+outputs are unaffected (see docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -281,8 +281,8 @@ class UnrolledReweighting(_ConvModule):
     Call: `module(x, train=...)` -> `[B, H, W, C]` in `dtype`. `num_blocks=0` is the identity.
 
     `unroll=True` (default) unrolls the scan in the compiled program (the parameters stay
-    stacked), which XLA schedules better than the rolled loop's dynamic slices (BENCHMARKS.md);
-    `unroll=False` keeps a compact loop.
+    stacked): XLA sees each block's parameters as static slices instead of the rolled
+    loop's dynamic ones. `unroll=False` keeps a compact loop.
     """
 
     num_blocks: int = 3

@@ -16,10 +16,10 @@ float32 products (forward and backward), one of `MATMUL_PRECISIONS`:
   "auto"     (default) `default_matmul_precision(platform)` for the platform of the
              default backend, resolved when the function is traced.
 
-All of them are float32-accurate: tests/test_precision.py checks by emulation that each
-keeps the errors of the root, the whole head and their gradients against float64 within
-2x of float32 HIGHEST's. A single-pass bf16/TF32 product (what default precision gives
-on TPUs and GPUs) is not: Newton-Schulz iterations drift with it, so it is not offered.
+All of them are float32-accurate: the errors of the root, the whole head and their
+gradients against float64 stay within 2x of float32 HIGHEST's. A single-pass bf16/TF32
+product (what default precision gives on TPUs and GPUs) is not: Newton-Schulz iterations
+drift with it, so it is not offered.
 XLA:CPU computes every float32 product in float32 (and rejects the TF32 presets), so on
 CPU every setting runs as "highest"; float64 products are always float64.
 
@@ -54,7 +54,7 @@ MATMUL_PRECISIONS = {
 MatmulPrecision = Literal["auto", "highest", "bf16_6x", "tf32_3x"] | jax.lax.Precision | jax.lax.DotAlgorithmPreset
 
 # What "auto" means per platform (`default_matmul_precision`). The reasoning, from the
-# chips' matrix rates, is in BENCHMARKS.md ("Head precision").
+# chips' matrix rates, and the accuracy of each setting: BENCHMARKS.md ("Head precision").
 _PLATFORM_DEFAULTS = {"cpu": "highest", "tpu": "highest", "cuda": "tf32_3x", "rocm": "highest"}
 
 __all__ = [

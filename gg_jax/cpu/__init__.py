@@ -6,7 +6,7 @@
   `init_compiler_options(platform)`: of one-off initialisation programs.
 - `malloc.tune_for_cpu_backend()`: transparent huge pages for malloc, called by `train.py`
   and `evaluate.py` when JAX runs on the CPU only.
-BENCHMARKS.md ("CPU") has what each one is worth.
+BENCHMARKS.md ("CPU train step", "CPU operations") has the CPU figures.
 """
 
 from __future__ import annotations

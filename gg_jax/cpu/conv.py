@@ -3,8 +3,8 @@
 `Conv` takes the call and the parameter of `nn.Conv(..., use_bias=False)` (`kernel`
 `[kh, kw, in, out]`, same init, same result to float32 rounding), so `gg_jax.models.create`
 substitutes it on CPU without changing checkpoints. XLA:CPU runs a 1x1 convolution and some
-kernel-gradient convolutions several times slower than the equivalent matrix products;
-BENCHMARKS.md ("CPU convolutions") has the measurements behind every threshold here.
+kernel-gradient convolutions slower than the equivalent matrix products; the thresholds
+below pick, per input shape, the form that is faster there.
 """
 
 from __future__ import annotations

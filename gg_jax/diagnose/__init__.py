@@ -5,7 +5,7 @@
     python -m gg_jax.diagnose --checkpoint=ckpt/r50_imagenet --images='photos/*.jpg' --out=/tmp/r50_diag
 
 Runs any gg_jax checkpoint (a training workdir or one of its steps, or a converted PyTorch
-checkpoint; `variables_io.load_model`) on a few images, preprocessed as the model's eval
+checkpoint; `gg_jax.checkpoints.load`) on a few images, preprocessed as the model's eval
 pipeline does, and takes the last convolutional activations: the backbone's output
 (`layer4`) and, for the covariance heads, the head's reduced map (`reduced`, the output of
 its 1x1 conv -> BN -> ReLU, what the 3G layer models). For every image and channel it fits a
