@@ -7,9 +7,10 @@
 # e.g. r50_3g_f32_128 r101_3g_bf16_128) run only those. `bash benchmarks/gpu.sh OUT 450`
 # fits a lease's 8-minute command (start-up included) and measures steps 1-4 (5 if time is left).
 #
-# Needs jax (CUDA), flax, optax, numpy and torch (CUDA, with Triton for torch.compile); no
-# tensorflow. If flax or optax is missing or too different there, wheels in ./.whl (see
-# BENCHMARKS.md) are installed instead.
+# Needs jax (CUDA), flax, optax, numpy and torch (CUDA, with Triton for torch.compile), and for
+# the trainer step the `train` requirements (orbax, grain, array-record, simplejpeg, ...); no
+# tensorflow. If the smoke test fails, wheels carried in ./.whl (`pip download --no-deps -d .whl
+# PACKAGE` on a machine with the registry) are installed into /tmp/gg_jax_site and tried again.
 # Writes log.txt (everything printed) and one JSON per benchmark into OUTDIR, most important
 # first, so that a lease that ends early still returns the headline figures:
 #   1. accuracy: every head product setting (and the rejected ones) against float64 with the

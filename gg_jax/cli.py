@@ -13,6 +13,7 @@ config value, a missing dataset or checkpoint, a damaged file, a failed save, ..
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -38,6 +39,14 @@ def _exit_on_user_error(error: UserError) -> None:
     # Skip the interpreter's shutdown: after a failed save, the asyncio coroutines of Orbax's
     # writers print tracebacks while they are torn down. Everything of ours is closed by now.
     os._exit(1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """`argparse.ArgumentParser` whose errors are one `error:` line (and exit status 1), like
+    every other error of the command line, instead of the usage and a `prog: error:` line."""
+
+    def error(self, message: str):
+        fail(f"{message} (see {self.prog} --help)")
 
 
 def run_tool(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
@@ -202,8 +211,12 @@ def run(main: Callable[[list[str]], object]) -> None:
             return main(argv)
         except UserError as e:
             _exit_on_user_error(e)
-        except KeyboardInterrupt:  # Ctrl-C before the trainer handles it (which saves and exits 130).
-            print("error: interrupted (Ctrl-C) before training started; nothing was changed.", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C where the trainer does not handle it (it saves and exits 130).
+            print(
+                "error: interrupted (Ctrl-C); the checkpoints already completed are kept: rerun the same command to "
+                "resume from the latest.",
+                file=sys.stderr,
+            )
             sys.exit(128 + 2)
 
     app.run(checked_main, flags_parser=parse_flags)

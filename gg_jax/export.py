@@ -23,7 +23,6 @@ is lowered here, on any machine, and the caller's default device picks one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Sequence
@@ -245,7 +244,7 @@ def export_checkpoint(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m gg_jax.export",
         description="Export a gg_jax checkpoint's eval-mode model as a serialized jax.export artifact "
         "(symbolic batch dimension, weights inside), callable with only jax installed.",

@@ -446,10 +446,10 @@ def test_cli_model_options_read_from_the_checkpoint_or_given(tmp_path, capsys):
     # A flag the checkpoint contradicts: the mismatch names the value to pass.
     with pytest.raises(convert.CheckpointMismatchError, match=r"pass num_blocks=1 \(--num_blocks 1\)"):
         convert.main([*args, str(tmp_path / "wrong"), "--num_blocks", "2"])
-    # An option of another model is a usage error (exit status 2), as an unknown flag.
+    # An option of another model is a usage error: one `error:` line, exit status 1.
     with pytest.raises(SystemExit) as e:
         convert.main(["--arch", "resnet18_gap", "--torch_checkpoint", str(pth), "--out", "x", "--num_blocks", "1"])
-    assert e.value.code == 2 and "--num_blocks: not an option of resnet18_gap" in capsys.readouterr().err
+    assert e.value.code == 1 and "error: --num_blocks: not an option of resnet18_gap" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -530,7 +530,7 @@ def test_module_entry_point():
         dict(os.environ),
         check=False,
     )
-    assert proc.returncode == 2 and "resnet50_3g" in proc.stderr  # unknown name: lists the valid ones
+    assert proc.returncode == 1 and "resnet50_3g" in proc.stderr  # unknown name: lists the valid ones
 
 
 def test_module_entry_point_errors_are_one_line(tmp_path):

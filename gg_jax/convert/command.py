@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from gg_jax import checkpoints, cpu, models
+from gg_jax import checkpoints, cli, cpu, models
 from gg_jax.convert import keys
 from gg_jax.convert.conversion import load_torch_checkpoint, merge_backbone
 
@@ -52,7 +52,7 @@ def option_value(text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m gg_jax.convert",
         description="Convert a PyTorch checkpoint (3G-Net, fast-MPN-COV iSQRT-COV, torchvision ResNet) "
         "into a gg_jax variables directory (read by gg_jax.checkpoints.load).",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -11,7 +10,7 @@ from gg_jax.diagnose import DEFAULT_NUM_IMAGES, MIN_SAMPLES, MODES, run
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m gg_jax.diagnose",
         description="Fit generalized Gaussians and Gaussians to a model's last convolutional activations "
         "(the paper's Figure 1).",

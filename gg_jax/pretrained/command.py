@@ -13,12 +13,12 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from gg_jax import pretrained
+from gg_jax import cli, pretrained
 from gg_jax.pretrained.registry import NOT_AVAILABLE
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python -m gg_jax.pretrained",
         description="The authors' released checkpoints: list them, or download, verify, convert and cache one.",
     )
