@@ -141,7 +141,9 @@ def test_cli_errors_say_what_to_do(tmp_path, capsys):
         check=False,
     )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1 and len(lines) == 1 and "Unknown platform 'gpu' (for NVIDIA GPUs 'cuda'" in lines[0], lines
+    assert proc.returncode == 1 and len(lines) == 1 and "Unknown platform 'gpu' (for NVIDIA GPUs 'cuda'" in lines[0], (
+        lines
+    )
     (tmp_path / "taken.jax").write_bytes(b"keep")
     with pytest.raises(SystemExit):
         export.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "a.jax"), "--platforms", "cpu,gpu"])

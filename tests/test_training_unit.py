@@ -12,6 +12,7 @@ import pytest
 
 from gg_jax import checkpoints, convert, data, errors, models, sharding
 from gg_jax.checkpoints import training as run_checkpoints
+from gg_jax.checkpoints import writer as checkpoint_writer
 from gg_jax.training import optim, steps, trainer, validation
 from gg_jax.training import state as state_lib
 from tests import runs
@@ -286,11 +287,11 @@ def test_storage_errors_are_recognised_in_tensorstore_messages():
         'RESOURCE_EXHAUSTED: Error writing "params.conv1.kernel/0" in OCDBT database at local file "/w/": '
         "Failed to write 23838720 bytes to file 5: No space left on device [os_error_code='28']"
     )
-    assert run_checkpoints.storage_error(tensorstore_error) == "No space left on device"
+    assert checkpoint_writer.storage_error(tensorstore_error) == "No space left on device"
     wrapped = RuntimeError("save failed")
     wrapped.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded")
-    assert run_checkpoints.storage_error(wrapped) == "Disk quota exceeded"
-    assert run_checkpoints.storage_error(ValueError("shapes do not match")) is None
+    assert checkpoint_writer.storage_error(wrapped) == "Disk quota exceeded"
+    assert checkpoint_writer.storage_error(ValueError("shapes do not match")) is None
 
 
 def test_config_errors_are_clear(tmp_path):

@@ -11,7 +11,8 @@ the model its metadata names. Evaluation, fine-tuning
 `run_config(path)` is the training config (`config.json`) of the run a checkpoint belongs to.
 
   variables.py  variables directories (`save_variables`, `load_variables`) and `merge`
-  training.py   the Orbax checkpoints of a training run: reading, resuming, `CheckpointWriter`
+  training.py   the Orbax checkpoints of a training run: the manager, reading, what a resume needs
+  writer.py     saving them: `CheckpointWriter`, and the storage failures it reports
   claim.py      one run per workdir (`claim_workdir`: a lock, or a lease on object stores)
 """
 
@@ -28,12 +29,7 @@ from etils import epath
 from gg_jax import models
 from gg_jax.checkpoints import training
 from gg_jax.checkpoints.claim import WorkdirBusyError, claim_workdir
-from gg_jax.checkpoints.training import (
-    CheckpointSaveError,
-    CheckpointWriter,
-    DamagedCheckpointError,
-    WorkdirMismatchError,
-)
+from gg_jax.checkpoints.training import DamagedCheckpointError, WorkdirMismatchError
 from gg_jax.checkpoints.variables import (
     CheckpointExistsError,
     CheckpointMismatchError,
@@ -43,6 +39,7 @@ from gg_jax.checkpoints.variables import (
     merge,
     save_variables,
 )
+from gg_jax.checkpoints.writer import CheckpointSaveError, CheckpointWriter
 
 __all__ = [
     "CheckpointExistsError",

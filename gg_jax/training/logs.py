@@ -24,7 +24,7 @@ class _DropLibraryInfo(logging.Filter):
             return True
         if record.levelno < logging.WARNING or str(record.msg).startswith("Given directory is read only"):
             return False
-        from gg_jax.checkpoints.training import storage_error
+        from gg_jax.checkpoints.writer import storage_error
 
         error = record.exc_info[1] if record.exc_info else None
         return error is None or storage_error(error) is None
