@@ -42,8 +42,7 @@ import numpy as np
 
 from benchmarks.table import print_table
 from gg_jax import data
-from gg_jax.data import datasets as datasets_lib
-from gg_jax.data import testing
+from gg_jax.data import sources, testing
 
 SIZES = ((375, 500), (500, 375), (333, 500), (500, 333))
 IMAGE_SIZE, RESIZE_SIZE = 224, 256
@@ -86,14 +85,12 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
     ]
 
 
-def memory_source(jpegs: list[bytes], num_examples: int) -> datasets_lib.Source:
+def memory_source(jpegs: list[bytes], num_examples: int) -> sources.Source:
     """The JPEGs as an in-memory dataset of `num_examples` examples (example i = JPEG i % n)."""
     payload = np.asarray([jpegs[i % len(jpegs)] for i in range(num_examples)], dtype=object)
     labels = np.arange(num_examples, dtype=np.int32) % 16
-    info = datasets_lib.DatasetInfo("bench_jpegs", 16, num_examples, num_examples, "train", "validation")
-    return datasets_lib.ArraySource(
-        info, {"train": ("bytes", payload, labels), "validation": ("bytes", payload, labels)}
-    )
+    info = sources.DatasetInfo("bench_jpegs", 16, num_examples, num_examples, "train", "validation")
+    return sources.ArraySource(info, {"train": ("bytes", payload, labels), "validation": ("bytes", payload, labels)})
 
 
 # --------------------------------------------------------------- tf.data reference

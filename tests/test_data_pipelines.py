@@ -11,7 +11,7 @@ import pytest
 
 from gg_jax import data
 from gg_jax.data import datasets as datasets_lib
-from gg_jax.data import testing
+from gg_jax.data import sources, testing
 from tests import runs
 
 LOW = (0 - np.array(data.MEAN_RGB)) / np.array(data.STDDEV_RGB)
@@ -419,7 +419,7 @@ def test_source_registry(tmp_path):
     def _tiny(data_dir):
         pixels = np.zeros((6, 4, 4, 3), np.uint8)
         info = data.DatasetInfo("gg_test_tiny", 2, 6, 6, "train", "train")
-        return datasets_lib.ArraySource(info, {"train": ("pixels", pixels, np.arange(6) % 2)})
+        return sources.ArraySource(info, {"train": ("pixels", pixels, np.arange(6) % 2)})
 
     try:
         batch = next(data.train_batches("gg_test_tiny", global_batch_size=2, image_size=8, num_workers=0, **LOCAL))

@@ -1,4 +1,4 @@
-"""The per-example transforms (gg_jax.data.preprocessing) against torchvision's semantics.
+"""The per-example transforms (gg_jax.data.preprocessing, decoding, augmentations) against torchvision's semantics.
 
 torchvision cannot be installed beside this torch, so its transforms are written out here
 as the PIL calls torchvision makes on PIL images (torchvision.transforms.functional):
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gg_jax.data import augmentations, decoding, testing
 from gg_jax.data import preprocessing as pp
-from gg_jax.data import testing
 
 # ------------------------------------------------------------ torchvision, in PIL calls
 
@@ -190,8 +190,8 @@ def test_train_jpeg_dct_scaling_stays_close_to_the_full_decode():
     rng = np.random.default_rng(3)
     data = testing.encode_image(testing.random_photo(rng, 1200, 1600), "JPEG", quality=90)
     box = (100.0, 50.0, 1500.0, 1150.0)
-    assert pp._reduction(1200, 1600, 1100, 1400, 224, 224) == 4
-    fast = pp.resize_box(data, box, (224, 224), fast=True)
+    assert decoding._reduction(1200, 1600, 1100, 1400, 224, 224) == 4
+    fast = decoding.resize_box(data, box, (224, 224), fast=True)
     full = np.asarray(pil_open(data).resize((224, 224), Image.BILINEAR, box=box))
     err = np.abs(fast.astype(np.float32) - full)
     assert err.mean() < 2.0 and np.percentile(err, 99) < 12, (err.mean(), np.percentile(err, 99))
@@ -293,7 +293,7 @@ def test_decodes_every_format_to_rgb_like_pil(fmt):
     buf = io.BytesIO()
     pil.save(buf, fmt)
     data = buf.getvalue()
-    assert pp.image_shape(data) == (40, 56)
+    assert decoding.image_shape(data) == (40, 56)
     out = pp.eval_crop(data, image_size=32, resize_size=40)
     ref = np.asarray(tv_center_crop(tv_resize(pil_open(data), 40), 32))
     assert out.shape == (32, 32, 3) and _max_diff(out, ref) <= 1
@@ -303,14 +303,14 @@ def test_undecodable_images_raise_one_error():
     good = testing.encode_image(testing.random_photo(np.random.default_rng(0), 48, 64))
     corrupt = good[:20] + bytes(range(256)) * 8
     for data in (b"not an image", b"\xff\xd8\xff\xe0garbage", corrupt, good[: len(good) // 2]):
-        with pytest.raises(pp.UndecodableImageError):
+        with pytest.raises(decoding.UndecodableImageError):
             pp.inception_crop(data, np.random.default_rng(0), image_size=16)
-        with pytest.raises(pp.UndecodableImageError):
+        with pytest.raises(decoding.UndecodableImageError):
             pp.eval_crop(data, image_size=16, resize_size=20)
 
 
 def test_augmentation_registry():
-    assert set(pp.AUGMENTATIONS) == {
+    assert set(augmentations.AUGMENTATIONS) == {
         "inception_crop",
         "scale_aug",
         "translate",
@@ -319,12 +319,12 @@ def test_augmentation_registry():
         "none",
     }
     png = testing.encode_image(testing.coordinate_image(60, 80), "PNG")
-    context = pp.AugmentContext(image_size=24, resize_size=32)
-    for name in pp.AUGMENTATIONS:
-        out = pp.get_augmentation(name, context)(png, np.random.default_rng(0))
+    context = augmentations.AugmentContext(image_size=24, resize_size=32)
+    for name in augmentations.AUGMENTATIONS:
+        out = augmentations.get_augmentation(name, context)(png, np.random.default_rng(0))
         assert out["image"].shape == (24, 24, 3) and out["image"].dtype == np.uint8
         assert ("pixel_shift" in out) == (name == "scale_aug")
     with pytest.raises(ValueError, match="augment must be one of inception_crop, scale_aug"):
-        pp.get_augmentation("mixup", context)
+        augmentations.get_augmentation("mixup", context)
     with pytest.raises(ValueError, match="registered twice"):
-        pp.register_augmentation("none", "again")(lambda c: None)
+        augmentations.register_augmentation("none", "again")(lambda c: None)

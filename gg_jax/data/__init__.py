@@ -11,34 +11,35 @@ synthetic ImageNet-shaped images; global jax.Array batches out.
 
 Nothing here imports TensorFlow. Datasets are chosen by name from registries:
 `SOURCES` (plus any TFDS name) and `AUGMENTATIONS`.
+
+Modules, each importing only those before it: `decoding` (bytes to pixels),
+`preprocessing` (torchvision's transforms), `augmentations` (the registry),
+`per_example` (what the workers run); `sources` (the interface and registry),
+`tfds_source`, `datasets` (the built-in sources, lookup by name); `input_pipeline`
+(process-local NumPy batches), `global_batches` (global `jax.Array` batches).
 """
 
-from gg_jax.data.datasets import (
-    DIGITS,
-    IMAGE_FOLDER,
-    SOURCES,
-    SYNTHETIC,
-    CorruptImageError,
-    DatasetFormatError,
-    DatasetInfo,
-    DatasetNotFoundError,
-    get_dataset_info,
-    register_source,
-    shard_range,
-)
+from gg_jax.data.augmentations import AUGMENTATIONS, register_augmentation
+from gg_jax.data.datasets import DIGITS, IMAGE_FOLDER, SYNTHETIC, get_dataset_info
+from gg_jax.data.global_batches import GlobalIterator, create_eval_iterator, create_train_iterator
 from gg_jax.data.input_pipeline import (
-    AUGMENTATIONS,
-    GlobalIterator,
     InputWorkerError,
-    create_eval_iterator,
-    create_train_iterator,
     default_num_workers,
     eval_batches,
     num_eval_batches,
     steps_per_epoch,
     train_batches,
 )
-from gg_jax.data.preprocessing import MEAN_RGB, STDDEV_RGB, eval_image, register_augmentation
+from gg_jax.data.preprocessing import MEAN_RGB, STDDEV_RGB, eval_image
+from gg_jax.data.sources import (
+    SOURCES,
+    CorruptImageError,
+    DatasetFormatError,
+    DatasetInfo,
+    DatasetNotFoundError,
+    register_source,
+    shard_range,
+)
 
 __all__ = [
     "AUGMENTATIONS",

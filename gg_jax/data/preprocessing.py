@@ -5,14 +5,8 @@ decoded pixels (`uint8 [H, W]`, `[H, W, 1|3|4]`), and returns `uint8` pixels;
 normalisation (`normalize`) comes later, on whole batches (on the accelerator in
 `create_train_iterator` / `create_eval_iterator`). Randomness comes from a NumPy
 `Generator` the caller seeds per example, so an example's augmentation depends
-only on its seed, never on thread timing or on what ran before it.
-
-Decoding: JPEGs (YCbCr or grey) with libjpeg-turbo through `simplejpeg`, other
-files and colour spaces (CMYK) with PIL, always to RGB. Evaluation decodes exactly
-as PIL does (the same pixels as torchvision's `default_loader`); training uses
-libjpeg-turbo's fast IDCT and upsampling, and decodes at 1/2, 1/4 or 1/8 scale
-(DCT-domain downscaling) when the crop still has at least the output's resolution
-at that scale.
+only on its seed, never on thread timing or on what ran before it. Decoding is
+`decoding`'s; the registry of train transforms by name is `augmentations`.
 
 Train, `inception_crop` (the reference's `RandomResizedCrop(224)` +
 `RandomHorizontalFlip()`): `random_resized_crop_params` is torchvision's
@@ -48,20 +42,11 @@ std (0.229, 0.224, 0.225), per RGB channel.
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import math
-import os
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
-from PIL import Image
 
-try:  # libjpeg-turbo; PIL decodes everything without it, only slower.
-    import simplejpeg
-except ImportError:  # pragma: no cover - a train dependency
-    simplejpeg = None
+from gg_jax.data.decoding import image_shape, read_image, resize_box
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
@@ -82,143 +67,6 @@ MAX_ATTEMPTS = 10
 DEFAULT_RESIZE_SIZE = 256
 DEFAULT_IMAGE_SIZE = 224
 RESIZE_MODES = ("shorter", "square")
-# JPEG DCT-domain scales libjpeg decodes fastest (1/k of each side).
-_JPEG_REDUCTIONS = (8, 4, 2)
-_JPEG_COLORSPACES = ("YCbCr", "Gray")
-
-
-class UndecodableImageError(ValueError):
-    """The bytes are not an image any decoder reads (the pipeline names the example)."""
-
-
-# ----------------------------------------------------------------------- decoding
-
-
-def is_jpeg(data) -> bool:
-    return isinstance(data, bytes | bytearray | memoryview) and bytes(data[:3]) == b"\xff\xd8\xff"
-
-
-def _rgb_array(pixels: np.ndarray) -> np.ndarray:
-    pixels = np.asarray(pixels)
-    if pixels.dtype != np.uint8:
-        raise ValueError(f"decoded images must be uint8, not {pixels.dtype}")
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    if pixels.ndim != 3 or pixels.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"decoded images must be [H, W] or [H, W, 1|3|4], not {pixels.shape}")
-    if pixels.shape[-1] == 1:
-        return np.repeat(pixels, 3, axis=-1)
-    return pixels[:, :, :3]
-
-
-def _jpeg_header(data) -> tuple[int, int, str] | None:
-    """(height, width, colour space) of a JPEG libjpeg-turbo decodes to RGB, else None."""
-    if simplejpeg is None or not is_jpeg(data):
-        return None
-    try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError as e:
-        raise UndecodableImageError(f"not a readable JPEG ({e})") from None
-    return (height, width, colorspace) if colorspace in _JPEG_COLORSPACES else None
-
-
-def _open_pil(data) -> Image.Image:
-    try:
-        return Image.open(io.BytesIO(data))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UndecodableImageError(str(e) or type(e).__name__) from None
-
-
-def _pil_rgb(image: Image.Image, reduce: int = 1) -> Image.Image:
-    try:
-        if reduce > 1 and image.format == "JPEG":
-            image.draft("RGB", (-(-image.width // reduce), -(-image.height // reduce)))
-        return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UndecodableImageError(str(e) or type(e).__name__) from None
-
-
-def image_shape(image) -> tuple[int, int]:
-    """(height, width) of encoded bytes (from the header only) or of pixels."""
-    if isinstance(image, np.ndarray):
-        return int(image.shape[0]), int(image.shape[1])
-    header = _jpeg_header(image)
-    if header is not None:
-        return header[0], header[1]
-    pil = _open_pil(image)
-    return pil.height, pil.width
-
-
-def decode(image, *, reduce: int = 1, fast: bool = False) -> Image.Image:
-    """RGB PIL image of encoded bytes or pixels; JPEGs at 1/`reduce` scale (1, 2, 4 or 8).
-
-    `fast`: libjpeg-turbo's fast integer IDCT and plain chroma upsampling (training);
-    otherwise the pixels are exactly PIL's. The image's size tells the scale reached.
-    """
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(np.ascontiguousarray(_rgb_array(image)))
-    header = _jpeg_header(image)
-    if header is not None:
-        height, width, _ = header
-        kwargs = {}
-        if reduce > 1:
-            kwargs = {"min_height": -(-height // reduce), "min_width": -(-width // reduce)}
-        try:
-            rgbx = simplejpeg.decode_jpeg(image, colorspace="RGBX", fastdct=fast, fastupsample=fast, **kwargs)
-        except ValueError as e:
-            raise UndecodableImageError(f"corrupt JPEG data ({e})") from None
-        # PIL keeps RGB as 4 bytes a pixel: RGBX pixels are used in place, not copied.
-        return Image.frombuffer("RGBX", (rgbx.shape[1], rgbx.shape[0]), rgbx, "raw", "RGBX", 0, 1)
-    return _pil_rgb(_open_pil(image), reduce)
-
-
-def to_array(image: Image.Image) -> np.ndarray:
-    """uint8 [H, W, 3] pixels of an RGB or RGBX PIL image."""
-    pixels = np.asarray(image)
-    return pixels[:, :, :3] if pixels.shape[-1] == 4 else pixels
-
-
-def read_image(image) -> bytes | np.ndarray:
-    """Bytes of a file path (str or os.PathLike); bytes and arrays unchanged."""
-    if isinstance(image, str | os.PathLike):
-        with open(image, "rb") as f:
-            return f.read()
-    if isinstance(image, bytearray | memoryview):
-        return bytes(image)
-    return image
-
-
-def _reduction(height: int, width: int, box_h: float, box_w: float, out_h: int, out_w: int) -> int:
-    """Largest JPEG scale-down 1/k at which the box keeps at least the output's resolution."""
-    for k in _JPEG_REDUCTIONS:
-        if box_h / k >= out_h and box_w / k >= out_w and height >= 8 * k and width >= 8 * k:
-            return k
-    return 1
-
-
-def resize_box(
-    image,
-    box: tuple[float, float, float, float],
-    size: tuple[int, int],
-    *,
-    fast: bool = False,
-) -> np.ndarray:
-    """The window `box` = (left, top, right, bottom) of the image, in the image's pixel
-    coordinates, resized to `size` = (height, width) with PIL's bilinear filter
-    (antialiased when shrinking, as torchvision on PIL images): uint8 [h, w, 3].
-
-    JPEGs are decoded at the smallest DCT scale that keeps the window's resolution
-    at least `size` when `fast` (training); otherwise in full.
-    """
-    height, width = image_shape(image)
-    left, top, right, bottom = box
-    reduce = _reduction(height, width, bottom - top, right - left, size[0], size[1]) if fast else 1
-    pil = decode(image, reduce=reduce, fast=fast)
-    sx, sy = pil.width / width, pil.height / height
-    scaled = (left * sx, top * sy, right * sx, bottom * sy)
-    if size == (pil.height, pil.width) and scaled == (0, 0, pil.width, pil.height):
-        return to_array(pil)
-    return to_array(pil.resize((size[1], size[0]), Image.BILINEAR, box=scaled))
 
 
 # --------------------------------------------------------------- torchvision geometry
@@ -427,121 +275,3 @@ def eval_image(
     resize_size = resize_size or round(image_size * DEFAULT_RESIZE_SIZE / DEFAULT_IMAGE_SIZE)
     pixels = eval_crop(read_image(image), image_size=image_size, resize_size=resize_size, resize_mode=resize_mode)
     return normalize(pixels)
-
-
-# ---------------------------------------------------------------- augmentations
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentContext:
-    """What an augmentation is built for: output size, the resize of centre-crop recipes,
-    whether flips keep the label, and the dataset's evaluation transform ('crop' | 'resize')."""
-
-    image_size: int
-    resize_size: int | None = None
-    flip: bool = True
-    eval_mode: str = "crop"
-
-
-# An augmentation maps (image, rng) to {'image': uint8 [S, S, 3]} (+ 'pixel_shift': float32 [3]).
-Augment = Callable[[Any, np.random.Generator], dict[str, np.ndarray]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Augmentation:
-    name: str
-    build: Callable[[AugmentContext], Augment]
-    doc: str
-
-
-AUGMENTATIONS: dict[str, Augmentation] = {}
-
-
-def register_augmentation(name: str, doc: str):
-    """Registers `build(context) -> augment` under `name` (the config's `dataset.augment`)."""
-
-    def wrap(build):
-        if name in AUGMENTATIONS:
-            raise ValueError(f"augmentation {name!r} is registered twice")
-        AUGMENTATIONS[name] = Augmentation(name, build, doc)
-        return build
-
-    return wrap
-
-
-def get_augmentation(name: str, context: AugmentContext) -> Augment:
-    if name not in AUGMENTATIONS:
-        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)} (or None), not {name!r}")
-    return AUGMENTATIONS[name].build(context)
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageTransform:
-    """`fn(image, rng, **kwargs)` (or `fn(image, **kwargs)`) as an augmentation: {'image': pixels}.
-
-    A frozen dataclass of a module-level function, so it pickles into the worker processes.
-    """
-
-    fn: Callable[..., np.ndarray]
-    kwargs: tuple[tuple[str, Any], ...]
-    uses_rng: bool = True
-
-    def __call__(self, image, rng):
-        kwargs = dict(self.kwargs)
-        return {"image": self.fn(image, rng, **kwargs) if self.uses_rng else self.fn(image, **kwargs)}
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageShiftTransform:
-    """`fn(image, rng, **kwargs) -> (pixels, RGB offset)` as an augmentation (`scale_aug`'s lighting)."""
-
-    fn: Callable[..., tuple[np.ndarray, np.ndarray]]
-    kwargs: tuple[tuple[str, Any], ...]
-
-    def __call__(self, image, rng):
-        pixels, shift = self.fn(image, rng, **dict(self.kwargs))
-        return {"image": pixels, "pixel_shift": shift}
-
-
-def frozen_kwargs(**kwargs) -> tuple[tuple[str, Any], ...]:
-    """Keyword arguments as a hashable, picklable tuple (for `ImageTransform`)."""
-    return tuple(sorted(kwargs.items()))
-
-
-@register_augmentation("inception_crop", "random-resized crop (8%-100% area, ratio 3/4-4/3) + flip (the reference)")
-def _inception_crop(c: AugmentContext) -> Augment:
-    return ImageTransform(inception_crop, frozen_kwargs(image_size=c.image_size, flip=c.flip))
-
-
-@register_augmentation("scale_aug", "shorter side uniform in [256, 512], random crop, flip, PCA lighting (the paper)")
-def _scale_aug(c: AugmentContext) -> Augment:
-    return ImageShiftTransform(scale_aug, frozen_kwargs(image_size=c.image_size, flip=c.flip))
-
-
-@register_augmentation("translate", "resize, random shift of up to 1/8 of the side, no flip (the digits default)")
-def _translate(c: AugmentContext) -> Augment:
-    return ImageTransform(translate, frozen_kwargs(image_size=c.image_size, max_shift=max(1, round(c.image_size / 8))))
-
-
-@register_augmentation("center_crop_flip", "shorter side to train_resize_size, centre crop, flip (CUB)")
-def _center_crop_flip(c: AugmentContext) -> Augment:
-    size = c.resize_size or c.image_size
-    return ImageTransform(
-        center_crop_flip, frozen_kwargs(image_size=c.image_size, resize_size=size, resize_mode="shorter", flip=c.flip)
-    )
-
-
-@register_augmentation("square_center_crop_flip", "both sides to train_resize_size, centre crop, flip (Cars, Aircraft)")
-def _square_center_crop_flip(c: AugmentContext) -> Augment:
-    size = c.resize_size or c.image_size
-    return ImageTransform(
-        center_crop_flip, frozen_kwargs(image_size=c.image_size, resize_size=size, resize_mode="square", flip=c.flip)
-    )
-
-
-@register_augmentation("none", "the evaluation transform (no randomness)")
-def _none(c: AugmentContext) -> Augment:
-    if c.eval_mode == "resize":
-        return ImageTransform(resize_whole, frozen_kwargs(image_size=c.image_size), uses_rng=False)
-    resize = max(c.image_size, round(c.image_size * DEFAULT_RESIZE_SIZE / DEFAULT_IMAGE_SIZE))
-    return ImageTransform(eval_crop, frozen_kwargs(image_size=c.image_size, resize_size=resize), uses_rng=False)
