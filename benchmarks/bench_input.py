@@ -204,7 +204,7 @@ def measure(iterators: dict, *, batch_size: int, seconds: float, rounds: int) ->
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=256, help="distinct JPEGs to generate")
-    parser.add_argument("--examples", type=int, default=8192, help="examples per split (JPEG i % num-images)")
+    parser.add_argument("--examples", type=int, default=8192, help="examples per split (JPEG i %% num-images)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="Grain worker processes = tf.data threads")
     parser.add_argument("--seconds", type=float, default=5.0, help="measurement time per row and round")
