@@ -45,9 +45,8 @@ SMALL = {
     "batch_size": 4,
     "eval.batch_size": 4,
     "num_train_steps": 2,
+    "log_every_steps": 1,
     "checkpoint_every_steps": -1,
-    # tfds.testing.mock_data swaps the file system while a pipeline is built; no background save then.
-    "async_checkpoints": False,
 }
 
 

@@ -189,8 +189,8 @@ def test_export_and_diagnose_on_a_damaged_checkpoint_say_so_in_one_line(tmp_path
     source, _ = tiny_run
     work = tmp_path / "run"
     shutil.copytree(source, work)
-    step = work / "checkpoints" / "1"
-    largest = max((p for p in step.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    variables = work / "checkpoints" / "1" / "variables"  # What export and diagnose read.
+    largest = max((p for p in variables.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     os.truncate(largest, largest.stat().st_size // 2)
     env = runs.subprocess_env(tmp_path)
     for tool, out in (("gg_jax.export", tmp_path / "model.jax"), ("gg_jax.diagnose", tmp_path / "diag")):

@@ -21,6 +21,7 @@ def _group_learning_rates(opt_state):
     return {
         group: float(state.inner_state[1].hyperparams["learning_rate"])
         for group, state in opt_state.inner_states.items()
+        if group != "frozen"
     }
 
 
@@ -30,7 +31,8 @@ def _check_run(result, config, pretrained, num_classes, workdir):
     lrs = _group_learning_rates(result.state.opt_state)
     np.testing.assert_allclose([lrs["backbone"], lrs["head"]], [base, 5 * base], rtol=1e-6)
     labels = optim.param_groups(result.state.params, config.head_lr_modules)
-    assert labels["fc"]["kernel"] == "head" and labels["head"]["reduce"]["layer_reduce"]["kernel"] == "head"
+    # fast-MPN-COV's classifier_factor: the classifier alone; the pooling head learns at lr.
+    assert labels["fc"]["kernel"] == "head" and labels["head"]["reduce"]["layer_reduce"]["kernel"] == "backbone"
     assert labels["layer1_0"]["conv1"]["kernel"] == "backbone"
     params = runs.load_params(workdir)
     assert params["fc/kernel"].shape == (16 * 17 // 2, num_classes)  # re-initialised for the dataset
