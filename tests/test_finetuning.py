@@ -53,7 +53,7 @@ def test_cub_and_cars_configs_fine_tune_from_pretrained_on_mock_tfds(tmp_path):
 
     # Stanford Cars: the same recipe, its classes and transforms, read from TFDS.
     cars = runs.small_config("cars196_r50", init_from=path, dataset__data_dir=str(data_dir))
-    assert cars.dataset.augment == "square_center_crop_flip" and cars.eval.resize_mode == "shorter"
+    assert cars.dataset.augment == "square_center_crop_flip" and cars.eval.resize_mode == "square"
     with testing.mock_tfds("cars196", data_dir, image_size=(60, 80), train=12, test=6):
         from gg_jax import data
 
