@@ -1,12 +1,11 @@
 """The per-example transforms (gg_jax.data.preprocessing, decoding, augmentations) against torchvision's semantics.
 
-torchvision cannot be installed beside this torch, so its transforms are written out here
-as the PIL calls torchvision makes on PIL images (torchvision.transforms.functional):
-`Resize`, `CenterCrop`, `TenCrop` and `RandomResizedCrop.get_params`.
+torchvision cannot be installed beside this torch, so its transforms are the PIL calls
+torchvision makes on PIL images (`tests.reference.torchvision_transforms`): `Resize`,
+`CenterCrop`, `TenCrop` and `RandomResizedCrop.get_params`.
 """
 
 import io
-import math
 import random
 
 import numpy as np
@@ -15,77 +14,13 @@ from PIL import Image
 
 from gg_jax.data import augmentations, decoding, testing
 from gg_jax.data import preprocessing as pp
-
-# ------------------------------------------------------------ torchvision, in PIL calls
-
-
-def tv_resize(img: Image.Image, size):
-    """torchvision F.resize on a PIL image: int -> shorter side (longer int(size * long / short)),
-    (h, w) -> both; bilinear (PIL antialiases when shrinking)."""
-    w, h = img.size
-    if isinstance(size, int):
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = size, int(size * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    else:
-        new_h, new_w = size
-    if (new_w, new_h) == (w, h):
-        return img
-    return img.resize((new_w, new_h), Image.BILINEAR)
-
-
-def tv_center_crop(img: Image.Image, size: int):
-    w, h = img.size
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
-
-
-def tv_five_crop(img: Image.Image, size: int):
-    w, h = img.size
-    tl = img.crop((0, 0, size, size))
-    tr = img.crop((w - size, 0, w, size))
-    bl = img.crop((0, h - size, size, h))
-    br = img.crop((w - size, h - size, w, h))
-    return [tl, tr, bl, br, tv_center_crop(img, size)]
-
-
-def tv_ten_crop(img: Image.Image, size: int):
-    return tv_five_crop(img, size) + tv_five_crop(img.transpose(Image.FLIP_LEFT_RIGHT), size)
-
-
-def tv_get_params(rnd: random.Random, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop.get_params, with Python's random module in place of torch's generator."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rnd.uniform(scale[0], scale[1])
-        aspect_ratio = math.exp(rnd.uniform(log_ratio[0], log_ratio[1]))
-        w = int(round(math.sqrt(target_area * aspect_ratio)))
-        h = int(round(math.sqrt(target_area / aspect_ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            i = rnd.randint(0, height - h)
-            j = rnd.randint(0, width - w)
-            return i, j, h, w
-    in_ratio = float(width) / float(height)
-    if in_ratio < min(ratio):
-        w = width
-        h = int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        h = height
-        w = int(round(h * max(ratio)))
-    else:
-        w = width
-        h = height
-    i = (height - h) // 2
-    j = (width - w) // 2
-    return i, j, h, w
-
-
-def pil_open(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")  # torchvision's default_loader
-
-
-# ----------------------------------------------------------------------- the tests
+from tests.reference.torchvision_transforms import (
+    pil_open,
+    tv_center_crop,
+    tv_get_params,
+    tv_resize,
+    tv_ten_crop,
+)
 
 PHOTO_SIZES = [(375, 500), (500, 333), (480, 640)]  # ImageNet-like (H, W)
 
@@ -109,10 +44,12 @@ def test_eval_transform_matches_torchvision_within_one_grey_level(photos):
         # fast-MPN-COV's fine-grained evaluation: Resize((448, 448)) and Resize(448) + CenterCrop(448).
         ref = np.asarray(tv_center_crop(tv_resize(pil_open(data), (448, 448)), 448))
         assert _max_diff(pp.eval_crop(data, image_size=448, resize_size=448, resize_mode="square"), ref) <= 1
-        mirror = pp.eval_crop(data, image_size=300, resize_size=320, crops="mirror")
-        ref = np.asarray(tv_center_crop(tv_resize(pil_open(data), 320), 300))
-        assert mirror.shape == (2, 300, 300, 3)
-        assert _max_diff(mirror[0], ref) <= 1 and _max_diff(mirror[1], ref[:, ::-1]) <= 1
+        # CenterCropWithFlip: the centre crop of the mirrored image (an odd width left over here).
+        mirror = pp.eval_crop(data, image_size=301, resize_size=320, crops="mirror")
+        resized = tv_resize(pil_open(data), 320)
+        assert mirror.shape == (2, 301, 301, 3)
+        assert _max_diff(mirror[0], np.asarray(tv_center_crop(resized, 301))) <= 1
+        assert _max_diff(mirror[1], np.asarray(tv_center_crop(resized.transpose(Image.FLIP_LEFT_RIGHT), 301))) <= 1
 
 
 def test_ten_crop_matches_torchvision(photos):

@@ -14,6 +14,7 @@ import pytest
 from gg_jax.training import optim, steps, validation
 from gg_jax.training import state as state_lib
 from tests import runs
+from tests.reference import torchvision_transforms as tv
 
 
 def _config(name):
@@ -148,3 +149,42 @@ def test_gradient_accumulation_is_the_whole_batch_step():
         assert float(mk["top1_error"]) == pytest.approx(float(m1["top1_error"]))
     with pytest.raises(validation.ConfigError, match="grad_accum_steps=0 must be an integer >= 1"):
         validation.check_train_config(runs.tiny_config(grad_accum_steps=0))
+
+
+@pytest.mark.parametrize(
+    "name, anchor",
+    [
+        ("cub200_r50", lambda img: tv.tv_center_crop(tv.tv_resize(img, 448), 448)),
+        ("cars196_r50", lambda img: tv.tv_resize(img, (448, 448))),
+        ("aircraft_r50", lambda img: tv.tv_center_crop(tv.tv_resize(img, (512, 512)), 448)),
+    ],
+)
+def test_fine_grained_eval_transform(name, anchor):
+    """fast-MPN-COV's `evaluate_transforms`: CUB `Resize(448)` + `CenterCropWithFlip(448)`,
+    Aircraft `Resize((512, 512))` + `CenterCropWithFlip(448)`, Cars `Resize((448, 448))` +
+    `CenterCropWithFlip(448)` (imagepreprocess.py:L44-L101): the view and the same view of the
+    horizontally flipped image (flip, then crop: imagepreprocess.py:L8-L40), from the transform
+    the input pipeline builds for the config, to 1 grey level."""
+    import types
+
+    from PIL import Image
+
+    from gg_jax.data import per_example, testing
+
+    config = _config(name)
+    source = types.SimpleNamespace(eval_mode="crop", info=types.SimpleNamespace(name=config.dataset.name))
+    transform, shape = per_example.eval_transform(
+        source,
+        config.image_size,
+        config.eval.resize_size,
+        config.eval.ten_crop,
+        config.eval.resize_mode,
+        config.eval.mirror_crop,
+    )
+    assert shape == (2, 448, 448, 3)
+    for h, w in ((375, 500), (500, 333)):
+        jpeg = testing.encode_image(testing.random_photo(np.random.default_rng(h), h, w))
+        views = transform(jpeg, None)["image"]
+        image = tv.pil_open(jpeg)
+        for view, ref in zip(views, (anchor(image), anchor(image.transpose(Image.FLIP_LEFT_RIGHT)))):
+            assert np.abs(view.astype(np.int32) - np.asarray(ref, np.int32)).max() <= 1

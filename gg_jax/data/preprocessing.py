@@ -229,15 +229,21 @@ def eval_crop(
     crops: str = "center",
 ) -> np.ndarray:
     """torchvision `Resize(resize_size)` (or `Resize((s, s))` with resize_mode "square"), then
-    `CenterCrop` uint8 [S, S, 3] (crops "center"), `TenCrop` [10, S, S, 3] ("ten") or the
-    centre crop and its mirror [2, S, S, 3] ("mirror")."""
+    `CenterCrop` uint8 [S, S, 3] (crops "center"), `TenCrop` [10, S, S, 3] ("ten"), or
+    fast-MPN-COV's `CenterCropWithFlip` [2, S, S, 3] ("mirror"): the centre crop, and the centre
+    crop of the mirrored image (not the mirror of the first when the width left over is odd:
+    the centre crop's offset is rounded)."""
     _check_sizes(image_size, resize_size)
     height, width = image_shape(image)
     new_h, new_w = resized_shape(height, width, resize_size, resize_mode)
     if crops in ("center", "mirror"):
         top, left = center_crop_offsets(new_h, new_w, image_size)
         crop = _resized_crop(image, (new_h, new_w), top, left, image_size, fast=False)
-        return crop if crops == "center" else np.stack([crop, crop[:, ::-1]])
+        if crops == "center":
+            return crop
+        # The columns the centre crop of the mirrored image takes, in the image's own order.
+        mirrored = _resized_crop(image, (new_h, new_w), top, new_w - left - image_size, image_size, fast=False)
+        return np.stack([crop, mirrored[:, ::-1]])
     if crops != "ten":
         raise ValueError(f"crops must be 'center', 'ten' or 'mirror', not {crops!r}")
     resized = resize_box(image, (0, 0, width, height), (new_h, new_w))
