@@ -166,22 +166,17 @@ def _mesh_shard(mesh, data_axis, global_batch_size):
     return mesh, index, count
 
 
-def create_train_iterator(
-    name: str,
-    *,
-    data_dir: str | None = None,
-    global_batch_size: int,
-    image_size: int = 224,
-    seed: int = 0,
-    start_step: int = 0,
-    augment: str | None = None,
-    train_resize_size: int | None = None,
-    mesh=None,
-    data_axis: str = "data",
-    dtype=np.float32,
-    prefetch: int = 2,
-    num_workers: int | None = None,
-) -> GlobalIterator:
+def _global(local_batches, name, global_batch_size, mesh, *, data_axis="data", dtype=np.float32, prefetch=2, **options):
+    """The process's local batches (`local_batches`, train or eval) of `mesh`'s data shard, as
+    global arrays, uint8 to the devices and normalised there into `dtype`."""
+    mesh, index, count = _mesh_shard(mesh, data_axis, global_batch_size)
+    local = local_batches(
+        name, global_batch_size=global_batch_size, process_index=index, process_count=count, normalize=False, **options
+    )
+    return GlobalIterator(local, mesh, data_axis, prefetch, dtype)
+
+
+def create_train_iterator(name: str, *, global_batch_size: int, mesh=None, **options) -> GlobalIterator:
     """Infinite iterator of train batches `{'image': [B, S, S, 3], 'label': [B] int32}`.
 
     Arrays are global `jax.Array`s of the whole batch B = global_batch_size, split
@@ -190,77 +185,38 @@ def create_train_iterator(
     of (seed, process layout, step), and `start_step=k` (or `set_state`) yields exactly
     the batches a fresh iterator yields from its k-th on, without reading the skipped ones.
 
-    augment: a name of `AUGMENTATIONS`: 'inception_crop' (random-resized crop + flip, the
-      reference's), 'scale_aug' (shorter side in [256, 512], random crop, flip, PCA
-      lighting), 'translate' (random shift, no flip; the digits default),
-      'center_crop_flip' / 'square_center_crop_flip' (shorter side / both sides resized
-      to `train_resize_size`, centre crop, flip: fast-MPN-COV's fine-grained training),
-      'none' (eval crop), None = the dataset's default ('translate' for digits, else
-      'inception_crop'). Digits are never flipped.
-    train_resize_size: the resize of the centre-crop augmentations (default image_size).
-    num_workers: Grain worker processes decoding and augmenting (default: one per CPU
-      core; 0 for digits); 0 = one thread of this process.
-    prefetch: batches kept transferred to the devices ahead of the step.
+    options: data_axis ("data"), dtype (float32: of the images on the devices), prefetch (2:
+    batches kept transferred to the devices ahead of the step), and those of
+    `input_pipeline.LocalTrainBatches`:
+      data_dir: where the dataset is (TFDS data_dir, the image folder's root).
+      image_size (224), seed (0), start_step (0).
+      augment: a name of `AUGMENTATIONS`: 'inception_crop' (random-resized crop + flip, the
+        reference's), 'scale_aug' (shorter side in [256, 512], random crop, flip, PCA
+        lighting), 'translate' (random shift, no flip; the digits default),
+        'center_crop_flip' / 'square_center_crop_flip' (shorter side / both sides resized
+        to `train_resize_size`, centre crop, flip: fast-MPN-COV's fine-grained training),
+        'none' (eval crop), None = the dataset's default ('translate' for digits, else
+        'inception_crop'). Digits are never flipped.
+      train_resize_size: the resize of the centre-crop augmentations (default image_size).
+      num_workers: Grain worker processes decoding and augmenting (default: one per CPU
+        core; 0 for digits); 0 = one thread of this process.
     """
-    mesh, index, count = _mesh_shard(mesh, data_axis, global_batch_size)
-    local = input_pipeline.train_batches(
-        name,
-        data_dir=data_dir,
-        global_batch_size=global_batch_size,
-        process_index=index,
-        process_count=count,
-        image_size=image_size,
-        seed=seed,
-        start_step=start_step,
-        augment=augment,
-        train_resize_size=train_resize_size,
-        num_workers=num_workers,
-        normalize=False,
-    )
-    return GlobalIterator(local, mesh, data_axis, prefetch, dtype)
+    return _global(input_pipeline.train_batches, name, global_batch_size, mesh, **options)
 
 
-def create_eval_iterator(
-    name: str,
-    *,
-    data_dir: str | None = None,
-    global_batch_size: int,
-    image_size: int = 224,
-    resize_size: int = 256,
-    ten_crop: bool = False,
-    resize_mode: str = "shorter",
-    mirror_crop: bool = False,
-    mesh=None,
-    data_axis: str = "data",
-    dtype=np.float32,
-    prefetch: int = 2,
-    num_workers: int | None = None,
-    split: str | None = None,
-) -> GlobalIterator:
+def create_eval_iterator(name: str, *, global_batch_size: int, mesh=None, **options) -> GlobalIterator:
     """Finite iterator over the whole eval split, once: `{'image', 'label', 'mask'}`.
 
     image [B, S, S, 3], or [B, 10, S, S, 3] with `ten_crop` (torchvision TenCrop
     order: 4 corners + centre, then the same of the mirrored image; average the
-    logits), or [B, 2, S, S, 3] with `mirror_crop` (the centre crop and its mirror);
-    label [B] int32; mask [B] bool, False for padding. `resize_mode`: "shorter" (the
-    shorter side to resize_size, torchvision `Resize(s)`) or "square" (`Resize((s, s))`).
-    The last batch is padded, never dropped, and every process yields `num_eval_batches`
-    batches. Digits are resized whole to image_size (resize_size is not used).
+    logits), or [B, 2, S, S, 3] with `mirror_crop` (the centre crop, and the centre crop of
+    the mirrored image); label [B] int32; mask [B] bool, False for padding. The last batch
+    is padded, never dropped, and every process yields `num_eval_batches` batches.
+
+    options: data_axis, dtype, prefetch as `create_train_iterator`'s; data_dir; image_size (224); resize_size
+    (256: the resize before the crops; digits are resized whole to image_size instead);
+    resize_mode ("shorter": the shorter side to resize_size, torchvision `Resize(s)`; "square":
+    `Resize((s, s))`); ten_crop, mirror_crop (False); num_workers; split (the dataset's eval
+    split by default).
     """
-    mesh, index, count = _mesh_shard(mesh, data_axis, global_batch_size)
-    local = input_pipeline.eval_batches(
-        name,
-        data_dir=data_dir,
-        global_batch_size=global_batch_size,
-        process_index=index,
-        process_count=count,
-        image_size=image_size,
-        resize_size=resize_size,
-        ten_crop=ten_crop,
-        resize_mode=resize_mode,
-        mirror_crop=mirror_crop,
-        num_workers=num_workers,
-        split=split,
-        normalize=False,
-    )
-    return GlobalIterator(local, mesh, data_axis, prefetch, dtype)
+    return _global(input_pipeline.eval_batches, name, global_batch_size, mesh, **options)

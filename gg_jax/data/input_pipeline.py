@@ -90,15 +90,32 @@ def _absl_flags_ready():
 
 
 class _LocalBatches:
-    """Shared machinery: a Grain pipeline of batches from `first_batch` on, in worker processes."""
+    """Shared machinery: a Grain pipeline of batches from `step` on, in worker processes.
 
-    def __init__(self, source, split, shard_index, shard_count, local_batch_size, *, num_workers, dtype, normalize):
+    Options of both kinds: `global_batch_size`, `shard_index` of `shard_count` (this
+    process's data shard), `num_workers` (None: `default_num_workers`), `dtype` and
+    `normalize` (False: uint8 images).
+    """
+
+    def __init__(
+        self,
+        source,
+        split,
+        *,
+        global_batch_size,
+        shard_index,
+        shard_count,
+        num_workers=None,
+        dtype=np.float32,
+        normalize=True,
+    ):
         self.source = source
         self.info = source.info
         self.split = split
         self.shard_index = shard_index
         self.shard_count = shard_count
-        self.local_batch_size = local_batch_size
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = _check_shard(shard_index, shard_count, global_batch_size)
         self.num_workers = default_num_workers(source) if num_workers is None else int(num_workers)
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, not {num_workers}")
@@ -186,33 +203,10 @@ class LocalTrainBatches(_LocalBatches):
     """
 
     def __init__(
-        self,
-        source,
-        *,
-        global_batch_size,
-        shard_index,
-        shard_count,
-        image_size=224,
-        seed=0,
-        start_step=0,
-        augment=None,
-        train_resize_size=None,
-        dtype=np.float32,
-        num_workers=None,
-        normalize=True,
+        self, source, *, image_size=224, seed=0, start_step=0, augment=None, train_resize_size=None, **options
     ):
-        local = _check_shard(shard_index, shard_count, global_batch_size)
-        super().__init__(
-            source,
-            source.info.train_split,
-            shard_index,
-            shard_count,
-            local,
-            num_workers=num_workers,
-            dtype=dtype,
-            normalize=normalize,
-        )
-        self.global_batch_size = global_batch_size
+        super().__init__(source, source.info.train_split, **options)
+        global_batch_size = self.global_batch_size
         self.steps_per_epoch = steps_per_epoch(self.info, global_batch_size)
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -264,33 +258,17 @@ class LocalEvalBatches(_LocalBatches):
         self,
         source,
         *,
-        global_batch_size,
-        shard_index,
-        shard_count,
         image_size=224,
         resize_size=256,
         ten_crop=False,
         resize_mode="shorter",
         mirror_crop=False,
-        dtype=np.float32,
-        num_workers=None,
         split=None,
-        normalize=True,
+        **options,
     ):
-        local = _check_shard(shard_index, shard_count, global_batch_size)
-        super().__init__(
-            source,
-            split or source.info.eval_split,
-            shard_index,
-            shard_count,
-            local,
-            num_workers=num_workers,
-            dtype=dtype,
-            normalize=normalize,
-        )
-        self.global_batch_size = global_batch_size
+        super().__init__(source, split or source.info.eval_split, **options)
         self.num_examples = source.split_size(self.split)
-        self.num_batches = -(-self.num_examples // global_batch_size)
+        self.num_batches = -(-self.num_examples // self.global_batch_size)
         self._transform, self._shape = per_example.eval_transform(
             source, image_size, resize_size, ten_crop, resize_mode, mirror_crop
         )
@@ -317,46 +295,23 @@ def _resolve_source(name, data_dir):
     return datasets.get_source(name, data_dir)
 
 
-def train_batches(
-    name,
-    *,
-    data_dir=None,
-    global_batch_size: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    **kwargs,
-) -> LocalTrainBatches:
+def _local(local_batches, name, *, data_dir=None, global_batch_size, process_index=None, process_count=None, **kwargs):
+    index, count = _default_shard(process_index, process_count)
+    source = _resolve_source(name, data_dir)
+    return local_batches(source, global_batch_size=global_batch_size, shard_index=index, shard_count=count, **kwargs)
+
+
+def train_batches(name, **kwargs) -> LocalTrainBatches:
     """Process-local train batches (NumPy) of data shard `process_index` of `process_count`.
 
-    Defaults to `jax.process_index()` / `jax.process_count()`; pass them explicitly
-    to look at another process's shard. Keyword arguments as `create_train_iterator`
-    (without mesh, data_axis, prefetch), and `normalize=False` for uint8 images.
+    Keyword arguments: `data_dir`, `global_batch_size`, `process_index` and `process_count`
+    (default `jax.process_index()` / `jax.process_count()`; pass them to look at another
+    process's shard), the options of `create_train_iterator`, and `normalize=False` for uint8.
     """
-    index, count = _default_shard(process_index, process_count)
-    return LocalTrainBatches(
-        _resolve_source(name, data_dir),
-        global_batch_size=global_batch_size,
-        shard_index=index,
-        shard_count=count,
-        **kwargs,
-    )
+    return _local(LocalTrainBatches, name, **kwargs)
 
 
-def eval_batches(
-    name,
-    *,
-    data_dir=None,
-    global_batch_size: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    **kwargs,
-) -> LocalEvalBatches:
-    """Process-local eval batches (NumPy) of data shard `process_index` of `process_count`."""
-    index, count = _default_shard(process_index, process_count)
-    return LocalEvalBatches(
-        _resolve_source(name, data_dir),
-        global_batch_size=global_batch_size,
-        shard_index=index,
-        shard_count=count,
-        **kwargs,
-    )
+def eval_batches(name, **kwargs) -> LocalEvalBatches:
+    """Process-local eval batches (NumPy) of data shard `process_index` of `process_count`;
+    keyword arguments as `train_batches`, with the options of `create_eval_iterator`."""
+    return _local(LocalEvalBatches, name, **kwargs)

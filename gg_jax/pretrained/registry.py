@@ -125,7 +125,12 @@ class Entry:
         return out
 
 
-def _3gnet(depth: int, dataset: str, **kwargs) -> Entry:
+_PRESUMED = "The file name is presumed from the ResNet-50 one (the authors' scripts name only that)."
+
+
+def _3gnet(depth: int, dataset: str, drive_id: str, baidu: tuple[str, str], errors, readme_line: int) -> Entry:
+    """A released 3G-Net: `baidu` = (link, extraction code), `errors` = (top-1, top-5) % from
+    the README row `readme_line` (ImageNet one crop, Places365 ten crops)."""
     imagenet = dataset == "imagenet"
     return Entry(
         name=f"resnet{depth}_3g_{dataset}",
@@ -137,7 +142,11 @@ def _3gnet(depth: int, dataset: str, **kwargs) -> Entry:
         convention="3gnet",
         preprocessing=IMAGENET_EVAL if imagenet else PLACES365_EVAL,
         licence=NO_LICENCE_3GNET,
-        **kwargs,
+        google_drive_id=drive_id,
+        baidu_url=baidu[0],
+        baidu_code=baidu[1],
+        published=Published(*errors, not imagenet, 256, 224, f"{_3G} README.md:L{readme_line}"),
+        notes=_PRESUMED if depth != 50 else "",
     )
 
 
@@ -164,7 +173,12 @@ def _fast_mpn_cov(depth: int, **kwargs) -> Entry:
     )
 
 
-def _torchvision(depth: int, version: int, **kwargs) -> Entry:
+def _torchvision(depth: int, version: int, digest: str, published, num_params: int, file_size_mib: float) -> Entry:
+    """A torchvision ResNet: its file is `resnet{depth}-{digest}.pth`, the digest being the first
+    hex digits of the file's sha256; `published` = (top-1 error, top-5 error, resize, lines of
+    torchvision/models/resnet.py)."""
+    top1, top5, resize, lines = published
+    file_name = f"resnet{depth}-{digest}.pth"
     return Entry(
         name=f"torchvision_resnet{depth}" + ("_v2" if version == 2 else ""),
         architecture=f"resnet{depth}_gap",
@@ -175,7 +189,12 @@ def _torchvision(depth: int, version: int, **kwargs) -> Entry:
         preprocessing=IMAGENET_EVAL if version == 1 else IMAGENET_EVAL_232,
         licence=TORCHVISION_TERMS,
         init_from_backbone_only=True,
-        **kwargs,
+        file_name=file_name,
+        urls=(f"https://download.pytorch.org/models/{file_name}",),
+        sha256=digest,
+        published=Published(top1, top5, False, resize, 224, f"{_TV} torchvision/models/resnet.py:{lines}"),
+        num_params=num_params,
+        file_size_mib=file_size_mib,
     )
 
 
@@ -189,40 +208,38 @@ _ENTRIES = (
     _3gnet(
         50,
         "imagenet",
-        google_drive_id="1hN8Q5rlIOQa0YYkcen9jpN9YatPB1j4D",
-        baidu_url="https://pan.baidu.com/s/1C8uNk0PJCanDaNwol0gR1Q",
-        baidu_code="74ot",
-        published=Published(21.34, 5.70, False, 256, 224, f"{_3G} README.md:L54"),
+        "1hN8Q5rlIOQa0YYkcen9jpN9YatPB1j4D",
+        ("https://pan.baidu.com/s/1C8uNk0PJCanDaNwol0gR1Q", "74ot"),
+        (21.34, 5.70),
+        54,
     ),
     # csqlwang/3G-Net@bf3484d README.md:L49-L69 (row L55); the file name is presumed (not written anywhere).
     _3gnet(
         101,
         "imagenet",
-        google_drive_id="14vJLFYqlRJyiIHjoG0lOm0RhB1NRF4Xc",
-        baidu_url="https://pan.baidu.com/s/1J9f39L0FXRlqxORMa0OkJg",
-        baidu_code="wmzp",
-        published=Published(20.40, 5.21, False, 256, 224, f"{_3G} README.md:L55"),
-        notes="The file name is presumed from the ResNet-50 one (the authors' scripts name only that).",
+        "14vJLFYqlRJyiIHjoG0lOm0RhB1NRF4Xc",
+        ("https://pan.baidu.com/s/1J9f39L0FXRlqxORMa0OkJg", "wmzp"),
+        (20.40, 5.21),
+        55,
     ),
     # csqlwang/3G-Net@bf3484d README.md:L49-L69 (row L60): Places365 "in 10-Crop testing" (L57);
     # file name: scripts/Places365/val-download.sh:L22.
     _3gnet(
         50,
         "places365",
-        google_drive_id="1VMVw35h-iW-d4AYH6ecV58_kECDyNzib",
-        baidu_url="https://pan.baidu.com/s/19da3ZDTZS0AtGP7FjDryvw",
-        baidu_code="fnkt",
-        published=Published(43.07, 13.44, True, 256, 224, f"{_3G} README.md:L60"),
+        "1VMVw35h-iW-d4AYH6ecV58_kECDyNzib",
+        ("https://pan.baidu.com/s/19da3ZDTZS0AtGP7FjDryvw", "fnkt"),
+        (43.07, 13.44),
+        60,
     ),
     # csqlwang/3G-Net@bf3484d README.md:L49-L69 (row L61); the file name is presumed.
     _3gnet(
         101,
         "places365",
-        google_drive_id="1dOCeQkLBwR3AJSiH8w1qTq9-kT00T7_G",
-        baidu_url="https://pan.baidu.com/s/17N5edFaP1B5YTaWS6ajT0Q",
-        baidu_code="1dd9",
-        published=Published(42.82, 13.00, True, 256, 224, f"{_3G} README.md:L61"),
-        notes="The file name is presumed from the ResNet-50 one (the authors' scripts name only that).",
+        "1dOCeQkLBwR3AJSiH8w1qTq9-kT00T7_G",
+        ("https://pan.baidu.com/s/17N5edFaP1B5YTaWS6ajT0Q", "1dd9"),
+        (42.82, 13.00),
+        61,
     ),
     # jiangtaoxie/fast-MPN-COV@c430c78 README.md:L24-L67 (rows L49-L57): single crop 224 (L24, L33-L38),
     # the "reproduce" column (the released file); 217.3MB; no Baidu extraction code published.
@@ -246,52 +263,16 @@ _ENTRIES = (
     ),
     # pytorch/vision@1f1a920 torchvision/models/resnet.py:L356-L374 (ResNet50_Weights.IMAGENET1K_V1):
     # acc@1 76.130, acc@5 92.862, 25,557,032 parameters, 97.781 MB; sha256 prefix from the file name.
-    _torchvision(
-        50,
-        1,
-        file_name="resnet50-0676ba61.pth",
-        urls=("https://download.pytorch.org/models/resnet50-0676ba61.pth",),
-        sha256="0676ba61",
-        published=Published(23.870, 7.138, False, 256, 224, f"{_TV} torchvision/models/resnet.py:L356-L374"),
-        num_params=25_557_032,
-        file_size_mib=97.781,
-    ),
+    _torchvision(50, 1, "0676ba61", (23.870, 7.138, 256, "L356-L374"), 25_557_032, 97.781),
     # pytorch/vision@1f1a920 torchvision/models/resnet.py:L399-L417 (ResNet101_Weights.IMAGENET1K_V1):
     # acc@1 77.374, acc@5 93.546, 44,549,160 parameters, 170.511 MB.
-    _torchvision(
-        101,
-        1,
-        file_name="resnet101-63fe2227.pth",
-        urls=("https://download.pytorch.org/models/resnet101-63fe2227.pth",),
-        sha256="63fe2227",
-        published=Published(22.626, 6.454, False, 256, 224, f"{_TV} torchvision/models/resnet.py:L399-L417"),
-        num_params=44_549_160,
-        file_size_mib=170.511,
-    ),
+    _torchvision(101, 1, "63fe2227", (22.626, 6.454, 256, "L399-L417"), 44_549_160, 170.511),
     # pytorch/vision@1f1a920 torchvision/models/resnet.py:L375-L396 (ResNet50_Weights.IMAGENET1K_V2, DEFAULT):
     # acc@1 80.858, acc@5 95.434, resize 232; 97.79 MB.
-    _torchvision(
-        50,
-        2,
-        file_name="resnet50-11ad3fa6.pth",
-        urls=("https://download.pytorch.org/models/resnet50-11ad3fa6.pth",),
-        sha256="11ad3fa6",
-        published=Published(19.142, 4.566, False, 232, 224, f"{_TV} torchvision/models/resnet.py:L375-L396"),
-        num_params=25_557_032,
-        file_size_mib=97.79,
-    ),
+    _torchvision(50, 2, "11ad3fa6", (19.142, 4.566, 232, "L375-L396"), 25_557_032, 97.79),
     # pytorch/vision@1f1a920 torchvision/models/resnet.py:L418-L439 (ResNet101_Weights.IMAGENET1K_V2, DEFAULT):
     # acc@1 81.886, acc@5 95.780, resize 232; 170.53 MB.
-    _torchvision(
-        101,
-        2,
-        file_name="resnet101-cd907fc2.pth",
-        urls=("https://download.pytorch.org/models/resnet101-cd907fc2.pth",),
-        sha256="cd907fc2",
-        published=Published(18.114, 4.220, False, 232, 224, f"{_TV} torchvision/models/resnet.py:L418-L439"),
-        num_params=44_549_160,
-        file_size_mib=170.53,
-    ),
+    _torchvision(101, 2, "cd907fc2", (18.114, 4.220, 232, "L418-L439"), 44_549_160, 170.53),
 )
 ENTRIES: dict[str, Entry] = {e.name: e for e in _ENTRIES}
 
