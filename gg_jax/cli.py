@@ -50,7 +50,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_tool(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """`sys.exit(main(argv))` of a `python -m gg_jax.*` tool, with every `UserError` as one line."""
+    """`sys.exit(main(argv))` of a `python -m gg_jax.*` tool, with every `UserError` as one line
+    and the library logs a user cannot act on left out."""
+    from gg_jax.training import logs
+
+    logs.quiet_library_logs()
     try:
         code = main(argv)
     except UserError as e:

@@ -198,4 +198,5 @@ def test_export_and_diagnose_on_a_damaged_checkpoint_say_so_in_one_line(tmp_path
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, runs.tail(proc)
         assert lines[-1].startswith("error: The latest checkpoint, step 1, is damaged") and "mv " in lines[-1], lines
+        assert not [line for line in lines if line.startswith(("W", "WARNING"))], lines  # No library noise.
         assert not out.exists()

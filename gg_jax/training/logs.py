@@ -13,16 +13,19 @@ import sys
 
 from absl import logging as absl_logging
 
+# Orbax warnings about what gg_jax does on purpose: managers opened read-only (evaluation,
+# loading), and a step directory without Orbax's metadata (which the damaged-checkpoint error names).
+_EXPECTED_ORBAX_WARNINGS = ("Given directory is read only", "CheckpointManagerOptions.read_only=True", "Metadata file")
+
 
 class _DropLibraryInfo(logging.Filter):
-    """Orbax's records: INFO and DEBUG (very chatty), the warning that a manager opened
-    read-only is read-only (evaluation opens them so on purpose), and the tracebacks of
-    failed saves due to the storage (disk full, ...)."""
+    """Orbax's records: INFO and DEBUG (very chatty), the warnings of `_EXPECTED_ORBAX_WARNINGS`,
+    and the tracebacks of failed saves due to the storage (disk full, ...)."""
 
     def filter(self, record) -> bool:
         if "/orbax/" not in record.pathname.replace("\\", "/"):
             return True
-        if record.levelno < logging.WARNING or str(record.msg).startswith("Given directory is read only"):
+        if record.levelno < logging.WARNING or str(record.msg).startswith(_EXPECTED_ORBAX_WARNINGS):
             return False
         from gg_jax.checkpoints.writer import storage_error
 
@@ -43,9 +46,11 @@ def quiet_library_logs() -> None:
     """Installs the filter on absl's handler and the hooks that drop the closed-loop tracebacks (once),
     and leaves out JAX's note on each accelerator backend this host does not have."""
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    handler = absl_logging.get_absl_handler()
-    if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
-        handler.addFilter(_DropLibraryInfo())
+    # On absl's handler (absl programs) and on absl's logger (Orbax logs through it; other programs
+    # print its records with Python's own handler).
+    for target in (absl_logging.get_absl_handler(), logging.getLogger("absl")):
+        if not any(isinstance(f, _DropLibraryInfo) for f in target.filters):
+            target.addFilter(_DropLibraryInfo())
     if getattr(sys.excepthook, "_gg_jax_quiet", False):
         return
     excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
