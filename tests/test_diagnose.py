@@ -65,7 +65,7 @@ def _tensorboard_tags(workdir) -> set:
     for path in pathlib.Path(workdir).glob("events.out.tfevents.*"):
         acc = event_accumulator.EventAccumulator(str(path), size_guidance={event_accumulator.TENSORS: 0})
         acc.Reload()
-        tags |= set(acc.Tags().get("tensors", [])) | set(acc.Tags().get("scalars", []))
+        tags |= {tag for kind in ("tensors", "scalars", "images") for tag in acc.Tags().get(kind, [])}
     return tags
 
 
