@@ -22,6 +22,7 @@ import math
 from typing import Any, Literal
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from gg_jax import linalg, mggd
@@ -273,7 +274,11 @@ class ExactReweighting(nn.Module):
 
     Call: `module(x)` with NHWC `x` `[B, H, W, C]` -> `Sigma_T` `[B, C, C]` float32. Intermediates:
     `weights` `[T, B, H, W]` and `reweighted` `[T, B, H, W, C]` (`sqrt(w_t)` times the centred map,
-    whose second moment is `Sigma_t - eps I`).
+    whose second moment is `Sigma_t - eps I`). `module(x, scaled=True)` (the 3G head's call) returns
+    `(Sigma_T / unit^2, unit [B, 1, 1])` as `linalg.scaled_covariance` does: `unit = 1` and the
+    same `Sigma_T` unless that overflows (features around 1e18 and beyond in float32), then
+    computed from `linalg.scale_features(x)` with ridge `eps / unit^2` (the weights do not
+    depend on the scale).
     """
 
     num_steps: int = 3
@@ -286,7 +291,7 @@ class ExactReweighting(nn.Module):
     matmul_precision: linalg.MatmulPrecision = "auto"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, *, scaled: bool = False):
         check_feature_map(x, "ExactReweighting")
         if self.beta is not None and not self.beta > 0:
             raise ValueError(f"ExactReweighting: beta must be > 0 (or None to learn it), got {self.beta}.")
@@ -307,32 +312,45 @@ class ExactReweighting(nn.Module):
         b, h, w, ch = x.shape
         features = flatten_positions(x)
         features = features.astype(linalg.compute_dtype(features.dtype))
-        sigma, weights = mggd.reweighted_covariance(
-            features,
+        run = functools.partial(
+            mggd.reweighted_covariance,
             num_steps=self.num_steps,
             beta=beta,
             c=c,
             num_iters=self.num_iters,
-            eps=self.eps,
             unroll=self.unroll,
             matmul_precision=self.matmul_precision,
         )
+        sigma, weights = run(features, eps=self.eps)
+        if scaled:
+            # As linalg.scaled_covariance: the scaled branch runs only where Sigma_T overflowed.
+            def rescaled(features, sigma, weights):
+                small, unit = linalg.scale_features(features)
+                return *run(small, eps=self.eps / unit / unit), unit
+
+            ones = jnp.ones((b, 1, 1), sigma.dtype)
+            sigma, weights, unit = jax.lax.cond(
+                jnp.all(jnp.isfinite(sigma)), lambda _, s, w: (s, w, ones), rescaled, features, sigma, weights
+            )
         centred = features - jnp.mean(features, axis=1, keepdims=True)
         self.sow("intermediates", "weights", weights.reshape((-1, b, h, w)))
         self.sow("intermediates", "reweighted", (jnp.sqrt(weights)[..., None] * centred).reshape((-1, b, h, w, ch)))
-        return sigma
+        return (sigma, unit) if scaled else sigma
 
 
 SqrtMethod = Literal["newton_schulz", "eigh"]
 
 
-def _matrix_root(s, method: SqrtMethod, num_iters: int, lam: float, matmul_precision):
+def _matrix_root(s, method: SqrtMethod, num_iters: int, lam: float, matmul_precision, unit=None):
+    """The root of `s`, or with `unit` that of `unit^2 s` (`linalg.scaled_covariance`)."""
     if lam != 1.0:
-        return linalg.regularized_sqrtm(s, lam, method=method, num_iters=num_iters, matmul_precision=matmul_precision)
+        return linalg.regularized_sqrtm(
+            s, lam, method=method, num_iters=num_iters, matmul_precision=matmul_precision, unit=unit
+        )
     if method == "newton_schulz":
-        return linalg.sqrtm_newton_schulz(s, num_iters, matmul_precision=matmul_precision)
+        return linalg.sqrtm_newton_schulz(s, num_iters, matmul_precision=matmul_precision, unit=unit)
     if method == "eigh":
-        return linalg.sqrtm_eigh(s, 0.5, matmul_precision=matmul_precision)
+        return linalg.sqrtm_eigh(s, 0.5, matmul_precision=matmul_precision) * (1.0 if unit is None else unit)
     raise ValueError(f"Unknown square-root method {method!r}; choose 'newton_schulz' or 'eigh'.")
 
 
@@ -380,6 +398,17 @@ class GeneralizedGaussianCovariance(_HeadBase):
     Call: `head(x, train=...)` with NHWC `x` `[B, H, W, C]` -> `[B, C(C+1)/2]` float32.
     Intermediates (`apply(..., mutable=['intermediates'])`): `reduced` (with `reduction_dim`),
     `reweighting/reweighted` (and `reweighting/weights` for "exact"), `covariance`, `sqrt`.
+
+    Valid range: the covariance, its root and the exact re-weighting take any finite features.
+    Where the covariance (in squared units) overflows float32, from features around 1e18, it
+    is computed from the features divided by a power of two per sample and the root scaled
+    back (`linalg.scaled_covariance`; other inputs give the same numbers as without it), so
+    the output stays finite; the `covariance` intermediate (and the output with
+    `estimator=False`) is then inf. In eval mode BatchNorm applies its running averages, which do not follow the
+    input's scale: the learned blocks ("3g", "urm_v2") multiply BatchNorm outputs (their
+    values grow as the 4th power of the input's scale in "3g"), so features beyond about 1e9
+    times the scale the running averages were collected at overflow float32 there and give
+    NaN (train mode normalises by the batch's statistics and has no such limit).
     """
 
     num_blocks: int = 3
@@ -403,11 +432,12 @@ class GeneralizedGaussianCovariance(_HeadBase):
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = self._prepare(x, train, "GeneralizedGaussianCovariance")
+        # Features of any finite scale: s is the covariance / unit^2 (unit = 1 unless it overflows).
         if self.reweighting == "exact":
             check_feature_map(x, "GeneralizedGaussianCovariance")
             if self.num_blocks < 0:
                 raise ValueError(f"num_blocks must be >= 0, got {self.num_blocks}.")
-            s = ExactReweighting(
+            s, unit = ExactReweighting(
                 self.num_blocks,
                 beta=self.exact_beta,
                 c=self.exact_c,
@@ -416,16 +446,18 @@ class GeneralizedGaussianCovariance(_HeadBase):
                 eps=self.cov_eps,
                 matmul_precision=self.matmul_precision,
                 name="reweighting",
-            )(x)
+            )(x, scaled=True)
         else:
             x = UnrolledReweighting(
                 self.num_blocks, self.hidden, self.reweighting, self.dtype, conv=self.conv, name="reweighting"
             )(x, train=train)
-            s = linalg.covariance(flatten_positions(x), self.cov_eps, self.matmul_precision)
-        self.sow("intermediates", "covariance", s)
+            s, unit = linalg.scaled_covariance(flatten_positions(x), self.cov_eps, self.matmul_precision)
+        self.sow("intermediates", "covariance", s * unit * unit)
         if self.estimator:
-            s = _matrix_root(s, self.sqrt_method, self.num_iters, self.lam, self.matmul_precision)
+            s = _matrix_root(s, self.sqrt_method, self.num_iters, self.lam, self.matmul_precision, unit)
             self.sow("intermediates", "sqrt", s)
+        else:
+            s = s * unit * unit
         return linalg.triu_vector(s, lower=self.lower_triangle)
 
 
