@@ -121,7 +121,24 @@ def test_fit_at_beta_one_is_the_normalised_second_moment(x64):
     assert bool(jnp.all(info.converged)) and np.all(np.asarray(info.num_iters) <= 2)
 
 
+def delta_sensitivity(x, sigma, beta):
+    """|d log delta / d log beta| of the closed-form scale at (sigma, beta), float64 (x `[N, d]`)."""
+    x = np.asarray(x, np.float64)
+    y = np.einsum("ni,ij,nj->n", x, np.linalg.inv(np.asarray(sigma, np.float64)), x)
+    log_delta = lambda b: np.log(b * np.sum(y**b) / y.size / x.shape[1]) / b  # noqa: E731
+    beta, h = float(beta), 1e-6 * float(beta)
+    return abs(log_delta(beta + h) - log_delta(beta - h)) / (2 * h) * beta
+
+
 def test_batched_fit_is_the_fit_of_each_problem():
+    """Two programs (vmapped, single) round differently, so each stops its fixed point at its own
+    iterate: each fit stops once the relative change of beta is <= max(tol, 64 eps) = 7.6e-6
+    and of sigma <= tol = 1e-6, and with the contraction these fits show (at most ~0.45 per step)
+    each is within that of the fixed point, the two within twice that: rtol 2e-5 for beta
+    (measured <= 7.6e-6), atol 4e-6 for sigma (entries ~1; measured <= 7.2e-7). delta follows
+    beta through the closed form, `delta^beta = beta / (N d) sum_n y_n^beta`, with the
+    sensitivity k = |d log delta / d log beta|, up to ~30 at the heavy tails here: rtol
+    k * 2e-5 (plus float32 rounding) for delta (measured 2.2e-4 at k = 29)."""
     rng = np.random.default_rng(4)
     # Gaussian scale mixtures with tails from heavy (shape 0.5) to Gaussian-like (shape 50).
     mixing = rng.gamma(np.array([0.5, 1.0, 2.0, 4.0, 10.0, 50.0])[:, None, None], size=(6, 400, 1))
@@ -129,13 +146,15 @@ def test_batched_fit_is_the_fit_of_each_problem():
     x = x.reshape(2, 3, 400, 2)
     batched, info = mggd.fit_with_info(x)
     assert batched.sigma.shape == (2, 3, 2, 2) and info.converged.shape == (2, 3)
+    beta_rtol = 2e-5
     for i in range(2):
         for j in range(3):
             single, single_info = mggd.fit_with_info(x[i, j])
             assert single.beta.shape == () and single.sigma.shape == (2, 2)
-            np.testing.assert_allclose(batched.beta[i, j], single.beta, rtol=1e-5)
-            np.testing.assert_allclose(batched.delta[i, j], single.delta, rtol=1e-4)
-            np.testing.assert_allclose(batched.sigma[i, j], single.sigma, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(batched.beta[i, j], single.beta, rtol=beta_rtol)
+            k = delta_sensitivity(x[i, j], single.sigma, single.beta)
+            np.testing.assert_allclose(batched.delta[i, j], single.delta, rtol=k * beta_rtol + 1e-6)
+            np.testing.assert_allclose(batched.sigma[i, j], single.sigma, rtol=0, atol=4e-6)
             assert bool(single_info.converged)
 
 
