@@ -437,15 +437,15 @@ def fit_with_info(x, *, beta=None, mask=None, max_iters: int = 100, tol: float =
 
     The samples must span R^d: otherwise the zero-mean likelihood is unbounded (the scatter
     collapses onto the samples' span) and `lam` does not help (Theorem 1's estimator keeps zero
-    eigenvalues at zero); nor does a ridge, whose fit of samples in r < d dimensions takes the
-    law of their quadratic forms for a d-dimensional one (Gaussian samples on a line in R^2
-    give beta = 2). So fewer than d + 1 samples are an error; reduce d (e.g. one fit per
-    channel, d = 1) or pool more samples. Neither may a channel be all zero (a dead ReLU
-    channel) or a linear combination of the others (a duplicated channel): numerically, a
-    channel whose variance left unexplained by the earlier channels is below 16 eps of its
-    variance (a Cholesky pivot of the samples' correlation matrix), or whose fit breaks down
-    in rounding. Samples exactly at the origin make the likelihood grow without bound as
-    beta -> 0: beta then ends at `BETA_BOUNDS[0]`, not converged (leave them out with `mask`).
+    eigenvalues at zero); nor does a ridge, whose fit of samples in r < d dimensions reads their
+    quadratic forms, which follow an r-dimensional law, as d-dimensional ones: a wrong beta.
+    So fewer than d + 1 samples are an error; reduce d (e.g. one fit per channel, d = 1) or
+    pool more samples. Neither may a channel be all zero (a dead ReLU channel) or a linear
+    combination of the others (a duplicated channel): numerically, a channel whose variance
+    left unexplained by the earlier channels is below 16 eps of its variance (a Cholesky
+    pivot of the samples' correlation matrix), or whose fit breaks down in rounding. Samples
+    exactly at the origin make the likelihood grow without bound as beta -> 0: beta then ends
+    at `BETA_BOUNDS[0]`, not converged (leave them out with `mask`).
 
     Bad data: with concrete (not traced) input, samples with a NaN or inf value, and problems
     whose samples do not span R^d, raise a `FitDataError` (a `ValueError`) naming the batch
@@ -515,9 +515,11 @@ def fit_with_info(x, *, beta=None, mask=None, max_iters: int = 100, tol: float =
 
 
 def _channel_list(channels) -> str:
+    """ "channel 3" or "channels 0, 2" (the first 8, then how many)."""
     channels = [int(c) for c in channels]
     text = ", ".join(str(c) for c in channels[:8])
-    return text + (f", ... ({len(channels)} channels)" if len(channels) > 8 else "")
+    text += f", ... ({len(channels)} channels)" if len(channels) > 8 else ""
+    return ("channels " if len(channels) > 1 else "channel ") + text
 
 
 def _dependent_channels(x, eps) -> np.ndarray:
@@ -544,7 +546,7 @@ def _raise_for_bad_data(x, valid, batch, nonfinite, zero, dependent, failed):
 
     bad = np.flatnonzero(nonfinite.any(axis=-1))
     if bad.size:
-        places = listing(bad, lambda p: "channel " + _channel_list(np.flatnonzero(nonfinite[p])))
+        places = listing(bad, lambda p: _channel_list(np.flatnonzero(nonfinite[p])))
         raise FitDataError(
             f"fit got samples with NaN or inf values ({places}). Remove them, or leave those samples out with mask=."
         )
@@ -556,10 +558,10 @@ def _raise_for_bad_data(x, valid, batch, nonfinite, zero, dependent, failed):
 
     def describe(p):
         if zero_problems[p]:
-            return f"channel {_channel_list(np.flatnonzero(zero[p]))} all zero (a dead channel?)"
+            return f"{_channel_list(np.flatnonzero(zero[p]))} all zero (a dead channel?)"
         channels = _dependent_channels(np.asarray(x[p], np.float64)[np.asarray(valid[p])], eps)
         what = "linearly dependent (duplicated?)" if dependent[p] else "nearly linearly dependent (the fit broke down)"
-        return f"channels {_channel_list(channels)} {what}"
+        return f"{_channel_list(channels)} {what}"
 
     raise FitDataError(
         f"fit got samples that do not span R^{x.shape[-1]}, for which the MLE does not exist "
