@@ -22,7 +22,6 @@ import math
 from typing import Any, Literal
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from gg_jax import linalg, mggd
@@ -275,10 +274,9 @@ class ExactReweighting(nn.Module):
     Call: `module(x)` with NHWC `x` `[B, H, W, C]` -> `Sigma_T` `[B, C, C]` float32. Intermediates:
     `weights` `[T, B, H, W]` and `reweighted` `[T, B, H, W, C]` (`sqrt(w_t)` times the centred map,
     whose second moment is `Sigma_t - eps I`). `module(x, scaled=True)` (the 3G head's call) returns
-    `(Sigma_T / unit^2, unit [B, 1, 1])` as `linalg.scaled_covariance` does: `unit = 1` and the
-    same `Sigma_T` unless that overflows (features around 1e18 and beyond in float32), then
-    computed from `linalg.scale_features(x)` with ridge `eps / unit^2` (the weights do not
-    depend on the scale).
+    `(Sigma_T / unit^2, unit [B, 1, 1])`, computed from `linalg.scale_features(x)` with ridge
+    `eps / unit^2` (the weights do not depend on the scale): `unit = 1` for features below 2^16,
+    and no overflow for any finite features (`Sigma_T` itself overflows float32 from about 1e18).
     """
 
     num_steps: int = 3
@@ -312,26 +310,20 @@ class ExactReweighting(nn.Module):
         b, h, w, ch = x.shape
         features = flatten_positions(x)
         features = features.astype(linalg.compute_dtype(features.dtype))
-        run = functools.partial(
-            mggd.reweighted_covariance,
+        if scaled:
+            small, unit = linalg.scale_features(features)
+        else:
+            small, unit = features, 1.0
+        sigma, weights = mggd.reweighted_covariance(
+            small,
             num_steps=self.num_steps,
             beta=beta,
             c=c,
             num_iters=self.num_iters,
+            eps=self.eps / unit / unit if scaled else self.eps,
             unroll=self.unroll,
             matmul_precision=self.matmul_precision,
         )
-        sigma, weights = run(features, eps=self.eps)
-        if scaled:
-            # As linalg.scaled_covariance: the scaled branch runs only where Sigma_T overflowed.
-            def rescaled(features, sigma, weights):
-                small, unit = linalg.scale_features(features)
-                return *run(small, eps=self.eps / unit / unit), unit
-
-            ones = jnp.ones((b, 1, 1), sigma.dtype)
-            sigma, weights, unit = jax.lax.cond(
-                jnp.all(jnp.isfinite(sigma)), lambda _, s, w: (s, w, ones), rescaled, features, sigma, weights
-            )
         centred = features - jnp.mean(features, axis=1, keepdims=True)
         self.sow("intermediates", "weights", weights.reshape((-1, b, h, w)))
         self.sow("intermediates", "reweighted", (jnp.sqrt(weights)[..., None] * centred).reshape((-1, b, h, w, ch)))
@@ -400,15 +392,16 @@ class GeneralizedGaussianCovariance(_HeadBase):
     `reweighting/reweighted` (and `reweighting/weights` for "exact"), `covariance`, `sqrt`.
 
     Valid range: the covariance, its root and the exact re-weighting take any finite features.
-    Where the covariance (in squared units) overflows float32, from features around 1e18, it
-    is computed from the features divided by a power of two per sample and the root scaled
-    back (`linalg.scaled_covariance`; other inputs give the same numbers as without it), so
-    the output stays finite; the `covariance` intermediate (and the output with
-    `estimator=False`) is then inf. In eval mode BatchNorm applies its running averages, which do not follow the
-    input's scale: the learned blocks ("3g", "urm_v2") multiply BatchNorm outputs (their
-    values grow as the 4th power of the input's scale in "3g"), so features beyond about 1e9
-    times the scale the running averages were collected at overflow float32 there and give
-    NaN (train mode normalises by the batch's statistics and has no such limit).
+    Those of a sample beyond 2^16 in magnitude are divided by a power of two first and the
+    root scaled back (`linalg.scaled_covariance`; exact, so the output is that of the
+    unscaled computation wherever that is finite), so the output stays finite where the
+    covariance (in squared units) overflows float32, from features around 1e18; the
+    `covariance` intermediate (and the output with `estimator=False`) is then inf. In eval
+    mode BatchNorm applies its running averages, which do not follow the input's scale: the
+    learned blocks ("3g", "urm_v2") multiply BatchNorm outputs (their values grow as the 4th
+    power of the input's scale in "3g"), so features beyond about 1e9 times the scale the
+    running averages were collected at overflow float32 there and give NaN (train mode
+    normalises by the batch's statistics and has no such limit).
     """
 
     num_blocks: int = 3
@@ -432,7 +425,7 @@ class GeneralizedGaussianCovariance(_HeadBase):
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = self._prepare(x, train, "GeneralizedGaussianCovariance")
-        # Features of any finite scale: s is the covariance / unit^2 (unit = 1 unless it overflows).
+        # Features of any finite scale: s is the covariance / unit^2 (unit = 1 below 2^16).
         if self.reweighting == "exact":
             check_feature_map(x, "GeneralizedGaussianCovariance")
             if self.num_blocks < 0:

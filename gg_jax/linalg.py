@@ -241,15 +241,16 @@ def covariance(x, eps: float = 1e-7, matmul_precision="auto"):
 
 
 def scaled_covariance(x, eps: float = 1e-7, matmul_precision="auto"):
-    """`covariance` that does not overflow: `(S / unit^2, unit)` for features of any finite scale.
+    """`covariance` for features of any finite scale: `(S / unit^2, unit)`.
 
-    `unit` `[..., 1, 1]` is 1 and `S / unit^2` is `covariance(x, eps)`, bit for bit, unless
-    that has an entry that is not finite (float32 overflows from features around 1e18); then
-    (for the whole batch: a `lax.cond`, one branch run) it is the covariance of
-    `scale_features(x)` with ridge `eps / unit^2`, finite for any finite `x`. Pass `unit` to
-    `sqrtm_newton_schulz` or `regularized_sqrtm` for the root of `S` (`unit` times that of
-    `S / unit^2` for `lam = 1`). Gradients are those of `covariance` (within float32
-    rounding: the `cond` changes how XLA fuses the backward pass).
+    The centred features are divided by `unit` `[..., 1, 1]` (`scale_features`: 1 below
+    2^16, else a power of two) and the ridge is `eps / unit^2`. Dividing by a power of two
+    is exact, so `S / unit^2` is `covariance(x, eps) / unit^2` wherever that is finite; the
+    covariance of float32 features overflows from about 1e18 (`N m^2 > 3.4e38`), this does
+    not, and the square of its trace, which the root's gradient divides by, stays finite
+    too (the gradient of `covariance`'s root is wrong from features around 1e9). Pass
+    `unit` to `sqrtm_newton_schulz` or `regularized_sqrtm` for the root of `S` (`unit`
+    times that of `S / unit^2` for `lam = 1`).
 
     Args:
       x: `[..., N, C]` features (any float dtype).
@@ -260,18 +261,13 @@ def scaled_covariance(x, eps: float = 1e-7, matmul_precision="auto"):
       `([..., C, C] float32, unit [..., 1, 1])`; `unit` carries no gradient.
     """
     x = _as_f32(x)
-    s = covariance(x, eps, matmul_precision)
-    ones = jnp.ones(x.shape[:-2] + (1, 1), x.dtype)
-
-    def rescaled(x, _):
-        scaled, unit = scale_features(x)
-        return covariance(scaled, eps / unit / unit, matmul_precision), unit
-
-    return jax.lax.cond(jnp.all(jnp.isfinite(s)), lambda _, s: (s, ones), rescaled, x, s)
+    _check_features(x, "scaled_covariance")
+    xc, unit = scale_features(x - jnp.mean(x, axis=-2, keepdims=True))
+    return gram(xc, matmul_precision) + (eps / unit / unit) * jnp.eye(x.shape[-1], dtype=x.dtype), unit
 
 
 #: `scale_features` leaves features below this magnitude as they are.
-SCALE_BOUND = 2.0**32
+SCALE_BOUND = 2.0**16
 
 
 def _pow2(k, dtype):
@@ -285,9 +281,9 @@ def scale_features(x):
     """Features divided by a power of two so that their covariance cannot overflow: `(x / unit, unit)`.
 
     `unit` `[..., 1, 1]` is 1 for feature matrices whose entries are all below `SCALE_BOUND`
-    (2^32) in magnitude (then `x` is returned unchanged, bit for bit), else the least power
+    (2^16) in magnitude (then `x` is returned unchanged, bit for bit), else the least power
     of two that brings them below it. The covariance of float32 features of magnitude `m`
-    overflows from `m` around 1e18 (`N m^2` > 3.4e38); that of `x / unit` stays below 2^64 N.
+    overflows from `m` around 1e18 (`N m^2` > 3.4e38); that of `x / unit` stays below 2^32.
     Dividing by a power of two is exact, and the covariance and its square root are
     homogeneous (`cov(x) = unit^2 cov(x / unit)`, with `eps / unit^2`;
     `sqrt(unit^2 S) = unit sqrt(S)`), so computing them on `x / unit` and scaling the root
