@@ -339,7 +339,10 @@ class ExactReweighting(nn.Module):
 
     Call: `module(x)` with NHWC `x` `[B, H, W, C]` -> `Sigma_T` `[B, C, C]` float32. Intermediates:
     `weights` `[T, B, H, W]` and `reweighted` `[T, B, H, W, C]` (`sqrt(w_t)` times the centred map,
-    whose second moment is `Sigma_t - eps I`).
+    whose second moment is `Sigma_t - eps I`). `module(x, scaled=True)` (the 3G head's call) returns
+    `(Sigma_T / unit^2, unit [B, 1, 1])`, computed from `linalg.scale_features(x)` with ridge
+    `eps / unit^2` (the weights do not depend on the scale): `unit = 1` for features below 2^16,
+    and no overflow for any finite features (`Sigma_T` itself overflows float32 from about 1e18).
     """
 
     num_blocks: int = 3
@@ -357,7 +360,7 @@ class ExactReweighting(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, *, scaled: bool = False):
         check_feature_map(x, "ExactReweighting")
         if self.exact_beta is None:
             beta = jnp.exp(self.param("log_beta", nn.initializers.zeros, (), jnp.float32))
@@ -370,31 +373,38 @@ class ExactReweighting(nn.Module):
         b, h, w, ch = x.shape
         features = flatten_positions(x)
         features = features.astype(linalg.compute_dtype(features.dtype))
+        if scaled:
+            small, unit = linalg.scale_features(features)
+        else:
+            small, unit = features, 1.0
         sigma, weights = mggd.reweighted_covariance(
-            features,
+            small,
             num_steps=self.num_blocks,
             beta=beta,
             c=c,
             num_iters=self.exact_num_iters,
-            eps=self.cov_eps,
+            eps=self.cov_eps / unit / unit if scaled else self.cov_eps,
             unroll=self.unroll,
             matmul_precision=self.matmul_precision,
         )
         centred = features - jnp.mean(features, axis=1, keepdims=True)
         self.sow("intermediates", "weights", weights.reshape((-1, b, h, w)))
         self.sow("intermediates", "reweighted", (jnp.sqrt(weights)[..., None] * centred).reshape((-1, b, h, w, ch)))
-        return sigma
+        return (sigma, unit) if scaled else sigma
 
 
 SqrtMethod = Literal["newton_schulz", "eigh"]
 
 
-def _matrix_root(s, method: SqrtMethod, num_iters: int, lam: float, matmul_precision):
+def _matrix_root(s, method: SqrtMethod, num_iters: int, lam: float, matmul_precision, unit=None):
+    """The root of `s`, or with `unit` that of `unit^2 s` (`linalg.scaled_covariance`)."""
     if lam != 1.0:
-        return linalg.regularized_sqrtm(s, lam, method=method, num_iters=num_iters, matmul_precision=matmul_precision)
+        return linalg.regularized_sqrtm(
+            s, lam, method=method, num_iters=num_iters, matmul_precision=matmul_precision, unit=unit
+        )
     if method == "newton_schulz":
-        return linalg.sqrtm_newton_schulz(s, num_iters, matmul_precision=matmul_precision)
-    return linalg.sqrtm_eigh(s, 0.5, matmul_precision=matmul_precision)
+        return linalg.sqrtm_newton_schulz(s, num_iters, matmul_precision=matmul_precision, unit=unit)
+    return linalg.sqrtm_eigh(s, 0.5, matmul_precision=matmul_precision) * (1.0 if unit is None else unit)
 
 
 class _HeadBase(_ConvModule):
@@ -441,6 +451,18 @@ class GeneralizedGaussianCovariance(_HeadBase):
     Call: `head(x, train=...)` with NHWC `x` `[B, H, W, C]` -> `[B, C(C+1)/2]` float32.
     Intermediates (`apply(..., mutable=['intermediates'])`): `reduced` (with `reduction_dim`),
     `reweighting/reweighted` (and `reweighting/weights` for "exact"), `covariance`, `sqrt`.
+
+    Valid range: the covariance, its root and the exact re-weighting take any finite features.
+    Those of a sample beyond 2^16 in magnitude are divided by a power of two first and the
+    root scaled back (`linalg.scaled_covariance`; exact, so the output is that of the
+    unscaled computation wherever that is finite), so the output stays finite where the
+    covariance (in squared units) overflows float32, from features around 1e18; the
+    `covariance` intermediate (and the output with `estimator=False`) is then inf. In eval
+    mode BatchNorm applies its running averages, which do not follow the input's scale: the
+    learned blocks ("3g", "urm_v2") multiply BatchNorm outputs (their values grow as the 4th
+    power of the input's scale in "3g"), so features beyond about 1e9 times the scale the
+    running averages were collected at overflow float32 there and give NaN (train mode
+    normalises by the batch's statistics and has no such limit).
     """
 
     num_blocks: int = 3
@@ -494,8 +516,9 @@ class GeneralizedGaussianCovariance(_HeadBase):
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = self._prepare(x, train, "GeneralizedGaussianCovariance")
+        # Features of any finite scale: s is the covariance / unit^2 (unit = 1 below 2^16).
         if self.reweighting == "exact":
-            s = ExactReweighting(
+            s, unit = ExactReweighting(
                 self.num_blocks,
                 exact_beta=self.exact_beta,
                 exact_c=self.exact_c,
@@ -504,16 +527,18 @@ class GeneralizedGaussianCovariance(_HeadBase):
                 cov_eps=self.cov_eps,
                 matmul_precision=self.matmul_precision,
                 name="reweighting",
-            )(x)
+            )(x, scaled=True)
         else:
             x = UnrolledReweighting(
                 self.num_blocks, self.hidden, self.reweighting, self.dtype, conv=self.conv, name="reweighting"
             )(x, train=train)
-            s = linalg.covariance(flatten_positions(x), self.cov_eps, self.matmul_precision)
-        self.sow("intermediates", "covariance", s)
+            s, unit = linalg.scaled_covariance(flatten_positions(x), self.cov_eps, self.matmul_precision)
+        self.sow("intermediates", "covariance", s * unit * unit)
         if self.estimator:
-            s = _matrix_root(s, self.sqrt_method, self.num_iters, self.lam, self.matmul_precision)
+            s = _matrix_root(s, self.sqrt_method, self.num_iters, self.lam, self.matmul_precision, unit)
             self.sow("intermediates", "sqrt", s)
+        else:
+            s = s * unit * unit
         return linalg.triu_vector(s, lower=self.lower_triangle)
 
 
@@ -526,7 +551,9 @@ class CovariancePooling(_HeadBase):
       "plain": the covariance itself ("Plain COV").
     matmul_precision: float32 product setting (`GeneralizedGaussianCovariance`).
 
-    Call: `head(x, train=...)` with `[B, H, W, C]` -> `[B, C(C+1)/2]` float32.
+    Call: `head(x, train=...)` with `[B, H, W, C]` -> `[B, C(C+1)/2]` float32. Features of any
+    finite scale, as the 3G head (`linalg.scaled_covariance`): the output is finite wherever
+    the unscaled computation's is representable.
     """
 
     method: Literal["isqrt", "mpncov", "plain"] = "isqrt"
@@ -557,12 +584,15 @@ class CovariancePooling(_HeadBase):
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = self._prepare(x, train, "CovariancePooling")
-        s = linalg.covariance(flatten_positions(x), self.cov_eps, self.matmul_precision)
-        self.sow("intermediates", "covariance", s)
+        # Features of any finite scale: s is the covariance / unit^2 (unit = 1 below 2^16).
+        s, unit = linalg.scaled_covariance(flatten_positions(x), self.cov_eps, self.matmul_precision)
+        self.sow("intermediates", "covariance", s * unit * unit)
         if self.method == "isqrt":
-            s = linalg.sqrtm_newton_schulz(s, self.num_iters, matmul_precision=self.matmul_precision)
+            s = linalg.sqrtm_newton_schulz(s, self.num_iters, matmul_precision=self.matmul_precision, unit=unit)
         elif self.method == "mpncov":
-            s = linalg.sqrtm_eigh(s, self.power, matmul_precision=self.matmul_precision)
+            s = linalg.sqrtm_eigh(s, self.power, matmul_precision=self.matmul_precision) * unit ** (2 * self.power)
+        else:
+            s = s * unit * unit
         return linalg.triu_vector(s, lower=self.lower_triangle)
 
 

@@ -64,6 +64,8 @@ __all__ = [
     "lax_precision",
     "gram",
     "covariance",
+    "scaled_covariance",
+    "scale_features",
     "sqrtm_newton_schulz",
     "inv_sqrtm_newton_schulz",
     "sqrtm_eigh",
@@ -213,7 +215,8 @@ def covariance(x, eps: float = 1e-7, matmul_precision="auto"):
 
     Args:
       x: `[..., N, C]` features (any float dtype); N positions, C channels.
-      eps: ridge added to the diagonal so that S is strictly positive definite.
+      eps: ridge added to the diagonal so that S is strictly positive definite (a number, or
+        an array broadcasting to `[..., 1, 1]`, e.g. divided by `scale_features`' unit squared).
       matmul_precision: product setting (module docstring).
 
     Returns:
@@ -223,6 +226,71 @@ def covariance(x, eps: float = 1e-7, matmul_precision="auto"):
     _check_features(x, "covariance")
     xc = x - jnp.mean(x, axis=-2, keepdims=True)
     return gram(xc, matmul_precision) + eps * jnp.eye(x.shape[-1], dtype=x.dtype)
+
+
+def scaled_covariance(x, eps: float = 1e-7, matmul_precision="auto"):
+    """`covariance` for features of any finite scale: `(S / unit^2, unit)`.
+
+    The centred features are divided by `unit` `[..., 1, 1]` (`scale_features`: 1 below
+    2^16, else a power of two) and the ridge is `eps / unit^2`. Dividing by a power of two
+    is exact, so `S / unit^2` is `covariance(x, eps) / unit^2` wherever that is finite; the
+    covariance of float32 features overflows from about 1e18 (`N m^2 > 3.4e38`), this does
+    not, and the square of its trace, which the root's gradient divides by, stays finite
+    too (the gradient of `covariance`'s root is wrong from features around 1e9). Pass
+    `unit` to `sqrtm_newton_schulz` or `regularized_sqrtm` for the root of `S` (`unit`
+    times that of `S / unit^2` for `lam = 1`).
+
+    Args:
+      x: `[..., N, C]` features (any float dtype).
+      eps: ridge (a number).
+      matmul_precision: product setting (module docstring).
+
+    Returns:
+      `([..., C, C] float32, unit [..., 1, 1])`; `unit` carries no gradient.
+    """
+    x = _as_f32(x)
+    _check_features(x, "scaled_covariance")
+    xc, unit = scale_features(x - jnp.mean(x, axis=-2, keepdims=True))
+    return gram(xc, matmul_precision) + (eps / unit / unit) * jnp.eye(x.shape[-1], dtype=x.dtype), unit
+
+
+#: `scale_features` leaves features below this magnitude as they are.
+SCALE_BOUND = 2.0**16
+
+
+def _pow2(k, dtype):
+    """`2.0**k` exactly (its bit pattern) for integer `k` within the normal exponents of `dtype`."""
+    if jnp.dtype(dtype) == jnp.float64:
+        return jax.lax.bitcast_convert_type((k.astype(jnp.int64) + 1023) << 52, jnp.float64)
+    return jax.lax.bitcast_convert_type((k.astype(jnp.int32) + 127) << 23, jnp.float32)
+
+
+def scale_features(x):
+    """Features divided by a power of two so that their covariance cannot overflow: `(x / unit, unit)`.
+
+    `unit` `[..., 1, 1]` is 1 for feature matrices whose entries are all below `SCALE_BOUND`
+    (2^16) in magnitude (then `x` is returned unchanged, bit for bit), else the least power
+    of two that brings them below it. The covariance of float32 features of magnitude `m`
+    overflows from `m` around 1e18 (`N m^2` > 3.4e38); that of `x / unit` stays below 2^32.
+    Dividing by a power of two is exact, and the covariance and its square root are
+    homogeneous (`cov(x) = unit^2 cov(x / unit)`, with `eps / unit^2`;
+    `sqrt(unit^2 S) = unit sqrt(S)`), so computing them on `x / unit` and scaling the root
+    back by `unit` gives the numbers of the unscaled computation wherever those are finite
+    (`scaled_covariance` does so only where they are not).
+
+    Args:
+      x: `[..., N, C]` features (any float dtype; computed in float32, float64 kept).
+
+    Returns:
+      `(x / unit [..., N, C], unit [..., 1, 1])`; `unit` carries no gradient.
+    """
+    x = _as_f32(x)
+    _check_features(x, "scale_features")
+    peak = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True))
+    _, e = jnp.frexp(peak)  # peak = f 2^e, f in [0.5, 1)
+    bound_exponent = int(np.log2(SCALE_BOUND))
+    unit = _pow2(jnp.maximum(e - bound_exponent, 0), x.dtype)
+    return x / unit, unit
 
 
 def _newton_schulz(a, num_iters: int, want_sqrt: bool, want_inv: bool, matmul_precision):
@@ -267,7 +335,7 @@ def _newton_schulz(a, num_iters: int, want_sqrt: bool, want_inv: bool, matmul_pr
     return y, z, root_scale * jnp.sqrt(norm)
 
 
-def sqrtm_newton_schulz(a, num_iters: int = 5, return_inverse: bool = False, matmul_precision="auto"):
+def sqrtm_newton_schulz(a, num_iters: int = 5, return_inverse: bool = False, matmul_precision="auto", unit=None):
     """Matrix square root by iSQRT: pre-normalised coupled Newton-Schulz (reference step 4).
 
     `Y_0 = a / tr(a)`, `Z_0 = I`, then `num_iters` times
@@ -286,11 +354,16 @@ def sqrtm_newton_schulz(a, num_iters: int = 5, return_inverse: bool = False, mat
       return_inverse: also return the inverse root `P_K / sqrt(tr(a))`
         (i.e. `Z_K / sqrt(tr(a))`, Eqn. 10's `P_K` undone of the pre-normalisation).
       matmul_precision: product setting (module docstring).
+      unit: optional `[..., 1, 1]` powers of two: `a` is a matrix divided by `unit^2` (from
+        `scaled_covariance`), and the roots are those of `unit^2 a`: multiplied (the inverse
+        root divided) by `unit`, in the post-compensation. None: 1.
 
     Returns:
       `[..., C, C]` float32 square root, or `(sqrt, inv_sqrt)` if `return_inverse`.
     """
     y, z, root_norm = _newton_schulz(a, num_iters, True, return_inverse, matmul_precision)
+    if unit is not None:
+        root_norm = root_norm * unit
     sqrt = y * root_norm
     if return_inverse:
         return sqrt, z / root_norm
@@ -392,6 +465,7 @@ def regularized_sqrtm(
     method: Literal["newton_schulz", "eigh"] = "newton_schulz",
     num_iters: int = 5,
     matmul_precision="auto",
+    unit=None,
 ):
     """Robust covariance estimator of the paper's Theorem 1 (Eqn. 6).
 
@@ -411,6 +485,9 @@ def regularized_sqrtm(
       method: "newton_schulz" (iSQRT, `num_iters` iterations) or "eigh".
       num_iters: iterations for Newton-Schulz.
       matmul_precision: product setting (module docstring).
+      unit: optional `[..., 1, 1]` powers of two: `a` is a matrix divided by `unit^2` (from
+        `scaled_covariance`), and the result is the estimator of `unit^2 a`, computed as
+        `unit (sqrt((c / unit)^2 I + a / lam) - (c / unit) I)` (not homogeneous in `a`). None: 1.
 
     Returns:
       `[..., C, C]` float32.
@@ -422,11 +499,13 @@ def regularized_sqrtm(
     c = (1.0 - lam) / lam
     b = a / lam
     if c != 0.0:
-        b = b + (c * c) * _eye_like(a)
+        c2 = (c * c) * _eye_like(a)
+        b = b + (c2 if unit is None else c2 / unit / unit)
     if method == "newton_schulz":
-        root = sqrtm_newton_schulz(b, num_iters, matmul_precision=matmul_precision)
+        root = sqrtm_newton_schulz(b, num_iters, matmul_precision=matmul_precision, unit=unit)
     elif method == "eigh":
         root = sqrtm_eigh(b, 0.5, matmul_precision=matmul_precision)
+        root = root if unit is None else root * unit
     else:
         raise ValueError(f"method must be 'newton_schulz' or 'eigh', got {method!r}.")
     if c != 0.0:

@@ -31,13 +31,16 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy import special
 
 from gg_jax import linalg
+from gg_jax.errors import UserError
 
 __all__ = [
     "MGGD",
     "FitInfo",
+    "FitDataError",
     "BETA_BOUNDS",
     "log_prob",
     "sample",
@@ -69,12 +72,17 @@ class MGGD(NamedTuple):
     delta: jax.Array
 
 
+class FitDataError(UserError, ValueError):
+    """Samples that `fit` cannot fit: NaN / inf values, or samples that do not span R^d."""
+
+
 class FitInfo(NamedTuple):
     """How `fit_with_info` ended, per problem (`[...]`).
 
     num_iters: int32, iterations of the scatter fixed point (each with a full beta solve).
     converged: bool, the relative change of sigma and beta fell below `tol` within
-      `max_iters` iterations with beta inside `BETA_BOUNDS` (and more than d samples).
+      `max_iters` iterations with beta inside `BETA_BOUNDS` (and the samples could be fitted:
+      more than d of them, finite, spanning R^d; see `fit_with_info`).
     """
 
     num_iters: jax.Array
@@ -306,17 +314,51 @@ def _normalise_trace(s):
     return s * (d / jnp.trace(s, axis1=-2, axis2=-1))[..., None, None]
 
 
+def _pow2(k, dtype):
+    """`2.0**k` exactly (its bit pattern) for int32 `k` within the normal exponents of `dtype`."""
+    if jnp.dtype(dtype) == jnp.float64:
+        return jax.lax.bitcast_convert_type((k.astype(jnp.int64) + 1023) << 52, jnp.float64)
+    return jax.lax.bitcast_convert_type((k.astype(jnp.int32) + 127) << 23, jnp.float32)
+
+
 def _fit_one(x, valid, beta_fixed, *, estimate_beta: bool, max_iters: int, tol: float, lam: float):
-    """One problem: x `[N, d]`, valid `[N]` bool, beta_fixed scalar -> (sigma, beta, delta, iters, converged)."""
+    """One problem: x `[N, d]`, valid `[N]` bool, beta_fixed scalar.
+
+    Returns `(sigma, beta, delta, iters, converged)` and the data checks `(nonfinite [d],
+    zero [d], dependent, failed)` that `fit_with_info` turns into errors for concrete input.
+    """
     d = x.shape[-1]
     dtype = x.dtype
+    eps = jnp.finfo(dtype).eps
     n = jnp.sum(valid).astype(dtype)
     enough = n > d
-    xv = jnp.where(valid[:, None], x, 0.0)
-    second_moment = jnp.einsum("nc,nd->cd", xv, xv, precision=HIGHEST) / jnp.maximum(n, 1.0)
-    sigma0 = _normalise_trace(jnp.where(enough, second_moment, jnp.eye(d, dtype=dtype)))
+    finite = jnp.isfinite(x)
+    nonfinite = jnp.any(valid[:, None] & ~finite, axis=0)  # [d]
+    xv = jnp.where(valid[:, None] & finite, x, 0.0)
+    # Divide by the power of two 2^e just above the largest |x|: exact (so the fit of data of
+    # ordinary scale is unchanged to the bit), and no sum of squares overflows or underflows for
+    # any finite scale. e is split in two halves so that each factor is a normal number.
+    _, e = jnp.frexp(jnp.max(jnp.abs(xv)))
+    e1 = e // 2
+    e2 = e - e1
+    x = xv * _pow2(-e1, dtype) * _pow2(-e2, dtype)
+    second_moment = jnp.einsum("nc,nd->cd", x, x, precision=HIGHEST) / jnp.maximum(n, 1.0)
+    # Samples that do not span R^d (no MLE): a channel without a non-zero value, or one that
+    # is (up to rounding) a linear combination of the others: a Cholesky pivot of the
+    # correlation matrix, that channel's variance left unexplained by the earlier ones, at
+    # rounding level (duplicated channels: below 2 eps).
+    var = jnp.diagonal(second_moment)
+    zero = (var <= 0) & enough
+    inv_sd = jnp.where(var > 0, jax.lax.rsqrt(jnp.where(var > 0, var, 1.0)), 0.0)
+    corr = second_moment * inv_sd[:, None] * inv_sd[None, :]
+    eye = jnp.eye(d, dtype=dtype)
+    corr = jnp.where(zero[:, None] | zero[None, :], eye, corr)
+    pivots = jnp.diagonal(jnp.linalg.cholesky(corr)) ** 2
+    dependent = enough & ~jnp.all(pivots > 16 * eps)  # NaN pivots: not positive definite
+    ok = enough & ~jnp.any(nonfinite) & ~jnp.any(zero) & ~dependent
+    sigma0 = _normalise_trace(jnp.where(ok, second_moment, eye))
     beta0 = jnp.asarray(1.0, dtype) if estimate_beta else beta_fixed.astype(dtype)
-    beta_tol = 16 * jnp.finfo(dtype).eps
+    beta_tol = 16 * eps
 
     def scatter_step(y, beta):
         # Paper Eqn. (3): Sigma_t = 1/N sum_n w_n x_n x_n^T with w_n = N d y_n^{beta-1} / sum_j y_j^beta,
@@ -353,16 +395,23 @@ def _fit_one(x, valid, beta_fixed, *, estimate_beta: bool, max_iters: int, tol: 
         return sigma_new, beta_new, bracket, it + 1, settled | ~jnp.isfinite(change), settled & found
 
     one = jnp.asarray(1.0, dtype)
-    state = (sigma0, beta0, (one, one), jnp.asarray(0, jnp.int32), ~enough, jnp.asarray(False))
+    state = (sigma0, beta0, (one, one), jnp.asarray(0, jnp.int32), ~ok, jnp.asarray(False))
     sigma, beta, _, iters, _, converged = jax.lax.while_loop(cond, body, state)
     # Closed-form scale given (sigma, beta): delta^beta = beta sum_n y_n^beta / (N d).
     y, _ = _quadratic_form(x, sigma)
     log_y, pos, y_max = _normalised_log_y(y, valid)
     s = jnp.sum(jnp.where(pos, jnp.exp(beta * log_y), 0.0))
     delta = y_max * (beta * s / (n * d)) ** (1.0 / beta)
+    # A fit of nearly dependent channels can still break down in rounding: no MLE either.
+    failed = ok & ~(jnp.all(jnp.isfinite(sigma)) & jnp.isfinite(beta) & jnp.isfinite(delta))
+    fitted = ok & ~failed
+    # Back to the scale of x (delta is in squared units of x): exact, saturating to 0 or inf.
+    p1, p2 = _pow2(e1, dtype), _pow2(e2, dtype)
+    delta = delta * p1 * p1 * p2 * p2
     nan = jnp.asarray(jnp.nan, dtype)
-    sigma = jnp.where(enough, sigma, nan)
-    return sigma, jnp.where(enough, beta, nan), jnp.where(enough, delta, nan), iters, converged & enough
+    sigma = jnp.where(fitted, sigma, nan)
+    params = (sigma, jnp.where(fitted, beta, nan), jnp.where(fitted, delta, nan), iters, converged & fitted)
+    return params, (nonfinite, zero, dependent, failed)
 
 
 @functools.partial(jax.jit, static_argnames=("estimate_beta", "max_iters", "tol", "lam"))
@@ -386,25 +435,45 @@ def fit_with_info(x, *, beta=None, mask=None, max_iters: int = 100, tol: float =
     Then `delta = (beta / (N d) sum_n y_n^beta)^{1/beta}` in closed form. Starts from the
     normalised second-moment matrix.
 
-    The samples must span R^d: with N <= d the zero-mean likelihood is unbounded (the scatter
+    The samples must span R^d: otherwise the zero-mean likelihood is unbounded (the scatter
     collapses onto the samples' span) and `lam` does not help (Theorem 1's estimator keeps zero
-    eigenvalues at zero), so fewer than d + 1 samples are an error; reduce d (e.g. one fit per
-    channel, d = 1) or pool more samples. Samples exactly at the origin make the likelihood
-    grow without bound as beta -> 0: beta then ends at `BETA_BOUNDS[0]`, not converged (leave
-    them out with `mask`).
+    eigenvalues at zero); nor does a ridge, whose fit of samples in r < d dimensions reads their
+    quadratic forms, which follow an r-dimensional law, as d-dimensional ones: a wrong beta.
+    So fewer than d + 1 samples are an error; reduce d (e.g. one fit per channel, d = 1) or
+    pool more samples. Neither may a channel be all zero (a dead ReLU channel) or a linear
+    combination of the others (a duplicated channel): numerically, a channel whose variance
+    left unexplained by the earlier channels is below 16 eps of its variance (a Cholesky
+    pivot of the samples' correlation matrix), or whose fit breaks down in rounding. Samples
+    exactly at the origin make the likelihood grow without bound as beta -> 0: beta then ends
+    at `BETA_BOUNDS[0]`, not converged (leave them out with `mask`).
+
+    Bad data: with concrete (not traced) input, samples with a NaN or inf value, and problems
+    whose samples do not span R^d, raise a `FitDataError` (a `ValueError`) naming the batch
+    entries and channels. Under `jit` / `vmap` nothing can be raised: such problems give NaN
+    parameters and `converged = False`, as problems with at most d samples do (also eagerly).
+
+    Scale: the samples of each problem are divided by the power of two just above their largest
+    magnitude (exact, so fits of ordinary data are unchanged to the bit), so sigma and beta are
+    fitted for any finite scale. delta, in squared units of x, is scaled back and saturates
+    where it leaves the float range (float32: to inf for samples of magnitude around 1e19 and
+    above, to 0 around 1e-19 and below, where XLA flushes subnormals).
 
     Args:
       x: `[..., N, d]` samples (any float dtype), taken as zero-mean (centre them first if not).
       beta: None to estimate the shape, or a fixed shape (a number or an array broadcasting
         to `x.shape[:-2]`): then only sigma and delta are fitted.
-      mask: optional `[..., N]` bool, False for samples to leave out (e.g. padding). A problem
-        with at most d samples left gives NaN parameters and `converged = False`.
+      mask: optional `[..., N]` bool, False for samples to leave out (e.g. padding; their
+        values are not checked). A problem with at most d samples left gives NaN parameters
+        and `converged = False`.
       max_iters: cap on the fixed-point iterations.
       tol: relative change of sigma (Frobenius) and beta at which to stop.
       lam: in (0, 1]; 1 is the plain MLE, smaller values apply Theorem 1 to each iterate.
 
     Returns:
       `(MGGD, FitInfo)` with batch shape `x.shape[:-2]`, float32 (float64 for float64 input).
+
+    Raises:
+      FitDataError: concrete samples with NaN / inf values or that do not span R^d (above).
     """
     x = jnp.asarray(x)
     if x.ndim < 2:
@@ -430,7 +499,7 @@ def fit_with_info(x, *, beta=None, mask=None, max_iters: int = 100, tol: float =
         if not isinstance(beta_fixed, jax.core.Tracer) and not bool(jnp.all(beta_fixed > 0)):
             raise ValueError(f"A fixed beta must be positive, got {beta}.")
     size = math.prod(batch)
-    sigma, beta_hat, delta, iters, converged = _fit_batched(
+    (sigma, beta_hat, delta, iters, converged), checks = _fit_batched(
         x.reshape((size, n, d)),
         valid.reshape((size, n)),
         beta_fixed.reshape((size,)),
@@ -439,8 +508,65 @@ def fit_with_info(x, *, beta=None, mask=None, max_iters: int = 100, tol: float =
         tol=float(tol),
         lam=float(lam),
     )
+    if not any(isinstance(a, jax.core.Tracer) for a in (x, valid)):
+        _raise_for_bad_data(x.reshape((size, n, d)), valid.reshape((size, n)), batch, *jax.device_get(checks))
     params = MGGD(sigma.reshape(batch + (d, d)), beta_hat.reshape(batch), delta.reshape(batch))
     return params, FitInfo(iters.reshape(batch), converged.reshape(batch))
+
+
+def _channel_list(channels) -> str:
+    """ "channel 3" or "channels 0, 2" (the first 8, then how many)."""
+    channels = [int(c) for c in channels]
+    text = ", ".join(str(c) for c in channels[:8])
+    text += f", ... ({len(channels)} channels)" if len(channels) > 8 else ""
+    return ("channels " if len(channels) > 1 else "channel ") + text
+
+
+def _dependent_channels(x, eps) -> np.ndarray:
+    """Channels of the near-null space of the samples' correlation matrix (float64, on the host)."""
+    m = x.T @ x
+    sd = np.sqrt(np.diag(m))
+    live = np.flatnonzero(sd > 0)
+    corr = m[np.ix_(live, live)] / np.outer(sd[live], sd[live])
+    w, v = np.linalg.eigh(corr)
+    null = w <= max(w[0], len(live) * eps * w[-1])
+    return live[np.sqrt(np.sum(v[:, null] ** 2, axis=1)) >= 0.05]
+
+
+def _raise_for_bad_data(x, valid, batch, nonfinite, zero, dependent, failed):
+    """The FitDataError of a concrete fit (`fit_with_info`); x `[P, N, d]`, the checks of `_fit_one`."""
+
+    def where(p):
+        return "the samples" if not batch else f"batch entry {tuple(int(i) for i in np.unravel_index(p, batch))}"
+
+    def listing(problems, describe):
+        items = [f"{where(p)}: {describe(p)}" for p in problems[:4]]
+        more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+        return "; ".join(items) + more
+
+    bad = np.flatnonzero(nonfinite.any(axis=-1))
+    if bad.size:
+        places = listing(bad, lambda p: _channel_list(np.flatnonzero(nonfinite[p])))
+        raise FitDataError(
+            f"fit got samples with NaN or inf values ({places}). Remove them, or leave those samples out with mask=."
+        )
+    zero_problems = zero.any(axis=-1)
+    bad = np.flatnonzero(zero_problems | dependent | failed)
+    if not bad.size:
+        return
+    eps = np.finfo(x.dtype).eps
+
+    def describe(p):
+        if zero_problems[p]:
+            return f"{_channel_list(np.flatnonzero(zero[p]))} all zero (a dead channel?)"
+        channels = _dependent_channels(np.asarray(x[p], np.float64)[np.asarray(valid[p])], eps)
+        what = "linearly dependent (duplicated?)" if dependent[p] else "nearly linearly dependent (the fit broke down)"
+        return f"{_channel_list(channels)} {what}"
+
+    raise FitDataError(
+        f"fit got samples that do not span R^{x.shape[-1]}, for which the MLE does not exist "
+        f"({listing(bad, describe)}). Leave those channels out, or fit each channel on its own (d = 1)."
+    )
 
 
 def fit(x, *, beta=None, mask=None, max_iters: int = 100, tol: float = 1e-6, lam: float = 1.0) -> MGGD:

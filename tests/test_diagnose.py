@@ -58,6 +58,24 @@ def test_fit_channels_vectorised_with_degenerate_channels():
         diagnose.fit_channels(values[:1, :8] - 5.0)
 
 
+def test_fit_channels_of_any_finite_scale_and_non_finite_activations():
+    rng = np.random.default_rng(1)
+    values = np.abs(stats.gennorm(0.8, scale=0.5).rvs(size=(2, 4, 196), random_state=rng)).astype(np.float32)
+    fits = diagnose.fit_channels(values)
+    # Exact powers of two: beta and the gain are unchanged, delta and the variance scale by 4^k
+    # (up to the last bits of the compiled fit); unscaled, the sums of x^2 would leave float32's range.
+    for k in (-62, 62):
+        scaled = diagnose.fit_channels(values * np.float32(2.0**k))
+        np.testing.assert_allclose(scaled.beta, fits.beta, rtol=1e-6)
+        np.testing.assert_allclose(scaled.ll_gain, fits.ll_gain, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(scaled.delta, fits.delta * 4.0**k, rtol=1e-5)
+        np.testing.assert_allclose(scaled.variance, fits.variance * 4.0**k, rtol=1e-6)
+    values[1, 2, 7] = np.nan
+    values[0, 3, 0] = np.inf
+    with pytest.raises(ValueError, match=r"2 of 8 channels have NaN or infinite activations \(first at index \(0, 3\)"):
+        diagnose.fit_channels(values)
+
+
 def _tensorboard_tags(workdir) -> set:
     from tensorboard.backend.event_processing import event_accumulator
 

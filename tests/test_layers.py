@@ -383,6 +383,47 @@ def test_reduction_dim_is_a_channel_reduction_first():
     assert_close(out, rest.apply(rest_vars, reduced, train=False), rtol=1e-5)
 
 
+def test_3g_head_takes_features_of_any_finite_scale():
+    """Features whose covariance overflows float32 (from ~1e18) give finite, correct outputs.
+
+    The head then works on the features divided by a power of two (`linalg.scaled_covariance`):
+    at 2^100 (~1.3e30; covariance ~2^200) it must give 2^100 times its output on the unscaled
+    features (cov_eps = 0, as eps / 4^100 underflows), or for lam < 1, which is not homogeneous,
+    the float64 estimator. Both sides compute the same float32 products in differently compiled
+    programs: 16-term covariance sums agree to ~16 * 2^-24 = 1e-6, and the roots of these
+    well-conditioned matrices pass that on: rtol 1e-5 of the largest entry.
+    """
+    x = small_features(30)
+    k = 100
+    big = x * np.float32(2.0**k)
+    for kw in ({}, {"reweighting": "exact", "exact_beta": 0.6}, {"num_iters": 3}):
+        head = layers.GeneralizedGaussianCovariance(num_blocks=0 if not kw.get("reweighting") else 2, cov_eps=0.0, **kw)
+        (out, state), _ = _apply(head, big)
+        (small_out, _), _ = _apply(head, x)
+        assert np.isfinite(out).all(), kw
+        assert_close(out, np.float64(2.0**k) * np.asarray(small_out, np.float64), rtol=1e-5, name=str(kw))
+        assert np.isinf(state["intermediates"]["covariance"][0]).any()  # not representable: inf, as documented
+    for method in ("isqrt", "mpncov"):  # iSQRT-COV and MPN-COV: the same scaling.
+        head = layers.CovariancePooling(method=method, cov_eps=0.0)
+        (out, _), _ = _apply(head, big)
+        (small_out, _), _ = _apply(head, x)
+        assert_close(out, np.float64(2.0**k) * np.asarray(small_out, np.float64), rtol=1e-5, name=method)
+    # lam < 1 (eigh): Theorem 1's estimator of the float64 covariance.
+    head = layers.GeneralizedGaussianCovariance(num_blocks=0, lam=0.5, sqrt_method="eigh")
+    (out, _), _ = _apply(head, big)
+    f = big.reshape(2, -1, C).astype(np.float64)
+    f = f - f.mean(axis=1, keepdims=True)
+    w, v = np.linalg.eigh(np.swapaxes(f, 1, 2) @ f / f.shape[1])
+    root = (v * (np.sqrt(1.0 + w / 0.5) - 1.0)[:, None, :]) @ np.swapaxes(v, 1, 2)  # c = (1 - lam) / lam = 1
+    assert_close(out, np.stack([r[np.tril_indices(C)] for r in root]), rtol=1e-5)
+    # The reported case: the reduction's BatchNorm in eval mode passes the input's scale on.
+    head = layers.GeneralizedGaussianCovariance(num_blocks=0, reduction_dim=C)
+    variables = random_variables(head, small_features(31, c=2 * C), seed=32)
+    for scale in (1e20, 1e30):
+        out = head.apply(variables, small_features(31, c=2 * C) * np.float32(scale), train=False)
+        assert np.isfinite(out).all() and np.abs(out).max() > 1e-3 * scale, scale
+
+
 # ----------------------------------------------------------------------------- errors
 def test_wrong_rank_or_channels_raise_value_errors():
     key = jax.random.PRNGKey(0)

@@ -614,3 +614,58 @@ def test_newton_schulz_over_the_whole_valid_range():
         linalg.covariance(jnp.zeros((2, 0, 3)))
     with pytest.raises(ValueError, match="N = 0 positions"):
         linalg.gram(jnp.zeros((0, 3)))
+
+
+def test_scaled_covariance_for_features_of_any_finite_scale():
+    """`scaled_covariance`: the covariance itself (bit for bit) for features below 2^16; beyond,
+    that of the centred features divided by a power of two, whose roots with `unit` are those
+    of the float64 covariance where the float32 covariance overflows (features from ~1e18),
+    and whose root's gradient stays that of float64 where `covariance`'s breaks down (the
+    square of the trace overflows, from ~1e9 here).
+
+    Tolerances: float32 covariances of 32 positions, their 12-iteration roots and gradients
+    are within ~1e-6 of float64 for these well-conditioned matrices (as above): 1e-5."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 32, 4)).astype(np.float32)
+    s, unit = jax.jit(linalg.scaled_covariance)(x)
+    np.testing.assert_array_equal(np.asarray(unit), 1.0)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(jax.jit(linalg.covariance)(x)))
+    # Per sample: only the large one is scaled; the others keep unit 1.
+    big = x.copy()
+    big[1] *= np.float32(1e30)
+    s, unit = jax.jit(linalg.scaled_covariance)(big)
+    assert not np.isfinite(np.asarray(linalg.covariance(big))).all()
+    unit = np.asarray(unit, np.float64)
+    centred_peak = np.abs(big[1] - big[1].mean(0)).max()
+    assert unit[0, 0, 0] == unit[2, 0, 0] == 1.0 and 2.0**15 <= centred_peak / unit[1, 0, 0] < 2.0**16
+    assert np.log2(unit[1, 0, 0]).is_integer()  # a power of two: exact
+    want = np_covariance(big.astype(np.float64))
+    got = np.asarray(s, np.float64) * unit**2
+    for b in range(3):
+        assert rel_err(got[b], want[b]) < 1e-5, b
+    root = np.asarray(jax.jit(linalg.sqrtm_newton_schulz, static_argnums=1)(s, 12, unit=unit), np.float64)
+    for b in range(3):
+        assert np.isfinite(root[b]).all() and rel_err(root[b], scipy_sqrtm(want[b])) < 1e-5, b
+    # Theorem 1's estimator is not homogeneous: with unit, that of unit^2 s, not unit times that of s.
+    lam = 0.5
+    reg = np.asarray(linalg.regularized_sqrtm(s, lam, "eigh", unit=unit), np.float64)
+    for b in range(3):
+        w, v = np.linalg.eigh(want[b])
+        c = (1 - lam) / lam
+        assert rel_err(reg[b], (v * (np.sqrt(c**2 + w / lam) - c)) @ v.T) < 1e-5, b
+
+    # Gradients of the root of the covariance, against float64, from 1 to 2^60.
+    def root_loss(scaled, k):
+        def loss(x):
+            if scaled:
+                s, unit = linalg.scaled_covariance(x)
+                return jnp.sum(jnp.sin(linalg.sqrtm_newton_schulz(s, 5, unit=unit) * 2.0**-k))
+            return jnp.sum(jnp.sin(linalg.sqrtm_newton_schulz(linalg.covariance(x), 5) * 2.0**-k))  # float64
+
+        return jax.jit(jax.grad(loss))
+
+    for k in (0, 40, 60):
+        xk = x * np.float32(2.0**k)
+        with jax.enable_x64(True):
+            want = np.asarray(root_loss(False, k)(jnp.asarray(xk, jnp.float64)))
+        assert rel_err(root_loss(True, k)(xk), want) < 1e-5, k

@@ -222,15 +222,20 @@ def test_small_nnx_cnn_with_the_3g_head_trains():
     stats_before = stats()
     model.train()
     losses = []
-    for _ in range(20):
+    for _ in range(60):
         loss, finite = train_step(model, optimizer, x, y)
         assert bool(finite), f"non-finite gradient at step {len(losses)}"
         losses.append(float(loss))
     print(f"NNX CNN with the 3G head, loss over {len(losses)} steps: " + " ".join(f"{v:.3f}" for v in losses))
     assert np.all(np.isfinite(losses))
-    assert losses[-1] < 0.8 * losses[0] and np.mean(np.diff(losses)) < 0, losses
+    # The first ~20 steps sit near ln 10 = 2.30, where float32 rounding of another instruction
+    # set (XLA_FLAGS=--xla_cpu_max_isa=AVX2 / SSE4_2, or AVX-512) moves the curve by +-0.1;
+    # after 60 steps the mean of the last 5 losses was 0.002-0.26 (initial seeds 0-4, those
+    # three settings), its steps' noise +-0.1: bound it at 0.3x the initial loss (0.69).
+    assert np.mean(losses[-5:]) < 0.3 * losses[0], losses
     assert max_abs_diff(stats(), stats_before) > 0  # The head's running averages were updated.
-    # Eval mode: running averages; the updated model does better than chance on its batch.
+    # Eval mode: running averages; the trained model does better than chance (0.1) on its
+    # batch (0.59-1.0 in the runs above, running averages lagging the last steps).
     model.eval()
     stats_trained = stats()
     logits = nnx.jit(lambda model, x: model(x))(model, x)

@@ -78,7 +78,7 @@ def test_names_platform_mapping_and_defaults():
         linalg.lax_precision("bf16")
     with pytest.raises(ValueError, match="not one of the float32-accurate settings"):
         linalg.lax_precision(P.BF16_BF16_F32_X3)
-    with pytest.raises(ValueError, match="'auto', 'highest', 'bf16_6x', 'tf32_3x'"):
+    with pytest.raises(ValueError, match="matmul_precision='fast' must be 'auto', 'highest', 'bf16_6x' or 'tf32_3x'"):
         layers.CovariancePooling(matmul_precision="fast").init(
             jax.random.PRNGKey(0), jnp.ones((1, 2, 2, 3)), train=False
         )

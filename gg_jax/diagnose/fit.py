@@ -91,6 +91,14 @@ def fit_channels(values, *, mode: str = "positive", min_samples: int = MIN_SAMPL
         raise DiagnoseError(f"fit_channels expects values of shape [..., N] with N >= 2, got {values.shape}.")
     lead, n = values.shape[:-1], values.shape[-1]
     x = values.reshape(-1, n)
+    bad = ~np.isfinite(x).all(axis=-1)
+    if bad.any():
+        rows = [np.unravel_index(i, lead) for i in np.flatnonzero(bad)[:3]]
+        raise DiagnoseError(
+            f"{int(bad.sum())} of {x.shape[0]} channels have NaN or infinite activations (first at index "
+            f"{', '.join(str(tuple(int(j) for j in r)) for r in rows)}); the checkpoint or the inputs are broken: "
+            "evaluate the model on these images first."
+        )
     zero_share = np.mean(x == 0, axis=-1)
     if mode == "positive":
         if np.any(x < 0):
@@ -116,10 +124,15 @@ def fit_channels(values, *, mode: str = "positive", min_samples: int = MIN_SAMPL
         size = min(chunk, max(64, 1 << (len(rows) - 1).bit_length()))
         xs = np.zeros((size, n), np.float32)
         ms = np.zeros((size, n), bool)
-        xs[: len(rows)], ms[: len(rows)] = x[rows], mask[rows]
+        # Each row divided by the power of two above its largest value (exact): beta and ll_gain
+        # do not depend on it, delta and variance (squared units) are scaled back in float64.
+        unit = np.exp2(np.ceil(np.log2(np.abs(x[rows]).max(axis=-1))))
+        xs[: len(rows)], ms[: len(rows)] = x[rows] / unit[:, None], mask[rows]
         beta, delta, variance, gain, conv = jax.device_get(_fit_and_score(xs, ms, max_iters=max_iters))
+        squared = unit.astype(np.float64) ** 2
         for key, value in zip(("beta", "delta", "variance", "ll_gain"), (beta, delta, variance, gain)):
-            out[key][rows] = value[: len(rows)]
+            value = value[: len(rows)].astype(np.float64)
+            out[key][rows] = value * squared if key in ("delta", "variance") else value
         converged[rows] = conv[: len(rows)]
     reshape = lambda a: a.reshape(lead)
     return ChannelFits(
