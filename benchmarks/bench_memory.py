@@ -62,7 +62,7 @@ def main(argv=None):
         variables,
         images,
     )
-    head = model.head(dtype=dtype)
+    head = model.head.clone(dtype=dtype)
     head_vars = {"params": variables["params"].get("head", {}), "batch_stats": variables["batch_stats"].get("head", {})}
 
     def head_grad(v, x, g):

@@ -204,7 +204,7 @@ def bench_jax_head(model, variables, images, batch, args):
     )
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal(layer4.shape), model.dtype)
-    head = model.head(dtype=model.dtype)
+    head = model.head.clone(dtype=model.dtype)
     params = variables["params"].get("head", {})
     stats = variables["batch_stats"].get("head", {})
     out_shape = jax.eval_shape(lambda: head.apply({"params": params, "batch_stats": stats}, x, train=False)).shape

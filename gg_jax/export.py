@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gg_jax import cli
-from gg_jax.errors import UserError
+from gg_jax.errors import MissingDependencyError, UserError
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 INPUTS = ("pixels", "normalized")
@@ -174,6 +174,16 @@ def _eval_preprocessing(dataset: str | None, image_size: int, config: dict[str, 
     )
 
 
+def _check_serializer() -> None:
+    """MissingDependencyError unless `jax.export` can serialize (it needs flatbuffers)."""
+    try:
+        import flatbuffers  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(
+            "Serializing a jax.export artifact needs flatbuffers: pip install flatbuffers (in the train extra)."
+        ) from e
+
+
 def export_checkpoint(
     checkpoint: str,
     out: str,
@@ -198,6 +208,7 @@ def export_checkpoint(
     platforms = check_platforms(platforms)
     _check_input(input_format)
     out = _check_out(out, overwrite)
+    _check_serializer()
     # The model for the platforms it will run on: XLA:CPU's forms only in a CPU-only artifact.
     platform = "cpu" if set(platforms) == {"cpu"} else next(p for p in platforms if p != "cpu")
     model, variables, meta = checkpoints.load(checkpoint, platform=platform)

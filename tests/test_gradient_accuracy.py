@@ -119,7 +119,7 @@ def jax_head_gradients(arch, sd, layer4, labels):
     name = f"{arch}_3g"
     model = models.create(name, num_classes=CLASSES)
     variables = convert.from_torch(sd, name)
-    head, fc = model.head(dtype=jnp.float32), nn.Dense(CLASSES)  # as in models.Classifier
+    head, fc = model.head.clone(dtype=jnp.float32), nn.Dense(CLASSES)  # as in models.Classifier
 
     @jax.jit
     def gradients(params, x):
