@@ -586,14 +586,14 @@ def test_parallel_conv1x1_is_the_separate_convolutions(conv):
 
     names = ("map1", "map2")
 
-    class Separate(layers._ConvModule):
+    class Separate(layers.common.ConvModule):
         dtype: object = jnp.float32
 
         @nn.compact
         def __call__(self, x):
             return [self.conv1x1(C, self.dtype, name=n)(x) for n in names]
 
-    class Parallel(layers._ConvModule):
+    class Parallel(layers.common.ConvModule):
         dtype: object = jnp.float32
 
         @nn.compact
