@@ -1,27 +1,5 @@
-"""Zero-mean multivariate generalized Gaussian distributions (MGGD): density, sampling, fitting.
-
-The distribution of the paper's Eqn. (1), in the parametrisation of Pascal, Bombrun,
-Tourneret and Berthoumieu, "Parameter estimation for multivariate generalized Gaussian
-distributions", IEEE TSP 2013 (the paper's [33]; their `M, m, beta` are our
-`sigma, delta**beta, beta`):
-
-    p(x) = Gamma(d/2) beta / (pi^{d/2} Gamma(d/(2 beta)) 2^{d/(2 beta)} delta^{d/2} |Sigma|^{1/2})
-           * exp(-(x^T Sigma^{-1} x)^beta / (2 delta^beta)),
-
-for `x` in R^d, shape `beta > 0` (1: Gaussian with covariance `delta * Sigma`; 1/2: Laplace-like;
-below 1: heavier tails than a Gaussian), scale `delta > 0` and scatter `Sigma`, normalised to
-`trace(Sigma) = d` so that `(Sigma, beta, delta)` is unique. `d = 1` is the univariate
-generalized Gaussian (`Sigma = [[1]]`), with the same code.
-
-`fit` is the maximum-likelihood estimator of [33] that the 3G layer's re-weighting blocks
-approximate: the fixed point of the paper's Eqn. (3) for the scatter, Newton-Raphson on the
-profile-likelihood equation (Eqn. (4); [33] Eqn. (13)) for the shape, the closed form for
-the scale. Everything is pure JAX, batched over leading axes and `jit`/`vmap` friendly;
-float64 input stays float64 (under `jax.enable_x64`), anything else is computed in float32,
-and every matrix product runs at `precision=HIGHEST` (see `gg_jax.linalg`), except in
-`reweighted_covariance`, the 3G head's exact re-weighting, which takes the head's
-`matmul_precision`.
-"""
+"""The maximum-likelihood fit of an MGGD ([33]): the fixed point of the paper's Eqn. (3) for the
+scatter, Newton-Raphson on the profile-likelihood equation (Eqn. 4) for the shape."""
 
 from __future__ import annotations
 
@@ -36,40 +14,13 @@ from jax.scipy import special
 
 from gg_jax import linalg
 from gg_jax.errors import UserError
+from gg_jax.mggd.distribution import HIGHEST, MGGD, quadratic_form, result_dtype
 
-__all__ = [
-    "MGGD",
-    "FitInfo",
-    "FitDataError",
-    "BETA_BOUNDS",
-    "log_prob",
-    "sample",
-    "covariance",
-    "fit",
-    "fit_with_info",
-    "profile_score",
-    "reweighted_covariance",
-]
-
-HIGHEST = linalg.HIGHEST
 #: The range searched for the shape beta. A root of the profile-likelihood equation outside it
 #: (or none: e.g. samples exactly at 0, whose likelihood grows without bound as beta -> 0) gives
 #: the bound and `FitInfo.converged = False`.
 BETA_BOUNDS = (2.0**-8, 2.0**8)
 _MAX_BETA_STEPS = 60
-
-
-class MGGD(NamedTuple):
-    """Parameters of zero-mean MGGDs, batched over leading axes.
-
-    sigma: `[..., d, d]` symmetric positive-definite scatter with `trace(sigma) = d`.
-    beta: `[...]` shape (> 0).
-    delta: `[...]` scale (> 0).
-    """
-
-    sigma: jax.Array
-    beta: jax.Array
-    delta: jax.Array
 
 
 class FitDataError(UserError, ValueError):
@@ -87,110 +38,6 @@ class FitInfo(NamedTuple):
 
     num_iters: jax.Array
     converged: jax.Array
-
-
-def _dtype(*arrays):
-    return linalg.compute_dtype(jnp.result_type(*arrays))
-
-
-def _log_normalizer(beta, d: int):
-    """log of `Gamma(d/2) beta / (pi^{d/2} Gamma(d/(2 beta)) 2^{d/(2 beta)})`."""
-    a = d / (2.0 * beta)
-    return math.lgamma(d / 2.0) + jnp.log(beta) - 0.5 * d * math.log(math.pi) - special.gammaln(a) - a * math.log(2.0)
-
-
-def _quadratic_form(x, sigma):
-    """`y_n = x_n^T sigma^{-1} x_n` for x `[..., N, d]`, sigma `[..., d, d]` -> `([..., N], log|sigma|)`."""
-    chol = jnp.linalg.cholesky(sigma)
-    z = jax.scipy.linalg.solve_triangular(chol, jnp.swapaxes(x, -1, -2), lower=True)  # [..., d, N]
-    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-    return jnp.sum(z * z, axis=-2), logdet
-
-
-def _check_params(params: MGGD):
-    sigma = jnp.asarray(params.sigma)
-    if sigma.ndim < 2 or sigma.shape[-1] != sigma.shape[-2]:
-        raise ValueError(f"MGGD.sigma must have shape [..., d, d], got {sigma.shape}.")
-    dtype = _dtype(sigma, params.beta, params.delta)
-    return sigma.astype(dtype), jnp.asarray(params.beta, dtype), jnp.asarray(params.delta, dtype)
-
-
-def log_prob(x, params: MGGD):
-    """Log-density of paper Eqn. (1) at `x`.
-
-    Args:
-      x: `[..., N, d]` points (any float dtype).
-      params: an `MGGD` whose batch shape broadcasts with `x.shape[:-2]`.
-
-    Returns:
-      `[..., N]` log-densities (float32, or float64 for float64 input).
-    """
-    sigma, beta, delta = _check_params(params)
-    x = jnp.asarray(x)
-    d = sigma.shape[-1]
-    if x.ndim < 2 or x.shape[-1] != d:
-        raise ValueError(f"log_prob expects x of shape [..., N, {d}] for a {d}-dimensional MGGD, got {x.shape}.")
-    x = x.astype(_dtype(x, sigma))
-    batch = jnp.broadcast_shapes(x.shape[:-2], sigma.shape[:-2], beta.shape, delta.shape)
-    x = jnp.broadcast_to(x, batch + x.shape[-2:])
-    sigma = jnp.broadcast_to(sigma.astype(x.dtype), batch + (d, d))
-    beta = jnp.broadcast_to(beta, batch)[..., None].astype(x.dtype)
-    delta = jnp.broadcast_to(delta, batch)[..., None].astype(x.dtype)
-    y, logdet = _quadratic_form(x, sigma)
-    return _log_normalizer(beta, d) - 0.5 * d * jnp.log(delta) - 0.5 * logdet[..., None] - 0.5 * (y / delta) ** beta
-
-
-def sample(key, params: MGGD, num_samples: int):
-    """Draws from the MGGDs by their stochastic representation ([33], Sec. II).
-
-    `x = sqrt(t) A u` with `u` uniform on the unit sphere, `A A^T = sigma` (the Cholesky factor;
-    any factor gives the same distribution), `t = delta (2 s)^{1/beta}` and
-    `s ~ Gamma(d / (2 beta))`, so that `x^T sigma^{-1} x = t`.
-
-    Args:
-      key: a PRNG key.
-      params: an `MGGD` with batch shape `[...]`.
-      num_samples: N.
-
-    Returns:
-      `[..., N, d]` samples (float32, or float64 for float64 parameters).
-    """
-    sigma, beta, delta = _check_params(params)
-    d = sigma.shape[-1]
-    batch = jnp.broadcast_shapes(sigma.shape[:-2], beta.shape, delta.shape)
-    beta = jnp.broadcast_to(beta, batch)[..., None]
-    delta = jnp.broadcast_to(delta, batch)[..., None]
-    chol = jnp.linalg.cholesky(jnp.broadcast_to(sigma, batch + (d, d)))
-    key_u, key_s = jax.random.split(key)
-    g = jax.random.normal(key_u, batch + (num_samples, d), sigma.dtype)
-    u = g / jnp.linalg.norm(g, axis=-1, keepdims=True)
-    s = jax.random.gamma(key_s, jnp.broadcast_to(d / (2.0 * beta), batch + (num_samples,)), dtype=sigma.dtype)
-    t = delta * (2.0 * s) ** (1.0 / beta)
-    x = jnp.einsum("...nj,...ij->...ni", u, chol, precision=HIGHEST)
-    return jnp.sqrt(t)[..., None] * x
-
-
-def covariance(params: MGGD):
-    """Covariance `E[x x^T]` of the MGGDs.
-
-    `E[t] / d * sigma` with `E[t] = delta 2^{1/beta} Gamma((d + 2)/(2 beta)) / Gamma(d/(2 beta))`
-    (the representation of `sample`); `delta * sigma` for beta = 1.
-
-    Returns:
-      `[..., d, d]`.
-    """
-    sigma, beta, delta = _check_params(params)
-    d = sigma.shape[-1]
-    log_scale = (
-        jnp.log(delta)
-        + jnp.log(2.0) / beta
-        + special.gammaln((d + 2) / (2.0 * beta))
-        - special.gammaln(d / (2.0 * beta))
-    )
-    return (jnp.exp(log_scale) / d)[..., None, None] * sigma
-
-
-# ---------------------------------------------------------------------------------------- fitting
 
 
 def _beta_moments(beta, log_y, valid):
@@ -243,7 +90,7 @@ def profile_score(y, beta, d: int, mask=None):
       `(f, f')`, each of shape `y.shape[:-1]`.
     """
     y = jnp.asarray(y)
-    y = y.astype(_dtype(y))
+    y = y.astype(result_dtype(y))
     valid = jnp.ones(y.shape, bool) if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), y.shape)
     n = jnp.sum(valid, axis=-1).astype(y.dtype)
     log_y, valid_pos, _ = _normalised_log_y(y, valid)
@@ -314,13 +161,6 @@ def _normalise_trace(s):
     return s * (d / jnp.trace(s, axis1=-2, axis2=-1))[..., None, None]
 
 
-def _pow2(k, dtype):
-    """`2.0**k` exactly (its bit pattern) for int32 `k` within the normal exponents of `dtype`."""
-    if jnp.dtype(dtype) == jnp.float64:
-        return jax.lax.bitcast_convert_type((k.astype(jnp.int64) + 1023) << 52, jnp.float64)
-    return jax.lax.bitcast_convert_type((k.astype(jnp.int32) + 127) << 23, jnp.float32)
-
-
 def _fit_one(x, valid, beta_fixed, *, estimate_beta: bool, max_iters: int, tol: float, lam: float):
     """One problem: x `[N, d]`, valid `[N]` bool, beta_fixed scalar.
 
@@ -341,7 +181,7 @@ def _fit_one(x, valid, beta_fixed, *, estimate_beta: bool, max_iters: int, tol: 
     _, e = jnp.frexp(jnp.max(jnp.abs(xv)))
     e1 = e // 2
     e2 = e - e1
-    x = xv * _pow2(-e1, dtype) * _pow2(-e2, dtype)
+    x = xv * linalg.pow2(-e1, dtype) * linalg.pow2(-e2, dtype)
     second_moment = jnp.einsum("nc,nd->cd", x, x, precision=HIGHEST) / jnp.maximum(n, 1.0)
     # Samples that do not span R^d (no MLE): a channel without a non-zero value, or one that
     # is (up to rounding) a linear combination of the others: a Cholesky pivot of the
@@ -377,7 +217,7 @@ def _fit_one(x, valid, beta_fixed, *, estimate_beta: bool, max_iters: int, tol: 
 
     def body(state):
         sigma, beta, bracket, it, _, _ = state
-        y, _ = _quadratic_form(x, sigma)
+        y, _ = quadratic_form(x, sigma)
         found = jnp.asarray(True)
         if estimate_beta:
             log_y, pos, _ = _normalised_log_y(y, valid)
@@ -398,7 +238,7 @@ def _fit_one(x, valid, beta_fixed, *, estimate_beta: bool, max_iters: int, tol: 
     state = (sigma0, beta0, (one, one), jnp.asarray(0, jnp.int32), ~ok, jnp.asarray(False))
     sigma, beta, _, iters, _, converged = jax.lax.while_loop(cond, body, state)
     # Closed-form scale given (sigma, beta): delta^beta = beta sum_n y_n^beta / (N d).
-    y, _ = _quadratic_form(x, sigma)
+    y, _ = quadratic_form(x, sigma)
     log_y, pos, y_max = _normalised_log_y(y, valid)
     s = jnp.sum(jnp.where(pos, jnp.exp(beta * log_y), 0.0))
     delta = y_max * (beta * s / (n * d)) ** (1.0 / beta)
@@ -406,7 +246,7 @@ def _fit_one(x, valid, beta_fixed, *, estimate_beta: bool, max_iters: int, tol: 
     failed = ok & ~(jnp.all(jnp.isfinite(sigma)) & jnp.isfinite(beta) & jnp.isfinite(delta))
     fitted = ok & ~failed
     # Back to the scale of x (delta is in squared units of x): exact, saturating to 0 or inf.
-    p1, p2 = _pow2(e1, dtype), _pow2(e2, dtype)
+    p1, p2 = linalg.pow2(e1, dtype), linalg.pow2(e2, dtype)
     delta = delta * p1 * p1 * p2 * p2
     nan = jnp.asarray(jnp.nan, dtype)
     sigma = jnp.where(fitted, sigma, nan)
@@ -489,7 +329,7 @@ def fit_with_info(x, *, beta=None, mask=None, max_iters: int = 100, tol: float =
         raise ValueError(f"lam must lie in (0, 1], got {lam}.")
     if max_iters < 1:
         raise ValueError(f"max_iters must be >= 1, got {max_iters}.")
-    x = x.astype(_dtype(x))
+    x = x.astype(result_dtype(x))
     batch = x.shape[:-2]
     valid = jnp.ones(x.shape[:-1], bool) if mask is None else jnp.broadcast_to(jnp.asarray(mask, bool), x.shape[:-1])
     if beta is None:
@@ -575,86 +415,3 @@ def fit(x, *, beta=None, mask=None, max_iters: int = 100, tol: float = 1e-6, lam
     See `fit_with_info` for the algorithm and the arguments; this drops the `FitInfo`.
     """
     return fit_with_info(x, beta=beta, mask=mask, max_iters=max_iters, tol=tol, lam=lam)[0]
-
-
-# ------------------------------------------------------------------ the 3G head's exact re-weighting
-
-
-def _log_weights(y, beta, c):
-    """log of Eqn. (9)'s `w_n = N d / (y_n + c_n y_n^{1-beta})`, up to a constant per problem.
-
-    `c=None` is Eqn. (7)'s `c_n = sum_{j != n} y_j^beta`, for which `w_n` is
-    proportional to `y_n^{beta-1}`; a number (or array) `c >= 0` is the same constant for every
-    position, `log w_n = -log y_n - softplus(log c - beta log y_n)` (no overflow of y^{1-beta}).
-    """
-    log_y = jnp.log(y)
-    if c is None:
-        return (beta - 1.0) * log_y
-    return -log_y - jnp.logaddexp(0.0, jnp.log(c) - beta * log_y)
-
-
-def reweighted_covariance(
-    x, *, num_steps: int, beta, c=None, num_iters: int = 5, eps: float = 1e-7, unroll=True, matmul_precision="auto"
-):
-    """T steps of the generalized-Gaussian re-weighting, paper Eqn. (9), as the 3G head computes it.
-
-    The positions of each map are the samples; they are centred (`xc_n = x_n - mean`, as the
-    covariance of the 3G head is) and taken as zero-mean MGGD samples. From
-    `Sigma_0 = 1/N sum_n xc_n xc_n^T + eps I` (`linalg.covariance`), each step computes
-
-        P = Sigma_{t-1}^{-1/2}                      Newton-Schulz, `num_iters` iterations (Eqn. 10)
-        y_n = |P xc_n|^2                            diag(Y), Y = X^T Sigma^{-1} X
-        w_n = N d / (y_n + c_n y_n^{1-beta})        Eqn. (9), then rescaled to mean 1
-        Sigma_t = 1/N sum_n w_n xc_n xc_n^T + eps I
-
-    and returns `Sigma_T`. The fixed point of Eqn. (3) defines the scatter only up to scale, and
-    with a truncated Newton-Schulz inverse root the unnormalised weights carry its error as an
-    overall factor: mean-1 weights keep `Sigma_t` on the scale of the plain covariance, so that
-    beta = 1 with Eqn. (7)'s `c_n` (weights exactly 1) is the plain covariance, whatever
-    `num_iters`.
-
-    Args:
-      x: `[..., N, C]` features (any float dtype; computed in float32, float64 kept).
-      num_steps: T >= 0.
-      beta: the shape (> 0), a number or a scalar array (e.g. a learned parameter).
-      c: None for Eqn. (7)'s `c_n = sum_{j != n} y_j^beta` (each step is then exactly
-        the fixed-point step of Eqn. (3), `w_n` proportional to `y_n^{beta-1}`); or a constant
-        `c >= 0` shared by all positions, Eqn. (9) as the learned block approximates it.
-      num_iters: Newton-Schulz iterations of each inverse root.
-      eps: ridge of every `Sigma_t` (the head's `cov_eps`).
-      unroll: unroll the `lax.scan` over the T steps.
-      matmul_precision: the float32 product setting of every product, the head's
-        (`gg_jax.linalg`).
-
-    Returns:
-      `(Sigma_T [..., C, C], weights [T, ..., N])`, float32 (float64 for float64 input); the
-      weights of step t are those of `Sigma_t`, mean 1 over the N positions.
-    """
-    if num_steps < 0:
-        raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
-    x = jnp.asarray(x)
-    x = x.astype(_dtype(x))
-    if x.ndim < 2:
-        raise ValueError(f"reweighted_covariance expects features of shape [..., N, C], got shape {x.shape}.")
-    n, d = x.shape[-2:]
-    xc = x - jnp.mean(x, axis=-2, keepdims=True)
-    eye = jnp.eye(d, dtype=x.dtype)
-    beta = jnp.asarray(beta, x.dtype)
-    c = None if c is None else jnp.asarray(c, x.dtype)
-    tiny = jnp.finfo(x.dtype).tiny
-
-    precision = linalg.lax_precision(matmul_precision, x.dtype)
-
-    def weighted_cov(w):
-        return jnp.einsum("...nc,...nd->...cd", w[..., None] * xc, xc, precision=precision) / n + eps * eye
-
-    def step(sigma, _):
-        p = linalg.inv_sqrtm_newton_schulz(sigma, num_iters, matmul_precision=matmul_precision)
-        z = jnp.matmul(xc, p, precision=precision)  # rows P xc_n (P is symmetric)
-        y = jnp.maximum(jnp.sum(z * z, axis=-1), tiny)
-        w = n * jax.nn.softmax(_log_weights(y, beta, c), axis=-1)
-        return weighted_cov(w), w
-
-    sigma0 = weighted_cov(jnp.ones(x.shape[:-1], x.dtype))
-    unroll = max(num_steps, 1) if unroll is True else unroll
-    return jax.lax.scan(step, sigma0, None, length=num_steps, unroll=unroll)
