@@ -205,6 +205,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-images", type=int, default=256, help="distinct JPEGs to generate")
     parser.add_argument("--examples", type=int, default=8192, help="examples per split (JPEG i %% num-images)")
+    parser.add_argument(
+        "--eval-examples",
+        type=int,
+        default=32768,
+        help="examples of the eval source (read once: enough for every round)",
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="Grain worker processes = tf.data threads")
     parser.add_argument("--seconds", type=float, default=5.0, help="measurement time per row and round")
@@ -264,7 +270,9 @@ def main(argv=None):
                         "grain",
                         transform,
                         "memory",
-                        lambda: data.create_eval_iterator(source, resize_size=RESIZE_SIZE, **common),
+                        lambda: data.create_eval_iterator(
+                            memory_source(jpegs, args.eval_examples), resize_size=RESIZE_SIZE, **common
+                        ),
                     )
                 )
         for transform in ("train", "eval"):  # One transform at a time: fewer idle workers around.
