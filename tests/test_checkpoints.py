@@ -80,7 +80,7 @@ def test_a_run_resumes_after_options_that_change_no_shape(tmp_path, tiny_run, ca
     changed = runs.tiny_config(num_train_steps=2, model__num_iters=4, model__matmul_precision="highest")
     result = trainer.train_and_evaluate(changed, str(workdir))
     assert result.step == 2 and runs.checkpoint_steps(workdir) == [1, 2]
-    assert "matmul_precision None -> 'highest', num_iters None -> 4" in caplog.text
+    assert "matmul_precision (default) -> 'highest', num_iters (default) -> 4" in caplog.text
 
 
 _HOLD = """

@@ -78,6 +78,11 @@ def _every(value: int, steps_per_epoch: int) -> int | None:
     return int(value) if value > 0 else max(int(steps_per_epoch), 1)
 
 
+def _shown(value) -> str:
+    """An option's value in a log line; None is the model's default."""
+    return "(default)" if value is None else repr(value)
+
+
 def _restore_or_initialise(config, workdir, manager, model, tx, meta, state_sharding, abstract):
     """(state, start step): the workdir's latest checkpoint if it continues this run (checked
     before anything is changed), else a fresh state (from `config.init_from` if set)."""
@@ -100,7 +105,7 @@ def _restore_or_initialise(config, workdir, manager, model, tx, meta, state_shar
     if changed:
         logging.info(
             "Resuming with other model options (no variable changes shape): %s.",
-            ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+            ", ".join(f"{k} {_shown(a)} -> {_shown(b)}" for k, (a, b) in changed.items()),
         )
     state = run_checkpoints.restore_state(manager, latest, abstract, state_sharding)
     logging.info("Restored the checkpoint of step %d from %s.", latest, workdir)
