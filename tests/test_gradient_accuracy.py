@@ -92,6 +92,7 @@ def check(errors_jax, errors_torch, asserted):
         f"  {g:14s} gg_jax {e:.2e}  torch float32 {errors_torch[g]:.2e}  ratio {e / errors_torch[g]:.2f}"
         for g, e in errors_jax.items()
     )
+    print(table)  # the figures: python -m pytest -s tests/test_gradient_accuracy.py
     bad = [g for g in asserted if not errors_jax[g] <= FACTOR * errors_torch[g]]
     assert not bad, f"gradient error vs float64 above {FACTOR}x PyTorch float32's for {bad}:\n{table}"
 
