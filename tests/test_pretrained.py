@@ -87,7 +87,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self.close_connection = True
             return
-        self.wfile.write(body[start:])
+        try:
+            self.wfile.write(body[start:])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # The client stopped reading (e.g. it refused an HTML page): expected here.
 
     def log_message(self, *args):
         pass
